@@ -1,0 +1,38 @@
+"""What every command shares: consoles, error-to-exit-code mapping and output modes."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Iterator
+
+import typer
+from rich.console import Console
+
+from compress.errors import ExitCode, UserError
+
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def exit_codes(verbose: bool = False) -> Iterator[None]:
+    """Map failures to distinct exit codes: 2 user error, 1 internal error, 130 interrupted."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(ExitCode.USER_ERROR) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: no output was written")
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except Exception as exc:  # anything else is our bug, not the user's
+        if verbose:
+            err_console.print(traceback.format_exc(), markup=False, highlight=False)
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+            "Run again with --verbose for the traceback, and please report it.",
+            highlight=False,
+        )
+        raise typer.Exit(ExitCode.INTERNAL_ERROR) from None

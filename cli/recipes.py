@@ -1,0 +1,71 @@
+"""`compress recipes list|show|validate` and `compress validate`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import err_console, exit_codes
+from compress.errors import RecipeError
+from compress.recipe import load_recipe
+from recipes import resolve_recipe_path, shipped_recipes
+
+VALIDATE_EPILOG = (
+    "Examples:\n\n"
+    "  compress validate my.yaml\n\n"
+    "  compress validate my.yaml --set passes[0].gptq.bits=3 --json\n\n"
+    "Exit code 0 when valid, 2 with every problem listed (file:line yaml.path: what was expected)."
+)
+
+app = typer.Typer(help="Shipped recipes: list them, print one, validate any recipe file.", no_args_is_help=True)
+
+
+@app.command("list", epilog="Example:\n\n  compress recipes list --json")
+def list_recipes(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+) -> None:
+    """List the recipes shipped with compress."""
+    recipes = shipped_recipes()
+    if as_json:
+        typer.echo(json.dumps([{"name": r.name, "path": str(r.path), "description": r.description} for r in recipes], indent=2))
+        return
+    table = Table(title="shipped recipes (run with: compress run NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for r in recipes:
+        table.add_row(r.name, r.description)
+    err_console.print(table)
+
+
+@app.command("show", epilog="Example:\n\n  compress recipes show demo > my.yaml")
+def show(name: Annotated[str, typer.Argument(help="Shipped recipe name or a recipe file.")]) -> None:
+    """Print a recipe's YAML (copy it to start your own)."""
+    with exit_codes():
+        typer.echo(resolve_recipe_path(name).read_text(encoding="utf-8"), nl=False)
+
+
+@app.command("validate", epilog=VALIDATE_EPILOG)
+def validate(
+    recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value. Repeatable.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model override, as for `compress run`.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Check a recipe without loading any model; list every problem with its file line and YAML path."""
+    with exit_codes():
+        path = resolve_recipe_path(recipe)
+        try:
+            parsed = load_recipe(path, overrides=set_ or [], model=model)
+        except RecipeError as exc:
+            if as_json:
+                issues = [{"path": i.path, "line": i.line, "message": i.message} for i in exc.issues]
+                typer.echo(json.dumps({"valid": False, "file": str(path), "issues": issues}, indent=2))
+                raise typer.Exit(2) from None
+            raise
+        if as_json:
+            typer.echo(json.dumps({"valid": True, "file": str(path), "recipe": parsed.to_dict()}, indent=2))
+        else:
+            err_console.print(f"[green]valid[/]: {path} ({len(parsed.passes)} passes, {len(parsed.evaluations)} evaluations)")

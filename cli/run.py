@@ -1,0 +1,83 @@
+"""`compress run`: execute a recipe."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import err_console, exit_codes
+from compress.errors import UserError
+from compress.output import check_output_target
+from compress.progress import Reporter
+from compress.recipe import Recipe, dump_yaml, load_recipe
+from recipes import resolve_recipe_path
+
+EPILOG = (
+    "Examples:\n\n"
+    "  compress run recipes/demo.yaml\n\n"
+    "  compress run demo --set passes[0].rtn.bits=3 --output out/demo-w3\n\n"
+    "  compress run my.yaml --model meta-llama/Llama-3.2-1B --json > report.json\n\n"
+    "Exit codes: 0 success, 2 user error (bad recipe, missing file, bad option), 1 internal error, 130 interrupted."
+)
+
+
+def default_output(recipe_path: Path) -> Path:
+    return Path("compress-out") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def describe_plan(recipe: Recipe) -> dict:
+    from compress.runner import plan_stages
+
+    return {
+        "recipe": recipe.to_dict(),
+        "stages": [
+            {"scope": stage[0].definition.scope, "passes": [step.label for step in stage]}
+            for stage in plan_stages(recipe.passes)
+        ],
+    }
+
+
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe (see `compress recipes list`).")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder or hub id; overrides `model:` in the recipe.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for report.json, report.md, recipe.yaml and run.log. Default: compress-out/<recipe>-<time>.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe field: key.path=value (YAML value), e.g. passes[0].rtn.bits=3. Repeatable.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show the plan; load no model.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (*.bin) weights, which can run code. Only for sources you trust.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (nothing else on stdout).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
+) -> None:
+    """Run a compression recipe: baseline, passes, evaluation, report."""
+    with exit_codes(verbose):
+        recipe_path = resolve_recipe_path(recipe)
+        parsed = load_recipe(recipe_path, overrides=set_ or [], model=model)
+        if dry_run:
+            plan = describe_plan(parsed)
+            if as_json:
+                typer.echo(json.dumps(plan, indent=2))
+            elif not quiet:
+                err_console.print(f"[green]valid[/]: {recipe_path}")
+                typer.echo(dump_yaml(plan))
+            return
+        target = output or default_output(recipe_path)
+        check_output_target(target, overwrite)
+        if parsed.model is None:
+            raise UserError("no model given: set `model:` in the recipe or pass --model")
+
+        from compress.runner import run_recipe  # heavy imports (transformers) only when running
+
+        reporter = Reporter(err_console, enabled=not quiet and not as_json)
+        report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        elif not quiet:
+            from compress.report import summary_table
+
+            err_console.print(summary_table(report))
+            err_console.print(f"Report: {target / 'report.md'}  (JSON: {target / 'report.json'})", highlight=False)

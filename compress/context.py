@@ -1,0 +1,34 @@
+"""State that one run owns and passes share: calibration data, bit plans, masks and quantization records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compress.progress import SILENT, Reporter
+from compress.quant import QuantizedWeight, QuantSpec
+
+
+@dataclass
+class RunContext:
+    """Owned by the caller of a run; nothing here is global.
+
+    - `calibration`: (samples, seq_len) token windows, or None when no pass needs inputs.
+    - `bit_plan`: module fqn -> QuantSpec, written by allocation passes and read by quantizers.
+    - `masks`: module fqn -> bool tensor (out, in), True where a weight survived pruning; quantizers keep zeros at zero.
+    - `quantized`: module fqn -> integer codes, scales and zero points, kept for export.
+    - `activation_quant`: module fqn -> activation quantization settings installed as forward hooks.
+    - `fallbacks`: every place a pass degraded (e.g. a Cholesky failure), reported, never silent.
+    """
+
+    device: torch.device
+    calibration: torch.Tensor | None = None
+    calibration_batch_size: int = 8
+    bit_plan: dict[str, QuantSpec] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    reporter: Reporter = SILENT

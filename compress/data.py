@@ -1,0 +1,107 @@
+"""Text sources for calibration and evaluation.
+
+A dataset reference is a local `.jsonl` (one JSON object per line with a `text` field), any other local
+file read as UTF-8 text, or one of the hub names below, read through `datasets` when online.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from compress.errors import UserError
+
+# name -> (datasets args, split, text field, how documents are joined). The GPTQ/SparseGPT/AWQ papers join
+# WikiText-2 test with "\n\n" and use C4's first validation shard; we follow them so numbers compare.
+HUB_DATASETS: dict[str, tuple[tuple[str, ...], dict[str, str], str, str]] = {
+    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {"split": "test"}, "text", "\n\n"),
+    "c4": (
+        ("allenai/c4",),
+        {"split": "validation", "data_files": "en/c4-validation.00000-of-00008.json.gz"},
+        "text",
+        "\n\n",
+    ),
+}
+
+
+def is_hub_dataset(ref: str) -> bool:
+    return ref in HUB_DATASETS
+
+
+def dataset_label(ref: str) -> str:
+    """A short name for reports: the hub name, or the file name without extension."""
+    return ref if is_hub_dataset(ref) else Path(ref).stem
+
+
+def load_text(ref: str) -> str:
+    """The full text of a dataset reference, documents joined as the papers do."""
+    if is_hub_dataset(ref):
+        return _load_hub_text(ref)
+    path = Path(ref)
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path}")
+    if path.suffix == ".jsonl":
+        return _load_jsonl_text(path)
+    return path.read_text(encoding="utf-8")
+
+
+def _load_jsonl_text(path: Path) -> str:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{path}:{number}: expected an object with a string 'text' field")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def _load_hub_text(name: str) -> str:
+    args, kwargs, field, joiner = HUB_DATASETS[name]
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(
+            f"dataset '{name}' is read from the Hugging Face hub, but offline mode is on (HF_HUB_OFFLINE=1). "
+            "Point the recipe at a local .txt or .jsonl file instead."
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"dataset '{name}' needs the `datasets` package: pip install 'compress[hub]'") from None
+    try:
+        rows = datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # network, auth and missing-config errors all mean the same to the user
+        raise UserError(f"could not load dataset '{name}' from the hub: {exc}") from exc
+    return joiner.join(rows[field])
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids (1-D, int64) of the whole text, tokenized once as the GPTQ protocol does."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
+    return ids[0].to(torch.int64)
+
+
+def sample_windows(token_ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`samples` random windows of `seq_len` tokens (GPTQ's calibration sampling), reproducible from `seed`."""
+    if token_ids.numel() <= seq_len:
+        raise UserError(
+            f"calibration text has {token_ids.numel()} tokens, fewer than seq_len={seq_len}; "
+            "use a longer text or a shorter seq_len"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, token_ids.numel() - seq_len, (samples,), generator=generator)
+    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def contiguous_windows(token_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows (count, seq_len) covering the text; the tail shorter than seq_len is dropped."""
+    count = token_ids.numel() // seq_len
+    if count == 0:
+        raise UserError(f"evaluation text has {token_ids.numel()} tokens, fewer than seq_len={seq_len}")
+    return token_ids[: count * seq_len].reshape(count, seq_len)

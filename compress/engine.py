@@ -1,0 +1,178 @@
+"""The sequential decoder-layer engine shared by every pass (GPTQ's layer-by-layer scheme, written once).
+
+For a sweep of layer passes:
+1. capture the inputs of decoder layer 0 on the calibration windows (only when some pass needs them);
+2. for each layer i: move it to the compute device, run each pass on it, then recompute its outputs with
+   the *compressed* layer so layer i+1 is calibrated on what it will really see; move it back to the CPU.
+Only one decoder layer (plus the calibration activations) lives on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from compress.context import RunContext
+from compress.model_io import ModelHandle
+from compress.modules import DEFAULT_IGNORE, find_linears, select
+
+OFFLOAD_DEVICE = torch.device("cpu")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once layer 0's inputs are captured; nothing after it needs to run."""
+
+
+@dataclass
+class LayerInput:
+    hidden: torch.Tensor  # (batch, seq_len, hidden_size)
+    kwargs: dict[str, Any]  # attention mask, position ids/embeddings, ... exactly as the model passed them
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+class LayerContext:
+    """What a layer pass sees: one decoder layer on the compute device and its calibration inputs."""
+
+    def __init__(self, index: int, prefix: str, layer: nn.Module, inputs: list[LayerInput] | None, run: RunContext):
+        self.index = index
+        self.prefix = prefix  # e.g. "model.layers.3"
+        self.layer = layer
+        self.inputs = inputs
+        self.run = run
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+    def linears(self, ignore: tuple[str, ...] | list[str] = DEFAULT_IGNORE) -> dict[str, nn.Module]:
+        """Linear sublayers by fully qualified name, in definition order, minus the `ignore` patterns."""
+        found = find_linears(self.layer, self.prefix)
+        return {name: found[name] for name in select(found, ignore)}
+
+    @torch.no_grad()
+    def forward(self) -> list[torch.Tensor]:
+        """The layer's outputs for every calibration batch, with its current (possibly compressed) weights."""
+        if self.inputs is None:
+            raise RuntimeError("this sweep captured no calibration inputs; register the pass with needs_calibration=True")
+        outputs = []
+        for item in self.inputs:
+            out = self.layer(item.hidden, **item.kwargs)
+            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outputs
+
+    def observe(self, modules: dict[str, nn.Module], observer: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the calibration batches through the layer, calling `observer(name, input)` for each module's input."""
+        handles = [
+            module.register_forward_pre_hook(lambda _m, args, name=name: observer(name, args[0].detach()))
+            for name, module in modules.items()
+        ]
+        try:
+            self.forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextlib.contextmanager
+def _outside_layers_on(handle: ModelHandle, device: torch.device) -> Iterator[None]:
+    """Move every parameter and buffer outside the decoder layers (embeddings, rotary tables) to `device`."""
+    moved: list[tuple[nn.Module, str, torch.device, bool]] = []
+    for name, module in handle.model.named_modules():
+        if name == handle.layers_prefix or name.startswith(handle.layers_prefix + "."):
+            continue
+        for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None and tensor.device != device:
+                is_param = key in module._parameters
+                moved.append((module, key, tensor.device, is_param))
+                tensor.data = tensor.data.to(device)
+    try:
+        yield
+    finally:
+        for module, key, original, is_param in moved:
+            store = module._parameters if is_param else module._buffers
+            store[key].data = store[key].data.to(original)
+
+
+@torch.no_grad()
+def capture_layer_inputs(handle: ModelHandle, run: RunContext) -> list[LayerInput]:
+    """Inputs of decoder layer 0 for each calibration batch, stopping the forward pass right there."""
+    assert run.calibration is not None
+    captured: list[LayerInput] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        captured.append(LayerInput(hidden.detach(), kwargs))
+        raise _StopForward
+
+    layer0 = handle.layers[0]
+    layer0.to(run.device)
+    hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with _outside_layers_on(handle, run.device):
+            for batch in run.calibration.split(run.calibration_batch_size):
+                with contextlib.suppress(_StopForward):
+                    handle.model(batch.to(run.device), use_cache=False)
+    finally:
+        hook.remove()
+        layer0.to(OFFLOAD_DEVICE)
+    return captured
+
+
+LayerApply = Callable[[LayerContext, Any], dict[str, Any]]
+
+
+@dataclass
+class SweepStep:
+    """One layer pass in a sweep: its label for reports, its function and its validated config."""
+
+    label: str
+    apply: LayerApply
+    config: Any
+    needs_calibration: bool
+
+
+@dataclass
+class SweepResult:
+    modules: dict[str, dict[str, dict[str, Any]]]  # step label -> module fqn -> result
+    seconds: dict[str, float]  # step label -> seconds inside the pass
+    propagation_seconds: float
+
+
+def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> SweepResult:
+    """Apply consecutive layer passes decoder layer by decoder layer (see module docstring)."""
+    needs_inputs = any(step.needs_calibration for step in steps)
+    inputs = capture_layer_inputs(handle, run) if needs_inputs else None
+    modules: dict[str, dict[str, dict[str, Any]]] = {step.label: {} for step in steps}
+    seconds = {step.label: 0.0 for step in steps}
+    propagation = 0.0
+    layers = handle.layers
+    with run.reporter.task(", ".join(s.label for s in steps), total=len(layers)) as advance:
+        for index, layer in enumerate(layers):
+            layer.to(run.device)
+            ctx = LayerContext(index, f"{handle.layers_prefix}.{index}", layer, inputs, run)
+            for step in steps:
+                start = time.perf_counter()
+                modules[step.label].update(step.apply(ctx, step.config))
+                seconds[step.label] += time.perf_counter() - start
+            if inputs is not None:
+                start = time.perf_counter()
+                inputs = [LayerInput(out, item.kwargs) for out, item in zip(ctx.forward(), inputs)]
+                propagation += time.perf_counter() - start
+            layer.to(OFFLOAD_DEVICE)
+            advance(1)
+    return SweepResult(modules, seconds, propagation)

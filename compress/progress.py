@@ -1,0 +1,36 @@
+"""Progress display: rich bars on stderr, or nothing in quiet mode. Injected, so tests and scripts stay silent."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+Advance = Callable[[int], None]
+
+
+class Reporter:
+    """Shows one bar per long step."""
+
+    def __init__(self, console: Console | None = None, enabled: bool = True):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Advance]:
+        if not self.enabled:
+            yield lambda n=1: None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            task_id = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(task_id, n)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)
+
+
+SILENT = Reporter(enabled=False)

@@ -1,0 +1,404 @@
+"""The recipe file: schema, loading, `--set` overrides and error messages that point into the YAML.
+
+    model: path/or/hub-id          # local folder or hub id; `--model` overrides
+    calibration: {dataset: path/to/text.txt, samples: 128, seq_len: 512, seed: 0}
+    passes:                        # applied in order; each item is {pass-name: {params}}
+      - rtn: {bits: 4, group_size: 128, symmetric: true}
+    evaluate:
+      perplexity: [{dataset: path/to/eval.txt, seq_len: 512}]
+
+Everything is validated before any model is loaded, and every problem is reported at once as
+`recipe.yaml:14 passes[2].rtn.bits: expected ..., got 16`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from compress.data import is_hub_dataset
+from compress.errors import RecipeError, RecipeIssue, UserError
+from compress.registry import (
+    EvaluatorDef,
+    PassDef,
+    StrictConfig,
+    available_evaluators,
+    available_passes,
+    did_you_mean,
+)
+
+Loc = tuple[str | int, ...]
+
+
+class CalibrationConfig(StrictConfig):
+    """Calibration text: `samples` random windows of `seq_len` tokens, drawn reproducibly from `seed`."""
+
+    dataset: str
+    samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int = Field(512, ge=8, le=1_000_000)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="windows per forward pass while calibrating")
+
+
+class RecipeFile(StrictConfig):
+    """Top level of a recipe file, before the pass and evaluator sections are checked against the registries."""
+
+    model: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    trust_remote_code: bool = False
+    calibration: CalibrationConfig | None = None
+    passes: list[Any] = Field(default_factory=list)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassStep:
+    index: int
+    name: str
+    definition: PassDef
+    config: StrictConfig
+
+    @property
+    def label(self) -> str:
+        return f"passes[{self.index}].{self.name}"
+
+
+@dataclass(frozen=True)
+class EvalStep:
+    name: str
+    definition: EvaluatorDef
+    config: StrictConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: Path | None
+    model: str | None
+    dtype: str
+    device: str
+    trust_remote_code: bool
+    calibration: CalibrationConfig | None
+    passes: tuple[PassStep, ...]
+    evaluations: tuple[EvalStep, ...]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(step.definition.needs_calibration for step in self.passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe with defaults filled in and paths resolved: what actually ran."""
+        evaluate: dict[str, list[dict[str, Any]]] = {}
+        for step in self.evaluations:
+            evaluate.setdefault(step.name, []).append(step.config.model_dump(mode="json"))
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "device": self.device,
+            "trust_remote_code": self.trust_remote_code,
+            "calibration": self.calibration.model_dump(mode="json") if self.calibration else None,
+            "passes": [{s.name: s.config.model_dump(mode="json")} for s in self.passes],
+            "evaluate": evaluate,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, *, overrides: list[str] = (), model: str | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    recipe = parse_recipe(text, filename=str(path), base_dir=path.parent, overrides=overrides, model=model)
+    return dataclasses.replace(recipe, source=path.resolve())
+
+
+def parse_recipe(
+    text: str,
+    *,
+    filename: str = "<recipe>",
+    base_dir: Path | None = None,
+    overrides: list[str] = (),
+    model: str | None = None,
+) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(filename, [RecipeIssue("", f"not valid YAML: {problem}", line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(filename, [RecipeIssue("", f"expected a mapping at the top level, got {type(data).__name__}", 1)])
+
+    overridden: list[Loc] = []
+    for assignment in overrides:
+        overridden.append(_apply_override(data, assignment))
+    if model is not None:
+        data["model"] = str(Path(model).resolve()) if Path(model).exists() else model
+        overridden.append(("model",))
+
+    checker = _Checker(filename, root, overridden, base_dir or Path.cwd())
+    recipe = checker.check(data)
+    if checker.issues:
+        raise RecipeError(filename, checker.issues)
+    assert recipe is not None
+    return recipe
+
+
+def _split_key_path(key_path: str) -> list[str | int]:
+    """'passes[0].rtn.bits' or 'passes.0.rtn.bits' -> ['passes', 0, 'rtn', 'bits']."""
+    parts: list[str | int] = []
+    for token in re.sub(r"\[(\d+)\]", r".\1", key_path).split("."):
+        if not token:
+            raise UserError(f"--set: malformed key path {key_path!r}")
+        parts.append(int(token) if token.isdigit() else token)
+    return parts
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> Loc:
+    """Apply one `key.path=value` (value parsed as YAML) to the raw recipe data."""
+    if "=" not in assignment:
+        raise UserError(f"--set expects key.path=value, got {assignment!r}")
+    key_path, raw_value = assignment.split("=", 1)
+    parts = _split_key_path(key_path.strip())
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError:
+        raise UserError(f"--set {key_path}: value {raw_value!r} is not valid YAML") from None
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        node = _descend(node, part, parts[depth + 1], key_path)
+    last = parts[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise UserError(f"--set {key_path}: index {last} is out of range (the list has {len(node)} items)")
+    elif not isinstance(node, dict):
+        raise UserError(f"--set {key_path}: cannot set a key inside a {type(node).__name__}")
+    node[last] = value
+    return tuple(parts)
+
+
+def _descend(node: Any, part: str | int, next_part: str | int, key_path: str) -> Any:
+    if isinstance(node, list):
+        if not isinstance(part, int) or part >= len(node):
+            raise UserError(f"--set {key_path}: index {part} is out of range (the list has {len(node)} items)")
+        return node[part]
+    if not isinstance(node, dict):
+        raise UserError(f"--set {key_path}: cannot descend into a {type(node).__name__}")
+    if node.get(part) is None:
+        node[part] = [] if isinstance(next_part, int) else {}
+    return node[part]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(root: yaml.Node | None, loc: Loc) -> int | None:
+    """1-based line of the deepest YAML node along `loc` (the key's line for a mapping key)."""
+    if root is None:
+        return None
+    node, line = root, root.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _model_fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """Field names of the (nested) model that `loc` points into, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            break
+        current = _unwrap_model(current.model_fields[part].annotation)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        for arg in typing.get_args(annotation):
+            found = _unwrap_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe_pydantic_error(error: dict[str, Any], model: type[BaseModel], loc: Loc) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        fields = _model_fields_at(model, loc[:-1])
+        return f"unknown key '{key}'.{did_you_mean(key, fields)}"
+    if kind == "missing":
+        return "missing required key"
+    message = error["msg"]
+    message = re.sub(r"^(Input|Value) should be", "expected", message)
+    message = re.sub(r"^String should match pattern", "expected a string matching", message)
+    return f"{message[0].lower()}{message[1:]}, got {error.get('input')!r}"
+
+
+class _Checker:
+    """Collects every problem in one recipe, each with its YAML path and line."""
+
+    def __init__(self, filename: str, root: yaml.Node | None, overridden: list[Loc], base_dir: Path):
+        self.filename = filename
+        self.root = root
+        self.overridden = overridden
+        self.base_dir = base_dir
+        self.issues: list[RecipeIssue] = []
+
+    def add(self, loc: Loc, message: str) -> None:
+        from_override = any(loc[: len(o)] == o for o in self.overridden)
+        line = None if from_override else _line_of(self.root, loc)
+        self.issues.append(RecipeIssue(format_loc(loc), message, line))
+
+    def validate(self, model: type[StrictConfig], data: Any, loc: Loc) -> StrictConfig | None:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            for error in exc.errors():
+                error_loc = loc + tuple(error["loc"])
+                self.add(error_loc, _describe_pydantic_error(error, model, tuple(error["loc"])))
+            return None
+
+    def check(self, data: dict[str, Any]) -> Recipe | None:
+        top = self.validate(RecipeFile, data, ())
+        if top is None:
+            # Still check the pass list so one run reports as much as possible.
+            passes_data = data.get("passes")
+            if isinstance(passes_data, list):
+                self.check_passes(passes_data, None)
+            return None
+        assert isinstance(top, RecipeFile)
+        calibration = self.check_calibration(top.calibration)
+        steps = self.check_passes(top.passes, calibration)
+        evaluations = self.check_evaluate(top.evaluate)
+        model = self.resolve_model(top.model)
+        if self.issues:
+            return None
+        return Recipe(
+            source=None,
+            model=model,
+            dtype=top.dtype,
+            device=top.device,
+            trust_remote_code=top.trust_remote_code,
+            calibration=calibration,
+            passes=tuple(steps),
+            evaluations=tuple(evaluations),
+        )
+
+    def resolve_path(self, ref: str, loc: Loc) -> str:
+        if is_hub_dataset(ref):
+            return ref
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = self.base_dir / path
+        if not path.is_file():
+            self.add(loc, f"file not found: {path} (relative paths resolve against the recipe's folder)")
+        return str(path.resolve())
+
+    def resolve_model(self, ref: str | None) -> str | None:
+        if ref is None:
+            return None  # the CLI asks for --model when it needs one
+        path = Path(ref).expanduser()
+        candidate = path if path.is_absolute() else self.base_dir / path
+        if candidate.is_dir():
+            return str(candidate.resolve())
+        if ref.startswith((".", "/", "~")) or path.is_absolute():
+            self.add(("model",), f"model folder not found: {candidate}")
+        return ref  # a hub id such as "meta-llama/Llama-3.2-1B"
+
+    def check_calibration(self, calibration: CalibrationConfig | None) -> CalibrationConfig | None:
+        if calibration is None:
+            return None
+        dataset = self.resolve_path(calibration.dataset, ("calibration", "dataset"))
+        return calibration.model_copy(update={"dataset": dataset})
+
+    def check_passes(self, items: list[Any], calibration: CalibrationConfig | None) -> list[PassStep]:
+        registry = available_passes()
+        steps: list[PassStep] = []
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                item = {item: {}}  # "- rtn" is shorthand for "- rtn: {}"
+            if not isinstance(item, dict) or len(item) != 1:
+                self.add(("passes", index), "expected one {pass-name: {params}} mapping per list item")
+                continue
+            name, params = next(iter(item.items()))
+            if name not in registry:
+                self.add(("passes", index, name), f"unknown pass '{name}'.{did_you_mean(str(name), list(registry))}")
+                continue
+            definition = registry[name]
+            config = self.validate(definition.config, params if params is not None else {}, ("passes", index, name))
+            if config is not None:
+                steps.append(PassStep(index, name, definition, config))
+        self.check_chain(steps, calibration)
+        return steps
+
+    def check_chain(self, steps: list[PassStep], calibration: CalibrationConfig | None) -> None:
+        for position, step in enumerate(steps):
+            loc = ("passes", step.index, step.name)
+            if step.definition.needs_calibration and calibration is None:
+                self.add(loc, f"pass '{step.name}' needs calibration data: add a `calibration:` section")
+            if step.definition.kind == "allocate" and not any(
+                later.definition.kind == "quantize" for later in steps[position + 1 :]
+            ):
+                self.add(loc, f"'{step.name}' writes a bit plan, so a quantization pass must follow it")
+
+    def check_evaluate(self, sections: dict[str, Any]) -> list[EvalStep]:
+        registry = available_evaluators()
+        steps: list[EvalStep] = []
+        for name, items in sections.items():
+            if name not in registry:
+                self.add(("evaluate", name), f"unknown evaluator '{name}'.{did_you_mean(name, list(registry))}")
+                continue
+            listed = items if isinstance(items, list) else [items]
+            for index, params in enumerate(listed):
+                loc: Loc = ("evaluate", name, index) if isinstance(items, list) else ("evaluate", name)
+                config = self.validate(registry[name].config, params, loc)
+                if config is None:
+                    continue
+                if isinstance(getattr(config, "dataset", None), str):
+                    config = config.model_copy(update={"dataset": self.resolve_path(config.dataset, loc + ("dataset",))})
+                steps.append(EvalStep(name, registry[name], config))
+        return steps
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(copy.deepcopy(data), sort_keys=False)

@@ -1,0 +1,136 @@
+"""Registries keyed by the names recipes use: passes (`rtn`, `gptq`, ...) and evaluators (`perplexity`).
+
+A new algorithm is one module plus one decorator:
+
+    @register_pass("rtn", RTNConfig, scope="layer")
+    def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, dict]: ...
+
+Registration is explicit (no package scanning). Built-in passes live in `compressors`, built-in
+evaluators in `evaluators`; both are imported on the first lookup so `import compress` stays light.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from compress.errors import UserError
+
+Scope = Literal["layer", "model"]
+
+
+class StrictConfig(BaseModel):
+    """Base of every pass and evaluator config: unknown keys are errors and configs are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class PassDef:
+    """A registered pass.
+
+    scope="layer": `apply(layer_ctx, cfg) -> {module_fqn: result}` runs inside the sequential decoder-layer
+    engine, once per layer; consecutive layer passes share one sweep over the model.
+    scope="model": `apply(model_handle, cfg, run_ctx) -> {module_fqn: result}` sees the whole model
+    (bit allocation, export-time transforms).
+    """
+
+    name: str
+    config: type[StrictConfig]
+    apply: Callable[..., dict[str, Any]]
+    scope: Scope
+    needs_calibration: bool
+    kind: str  # "quantize" | "prune" | "allocate" | "transform": used by recipe-level checks
+
+    @property
+    def summary(self) -> str:
+        doc = (self.apply.__doc__ or self.config.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+@dataclass(frozen=True)
+class EvaluatorDef:
+    """A registered evaluator: `apply(model_handle, cfg, run_ctx) -> EvalResult`."""
+
+    name: str
+    config: type[StrictConfig]
+    apply: Callable[..., Any]
+
+    @property
+    def summary(self) -> str:
+        doc = (self.apply.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+_PASSES: dict[str, PassDef] = {}
+_EVALUATORS: dict[str, EvaluatorDef] = {}
+_BUILTINS_LOADED = False
+
+
+def register_pass(
+    name: str,
+    config: type[StrictConfig],
+    *,
+    scope: Scope,
+    kind: str,
+    needs_calibration: bool = False,
+) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    def decorate(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        if name in _PASSES:
+            raise ValueError(f"pass {name!r} is registered twice ({_PASSES[name].apply.__module__} and {fn.__module__})")
+        _PASSES[name] = PassDef(name, config, fn, scope, needs_calibration, kind)
+        return fn
+
+    return decorate
+
+
+def register_evaluator(name: str, config: type[StrictConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _EVALUATORS:
+            raise ValueError(f"evaluator {name!r} is registered twice")
+        _EVALUATORS[name] = EvaluatorDef(name, config, fn)
+        return fn
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("compressors")
+        importlib.import_module("evaluators")
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    hint = f" Did you mean: {close[0]}?" if close else ""
+    return f"{hint} Available: {', '.join(sorted(choices))}"
+
+
+def available_passes() -> dict[str, PassDef]:
+    _load_builtins()
+    return dict(_PASSES)
+
+
+def available_evaluators() -> dict[str, EvaluatorDef]:
+    _load_builtins()
+    return dict(_EVALUATORS)
+
+
+def get_pass(name: str) -> PassDef:
+    passes = available_passes()
+    if name not in passes:
+        raise UserError(f"Unknown pass {name!r}.{did_you_mean(name, list(passes))}")
+    return passes[name]
+
+
+def get_evaluator(name: str) -> EvaluatorDef:
+    evaluators = available_evaluators()
+    if name not in evaluators:
+        raise UserError(f"Unknown evaluator {name!r}.{did_you_mean(name, list(evaluators))}")
+    return evaluators[name]

@@ -1,0 +1,204 @@
+"""Running a validated recipe: load, measure the baseline, apply the passes, measure again, report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from compress.context import RunContext
+from compress.data import sample_windows, tokenize_text, load_text
+from compress.engine import SweepStep, run_sweep
+from compress.errors import UserError
+from compress.model_io import ModelHandle, load_model
+from compress.output import atomic_output
+from compress.progress import SILENT, Reporter
+from compress.recipe import EvalStep, PassStep, Recipe, dump_yaml
+from compress.report import (
+    REPORT_SCHEMA_VERSION,
+    model_size,
+    peak_memory,
+    render_markdown,
+    summarize_modules,
+    versions,
+)
+from evaluators.base import EvalResult
+
+log = logging.getLogger("compress")
+
+
+def plan_stages(steps: tuple[PassStep, ...]) -> list[list[PassStep]]:
+    """Group consecutive layer passes into one sweep; a model pass stands alone.
+
+    `[sparsegpt, gptq, hawq, rtn]` becomes `[[sparsegpt, gptq], [hawq], [rtn]]`: pruning and quantizing a layer
+    happen back to back before its outputs feed the next layer, as in SparseGPT's joint mode.
+    """
+    stages: list[list[PassStep]] = []
+    for step in steps:
+        if step.definition.scope == "layer" and stages and stages[-1][0].definition.scope == "layer":
+            stages[-1].append(step)
+        else:
+            stages.append([step])
+    return stages
+
+
+def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext) -> tuple[list[dict[str, Any]], float]:
+    """Apply every pass; returns one report entry per pass and the seconds spent propagating activations."""
+    entries: dict[int, dict[str, Any]] = {}
+    propagation = 0.0
+    for stage in plan_stages(steps):
+        if stage[0].definition.scope == "model":
+            step = stage[0]
+            start = time.perf_counter()
+            modules = step.definition.apply(handle, step.config, run)
+            entries[step.index] = _pass_entry(step, time.perf_counter() - start, modules)
+            continue
+        sweep = run_sweep(
+            handle,
+            [SweepStep(s.label, s.definition.apply, s.config, s.definition.needs_calibration) for s in stage],
+            run,
+        )
+        propagation += sweep.propagation_seconds
+        for step in stage:
+            entries[step.index] = _pass_entry(step, sweep.seconds[step.label], sweep.modules[step.label])
+        log.info("sweep %s done in %.2fs (+%.2fs propagation)", [s.label for s in stage],
+                 sum(sweep.seconds.values()), sweep.propagation_seconds)
+    return [entries[i] for i in sorted(entries)], propagation
+
+
+def _pass_entry(step: PassStep, seconds: float, modules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": step.name,
+        "params": step.config.model_dump(mode="json"),
+        "seconds": round(seconds, 4),
+        "summary": summarize_modules(modules),
+        "modules": modules,
+    }
+
+
+def evaluate_all(handle: ModelHandle, steps: tuple[EvalStep, ...], run: RunContext) -> list[EvalResult]:
+    results = []
+    for step in steps:
+        result = step.definition.apply(handle, step.config, run)
+        log.info("%s[%s] = %.4f", result.metric, result.label, result.value)
+        results.append(result)
+    return results
+
+
+def merge_metrics(baseline: list[EvalResult], compressed: list[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
+    """`{"perplexity": {"eval": {"baseline": x, "compressed": y, "protocol": {...}}}}`."""
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    for before, after in zip(baseline, compressed):
+        label = before.label
+        per_metric = metrics.setdefault(before.metric, {})
+        suffix = 2
+        while label in per_metric:  # two files with the same stem
+            label, suffix = f"{before.label}_{suffix}", suffix + 1
+        per_metric[label] = {"baseline": before.value, "compressed": after.value, "protocol": after.details}
+    return metrics
+
+
+def calibration_windows(handle: ModelHandle, recipe: Recipe) -> torch.Tensor | None:
+    if not recipe.needs_calibration or recipe.calibration is None:
+        return None
+    cal = recipe.calibration
+    token_ids = tokenize_text(handle.tokenizer, load_text(cal.dataset))
+    return sample_windows(token_ids, cal.samples, cal.seq_len, cal.seed)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def reference_dtype(handle: ModelHandle) -> torch.dtype:
+    """The checkpoint's own precision (what an uncompressed copy would be stored in)."""
+    configured = getattr(handle.model.config, "dtype", None) or getattr(handle.model.config, "torch_dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    return configured if isinstance(configured, torch.dtype) else next(handle.model.parameters()).dtype
+
+
+def run_recipe(
+    recipe: Recipe,
+    output: Path,
+    *,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter = SILENT,
+) -> dict[str, Any]:
+    """Execute a recipe and write report.json, report.md, recipe.yaml and run.log into `output`.
+
+    `output` appears only when everything succeeded (see `atomic_output`).
+    """
+    if recipe.model is None:
+        raise UserError("no model given: set `model:` in the recipe or pass --model")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with atomic_output(output, overwrite=overwrite) as staging, _log_to(staging / "run.log"):
+        log.info("recipe %s, model %s", recipe.source, recipe.model)
+        t = time.perf_counter()
+        handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
+                            trust_remote_code=recipe.trust_remote_code)
+        run = RunContext(device=handle.device, reporter=reporter)
+        run.calibration = calibration_windows(handle, recipe)
+        if recipe.calibration is not None:
+            run.calibration_batch_size = recipe.calibration.batch_size
+        timings["load"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        baseline = evaluate_all(handle, recipe.evaluations, run)
+        timings["baseline_eval"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        passes, propagation = run_passes(handle, recipe.passes, run)
+        timings["passes"] = time.perf_counter() - t
+        timings["propagation"] = propagation
+
+        t = time.perf_counter()
+        compressed = evaluate_all(handle, recipe.evaluations, run)
+        timings["eval"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+
+        memory = peak_memory(handle.device)
+        report = {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "status": "ok",
+            "recipe": recipe.to_dict(),
+            "recipe_file": str(recipe.source) if recipe.source else None,
+            "model": {
+                "name": recipe.model,
+                "architecture": type(handle.model).__name__,
+                "parameters": handle.parameter_count(),
+                "decoder_layers": len(handle.layers),
+                "device": str(handle.device),
+                "dtype": str(next(handle.model.parameters()).dtype).replace("torch.", ""),
+            },
+            "passes": passes,
+            "metrics": merge_metrics(baseline, compressed),
+            "size": model_size(handle.model, run.quantized, reference_dtype(handle)),
+            "activation_quantization": run.activation_quant,
+            "fallbacks": run.fallbacks,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "peak_memory_bytes": memory.get("cuda_allocated_bytes", memory["cpu_rss_bytes"]),
+            "peak_memory": memory,
+            "versions": versions(),
+            "output": str(output.resolve()),
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
+        (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
+    return report

@@ -1,0 +1,3 @@
+"""Compression algorithms. Each module holds one algorithm: a pure tensor function plus a registered pass."""
+
+from compressors import rtn  # noqa: F401  (registers the pass)

@@ -1,0 +1,98 @@
+"""Pieces every weight quantizer shares: its config schema, bit-plan lookup, mask keeping and write-back."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from compress.context import RunContext
+from compress.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
+from compress.quant import (
+    PerChannel,
+    PerGroup,
+    QuantizedWeight,
+    QuantSpec,
+    fake_quantize_per_tensor,
+    fake_quantize_per_token,
+)
+from compress.registry import StrictConfig
+
+
+class ActivationQuantConfig(StrictConfig):
+    """Dynamic symmetric activation fake-quantization of every quantized linear's input (the 'A' in W8A8)."""
+
+    bits: int = Field(8, ge=4, le=8)
+    per: Literal["token", "tensor"] = "token"
+
+
+class WeightQuantConfig(StrictConfig):
+    """Uniform integer weight quantization settings shared by rtn, gptq and awq.
+
+    group_size: input columns per scale; `null` or -1 means one scale per output channel. A width the group
+    size does not divide gets a shorter last group.
+    """
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int | None = 128
+    symmetric: bool = True
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    activations: ActivationQuantConfig | None = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _per_channel_spelling(cls, value: int | None) -> int | None:
+        if value is None or value == -1:
+            return None
+        if value < 1:
+            raise ValueError("group_size must be a positive number of columns, or null / -1 for per-channel")
+        return value
+
+    def spec(self) -> QuantSpec:
+        granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
+        return QuantSpec(self.bits, self.symmetric, granularity)
+
+
+def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> QuantSpec:
+    """The bit plan written by an allocation pass wins over the pass's own defaults."""
+    return run.bit_plan.get(fqn, cfg.spec())
+
+
+def keep_pruned_zeros(qweight: QuantizedWeight, mask: torch.Tensor | None) -> QuantizedWeight:
+    """Set the codes of pruned weights to the zero point so they dequantize to exactly 0."""
+    if mask is None:
+        return qweight
+    bounds_zero = _expand_per_column(qweight.zero, qweight)
+    codes = torch.where(mask.to(qweight.codes.device), qweight.codes, bounds_zero.to(qweight.codes.dtype))
+    return QuantizedWeight(codes, qweight.scale, qweight.zero, qweight.spec)
+
+
+def _expand_per_column(per_group: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+    columns = qweight.codes.shape[1]
+    size = qweight.spec.group_size or columns
+    return per_group.repeat_interleave(size, dim=1)[:, :columns]
+
+
+def write_back(fqn: str, module: nn.Module, qweight: QuantizedWeight, run: RunContext) -> dict[str, Any]:
+    """Replace the module's weight by its dequantized codes and keep the codes for export.
+
+    Returns the per-module report entry: the spec used and the relative Frobenius error it introduced.
+    """
+    original = weight_matrix(module).float().clone()  # .float() aliases float32 weights, which we overwrite
+    dequantized = qweight.dequantize().to(original.device)
+    set_weight_matrix(module, dequantized)
+    run.quantized[fqn] = QuantizedWeight(qweight.codes.cpu(), qweight.scale.cpu(), qweight.zero.cpu(), qweight.spec)
+    error = (dequantized - original).norm() / original.norm().clamp_min(1e-12)
+    return {**qweight.spec.describe(), "weight_rel_error": round(error.item(), 6)}
+
+
+def install_activation_quant(fqn: str, module: nn.Module, cfg: ActivationQuantConfig | None, run: RunContext) -> None:
+    """Fake-quantize the module's input on every forward (calibration propagation and evaluation alike)."""
+    if cfg is None or fqn in run.activation_quant:
+        return
+    quantize = fake_quantize_per_token if cfg.per == "token" else fake_quantize_per_tensor
+    bits = cfg.bits
+    module.register_forward_pre_hook(lambda _m, args: (quantize(args[0], bits), *args[1:]))
+    run.activation_quant[fqn] = cfg.model_dump()

@@ -1,0 +1,32 @@
+"""Round-to-nearest (RTN) weight quantization: the data-free baseline every calibrated method must beat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compress.engine import LayerContext
+from compress.modules import weight_matrix
+from compress.quant import quantize_rtn
+from compress.registry import register_pass
+from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+
+
+class RTNConfig(WeightQuantConfig):
+    """Recipe example:
+
+        passes:
+          - rtn: {bits: 4, group_size: 128, symmetric: true}
+          - rtn: {bits: 8, group_size: null, activations: {bits: 8, per: token}}   # W8A8
+    """
+
+
+@register_pass("rtn", RTNConfig, scope="layer", kind="quantize")
+def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, Any]:
+    """Round each weight to the nearest point of a uniform integer grid (per channel or per group)."""
+    results = {}
+    for fqn, module in layer.linears(cfg.ignore).items():
+        qweight = quantize_rtn(weight_matrix(module), spec_for(fqn, cfg, layer.run))
+        qweight = keep_pruned_zeros(qweight, layer.run.masks.get(fqn))
+        results[fqn] = write_back(fqn, module, qweight, layer.run)
+        install_activation_quant(fqn, module, cfg.activations, layer.run)
+    return results
