@@ -176,3 +176,48 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
             layer.to(OFFLOAD_DEVICE)
             advance(1)
     return SweepResult(modules, seconds, propagation)
+
+
+def input_groups(ctx: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:
+    """Group the modules that read the very same input tensor, in execution order.
+
+    For a Llama layer this gives [[q, k, v], [o], [gate, up], [down]]: the order GPTQ's `true_sequential`
+    quantizes in and the groups AWQ scales together. Found from one calibration batch (or a dummy input when
+    the sweep captured none), so it works for any architecture without a per-family table.
+    """
+    first_seen: dict[int, list[str]] = {}
+    order: list[int] = []
+    keep_alive: list[torch.Tensor] = []  # a freed tensor's id can be reused by the next one
+
+    def record(_module: nn.Module, args: tuple, name: str) -> None:
+        keep_alive.append(args[0])
+        key = id(args[0])
+        if key not in first_seen:
+            first_seen[key] = []
+            order.append(key)
+        if name not in first_seen[key]:
+            first_seen[key].append(name)
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: record(mod, args, name)) for name, m in modules.items()]
+    try:
+        if ctx.inputs is None:
+            raise RuntimeError("input_groups needs calibration inputs (register the pass with needs_calibration=True)")
+        with torch.no_grad():
+            item = ctx.inputs[0]
+            ctx.layer(item.hidden[:1], **_first_row(item.kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [first_seen[key] for key in order]
+
+
+def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Layer kwargs for batch size 1: slice tensors whose leading dim is the batch (masks); keep shared ones."""
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] > 1:
+            return value[:1]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        return value
+
+    return {k: cut(v) for k, v in kwargs.items()}
