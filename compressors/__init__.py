@@ -1,3 +1,5 @@
 """Compression algorithms. Each module holds one algorithm: a pure tensor function plus a registered pass."""
 
 from compressors import rtn  # noqa: F401  (registers the pass)
+from compressors import gptq  # noqa: F401
+from compressors import awq, smoothquant  # noqa: F401

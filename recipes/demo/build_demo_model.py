@@ -13,7 +13,7 @@ Pipeline (run from recipes/demo/):
     apt-get download python3.11-doc                # fetches the .deb
     python build_demo_model.py corpus --deb python3.11-doc_*.deb --out _build
     python build_demo_model.py tokenizer --build _build --out model
-    python build_demo_model.py train --build _build --model model --steps 3000
+    python build_demo_model.py train --build _build --model model --steps 1800
     python build_demo_model.py measure --build _build --model model
 
 ``corpus`` writes eval.txt and calib.txt next to this script (committed) and
@@ -518,12 +518,16 @@ Calibration text `../calib.txt`: {calib_tokens:,} tokens (disjoint files from ev
 
 ## License
 
-Trained on the Python documentation, Copyright (c) 2001-2023 Python Software
-Foundation, licensed under the **PSF License Agreement for Python 3.11 (PSF License
-Version 2)**; code examples in the documentation are also under the Zero-Clause BSD
-license. The full text is in the docs' `license.rst` and in
-`/usr/share/doc/python3.11-doc/copyright` of the Debian package. The model weights
-and this card are distributed under the same terms.
+Trained on the Python 3.11 documentation: "Copyright © 2001-2023 Python Software
+Foundation; All Rights Reserved", licensed under the **PSF License Agreement for
+Python 3.11 (PSF License Version 2)**; examples, recipes and other code in the
+documentation are additionally under the **Zero-Clause BSD** license. The full texts
+are in the docs' `license.rst` (section "Terms and conditions for accessing or otherwise
+using Python") and in `/usr/share/doc/python3.11-doc/copyright` of the Debian package.
+The weights are a derivative work distributed under the same PSF License v2 terms.
+Summary of changes (PSF License clause 3): the documentation's reST text was used,
+unmodified, as training data for this model; `../eval.txt` and `../calib.txt` are
+verbatim excerpts of it. See `../PROVENANCE.md`.
 
 ## Reproduce
 
@@ -569,12 +573,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--build", required=True)
     train.add_argument("--model", required=True, help="output model directory")
     train.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--steps", type=int, default=1800)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1.5e-3)
     train.add_argument("--min-lr-ratio", type=float, default=0.1)
     train.add_argument("--warmup", type=int, default=200)
-    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--weight-decay", type=float, default=0.3)
     train.add_argument("--eval-every", type=int, default=100)
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--cpu", action="store_true", help="force CPU (slow)")

@@ -1,0 +1,40 @@
+# make demo   set up .venv if needed, then compress the shipped demo model offline and print the report path
+# make test   set up .venv if needed, then run the test suite (what CI runs)
+# make bench  benchmarks against the peer (llm-compressor); not part of make test
+#
+# On a GPU box, keep your CUDA torch: `make test VENV=/path/to/env-with-torch` (torch is installed only
+# if missing), or `make test VENV_FLAGS=--system-site-packages` to see a system-wide torch.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+# The CPU wheel that CI machines have on disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.compress-installed
+DEMO_OUT ?= compress-out/demo
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/compress run recipes/demo.yaml --output $(DEMO_OUT) --overwrite
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(PY) bench/run.py --output BENCHMARKS.md
+
+clean:
+	rm -rf compress-out .pytest_cache

@@ -1,0 +1,206 @@
+"""AWQ, activation-aware weight quantization (Lin et al., 2024), for weight-only low-bit quantization.
+
+Weights that multiply large activations matter most. AWQ scales those input channels up before rounding
+(so they lose less relative precision) and folds the inverse scale into the preceding norm or linear, so
+the fp model is unchanged. Per group of linears sharing an input it grid-searches s = mean|x|^α for the α
+with the smallest output error after quantization, then shrinks each weight group's range where clipping
+lowers the output error, then rounds to nearest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.engine import LayerContext
+from compress.modules import matches, weight_matrix
+from compress.quant import QuantSpec, compute_qparams, fake_quantize, group_bounds, quantize_rtn
+from compress.registry import register_pass
+from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+from compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups
+
+# Query/key errors only show up through the softmax, not in their own outputs, so the reference skips them.
+CLIP_SKIP = ("q_proj", "k_proj", "c_attn", "query_key_value")
+# see AWQ reference `auto_clip_layer`: try shrinking the range by up to 50%
+MAX_SHRINK = 0.5
+
+
+class AWQConfig(WeightQuantConfig):
+    """Activation-aware scaling, optional range clipping, then round-to-nearest.
+
+    grid: α values tried for the scales (α = 0, 1/grid, ..., (grid-1)/grid; α = 0 is plain RTN).
+    clip: also search a per-group range shrink (not for q/k projections), as the reference does.
+    clip_grid: range steps; ratios 1, 1 - 1/clip_grid, ... down to 50%.
+    max_tokens / clip_tokens: evenly strided calibration tokens used by the scale / clip searches.
+    quantize: false only searches and folds the scales and leaves the weights in fp, for a later pass
+    (gptq) to round; the search still uses this pass's bits/group_size, so give gptq the same ones.
+
+    Recipe example:
+
+        calibration: {dataset: calib.txt, samples: 128, seq_len: 512}
+        passes:
+          - awq: {bits: 4, group_size: 128}
+        # or AWQ scales + GPTQ rounding:
+          - awq: {bits: 4, group_size: 128, quantize: false}
+          - gptq: {bits: 4, group_size: 128}
+    """
+
+    grid: int = Field(20, ge=1, le=200)
+    clip: bool = True
+    clip_grid: int = Field(20, ge=2, le=200)
+    max_tokens: int = Field(4096, ge=16)
+    clip_tokens: int = Field(512, ge=16)
+    quantize: bool = True
+
+    @model_validator(mode="after")
+    def _activations_need_quantize(self) -> "AWQConfig":
+        if not self.quantize and self.activations is not None:
+            raise ValueError("activations are quantized by the pass that rounds the weights; "
+                             "move `activations:` to it or set quantize: true")
+        return self
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    scales: torch.Tensor  # (in_features,)
+    alpha: float
+    error: float  # output MSE of the group with these scales
+    rtn_error: float  # output MSE at α = 0, i.e. plain RTN
+
+
+def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The (out, in) weights a model quantized with `spec` by round-to-nearest computes with."""
+    return quantize_rtn(w, spec).dequantize().to(w.device)
+
+
+@torch.no_grad()
+def awq_search_scales(x: torch.Tensor, x_mean_abs: torch.Tensor, weights: list[torch.Tensor],
+                      specs: list[QuantSpec | None], grid: int) -> ScaleSearch:
+    """Per-input-channel scales for linears [(out_i, in)] sharing input x (tokens, in); None spec = kept fp."""
+    # see AWQ §3.2 Eq. 4-5, Lin et al. 2024: s = s_X^α, α* = argmin ||Q(W·diag(s))·(diag(s)^-1·X) - W·X||
+    X = x.float()
+    W = [w.float() for w in weights]
+    Y = X @ torch.cat(W).T  # (tokens, sum of out_i)
+    scales, errors = [], []
+    for step in range(grid):
+        s = x_mean_abs.float().pow(step / grid).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()  # the reference's normalisation: scales centred around 1
+        W_q = [w if spec is None else fake_quantize_weight(w * s, spec) / s for w, spec in zip(W, specs)]
+        scales.append(s)
+        errors.append((X @ torch.cat(W_q).T - Y).pow(2).mean().item())
+    best = min(range(grid), key=errors.__getitem__)
+    return ScaleSearch(scales[best], best / grid, errors[best], rtn_error=errors[0])
+
+
+@torch.no_grad()
+def awq_search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, grid: int) -> torch.Tensor:
+    """Max |w| to keep per row and quantization group, (out, groups), minimising each group's output error."""
+    # see AWQ reference `auto_clip_layer`: per (row, group), shrink the range and keep the best partial output
+    X, W = x.float(), w.float()
+    limits = []
+    for start, end in group_bounds(W.shape[1], spec):
+        X_g, W_g = X[:, start:end], W[:, start:end]  # (tokens, g), (out, g)
+        W_max = W_g.abs().amax(dim=1, keepdim=True)  # (out, 1)
+        best_err = torch.full((W.shape[0],), math.inf, device=W.device)
+        best_max = W_max.squeeze(1).clone()
+        for step in range(int(MAX_SHRINK * grid)):
+            m = W_max * (1 - step / grid)
+            W_c = W_g.clamp(-m, m)
+            scale, zero = compute_qparams(W_c, spec)
+            err = (X_g @ (fake_quantize(W_c, scale, zero, spec) - W_g).T).pow(2).mean(dim=0)  # (out,)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, m.squeeze(1), best_max)
+        limits.append(best_max)
+    return torch.stack(limits, dim=1)
+
+
+def clamp_groups(w: torch.Tensor, limits: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Clamp each (row, group) of w (out, in) to ±limits (out, groups)."""
+    bounds = group_bounds(w.shape[1], spec)
+    widths = torch.tensor([end - start for start, end in bounds], device=limits.device)
+    per_column = limits.repeat_interleave(widths, dim=1)  # (out, in)
+    return torch.maximum(torch.minimum(w.float(), per_column), -per_column)
+
+
+@dataclass
+class InputStats:
+    mean_abs: torch.Tensor  # (in,) over every calibration token
+    sample: torch.Tensor  # (<= max_tokens, in), evenly strided tokens
+
+
+def collect_inputs(layer: LayerContext, readers: dict[str, nn.Module], max_tokens: int) -> dict[str, InputStats]:
+    """One calibration pass through the fp layer, recording each reader module's input."""
+    total = sum(item.hidden.shape[0] * item.hidden.shape[1] for item in layer.inputs or [])
+    stride = max(1, math.ceil(total / max_tokens))
+    sums: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        sums[name] = sums.get(name, 0) + flat.abs().sum(dim=0)
+        samples.setdefault(name, []).append(flat[::stride])
+
+    layer.observe(readers, observe)
+    return {name: InputStats(sums[name] / total, torch.cat(samples[name])[:max_tokens]) for name in readers}
+
+
+def _search_and_fold(layer: LayerContext, cfg: AWQConfig, group: ScaleGroup, stats: InputStats,
+                     quantized: dict[str, nn.Module]) -> dict[str, Any]:
+    """Find this group's scales, fold them in, and return the search's report entry."""
+    consumers = [module_at(layer.layer, layer.prefix, name) for name in group.linears]
+    specs = [spec_for(name, cfg, layer.run) if name in quantized else None for name in group.linears]
+    search = awq_search_scales(stats.sample, stats.mean_abs, [weight_matrix(m) for m in consumers], specs, cfg.grid)
+    fold_scales(module_at(layer.layer, layer.prefix, group.previous), consumers, search.scales)
+    stats.sample = stats.sample / search.scales  # what the consumers read from now on
+    return {"awq_alpha": search.alpha, "awq_output_mse": search.error, "rtn_output_mse": search.rtn_error}
+
+
+def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, x: torch.Tensor | None) -> dict[str, Any]:
+    spec = spec_for(fqn, cfg, layer.run)
+    w = weight_matrix(module).float()
+    entry: dict[str, Any] = {}
+    if cfg.clip and x is not None and not any(matches(fqn, p) for p in CLIP_SKIP):
+        limits = awq_search_clip(x[:: max(1, math.ceil(x.shape[0] / cfg.clip_tokens))], w, spec, cfg.clip_grid)
+        entry["clip_ratio_mean"] = round((limits / w_groups_absmax(w, spec)).mean().item(), 4)
+        w = clamp_groups(w, limits, spec)
+    qweight = keep_pruned_zeros(quantize_rtn(w, spec), layer.run.masks.get(fqn))
+    entry.update(write_back(fqn, module, qweight, layer.run))
+    install_activation_quant(fqn, module, cfg.activations, layer.run)
+    return entry
+
+
+def w_groups_absmax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Max |w| per row and quantization group, (out, groups); 1 for an all-zero group (a ratio's denominator)."""
+    absmax = torch.stack([w[:, s:e].abs().amax(dim=1) for s, e in group_bounds(w.shape[1], spec)], dim=1)
+    return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+
+
+@register_pass("awq", AWQConfig, scope="layer", kind="quantize", needs_calibration=True)
+def run_awq(layer: LayerContext, cfg: AWQConfig) -> dict[str, Any]:
+    """Activation-aware per-channel scaling (folded into norms/linears), range clipping, round-to-nearest."""
+    quantized = layer.linears(cfg.ignore)
+    groups = [g for g in scale_groups(layer.layer, layer.prefix) if any(n in quantized for n in g.linears)]
+    grouped = {name for g in groups for name in g.linears}
+    # Each group's input is recorded once, under its first reader; only clipping needs the others' inputs.
+    readers = {g.linears[0]: module_at(layer.layer, layer.prefix, g.linears[0]) for g in groups}
+    if cfg.quantize and cfg.clip:
+        readers.update({fqn: m for fqn, m in quantized.items() if fqn not in grouped})
+    stats = collect_inputs(layer, readers, cfg.max_tokens)
+
+    results: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        entry = _search_and_fold(layer, cfg, group, stats[group.linears[0]], quantized)
+        results.update({name: dict(entry) for name in group.linears if name in quantized})
+    if not cfg.quantize:
+        return results
+    input_of = {name: stats[g.linears[0]].sample for g in groups for name in g.linears}
+    input_of.update({fqn: stats[fqn].sample for fqn in readers if fqn not in grouped})
+    for fqn, module in quantized.items():
+        results.setdefault(fqn, {}).update(_quantize(layer, cfg, fqn, module, input_of.get(fqn)))
+    return results

@@ -1,0 +1,353 @@
+"""GPTQ: quantize a weight matrix column by column, folding each column's rounding error into the columns not yet
+quantized, weighted by the inverse Hessian of the layer's reconstruction error (Frantar et al. 2022,
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", arXiv:2210.17323).
+
+`gptq_quantize` is the pure tensor kernel (weight + Hessian in, codes out); `HessianAccumulator` builds the
+Hessian from calibration inputs; `run_gptq` is the thin pass that wires both into the decoder-layer engine.
+
+Group quantization parameters, two honest choices:
+- dynamic groups (default without act_order): a group's scale and zero point are computed when the algorithm
+  reaches its first column, from the error-updated weights of the whole group, as in the reference code. Unlike
+  the reference, the pending lazy block updates of group columns past the current block are included, so the
+  result does not depend on `block_size`.
+- static groups: every group's scale and zero point come from the original weights, up front, in the original
+  column order. With `act_order` this is the only mode we allow with groups: the reference's act-order groups
+  are contiguous in the *permuted* order, which `QuantizedWeight` (contiguous groups in the original order,
+  no g_idx) cannot store, and which fast inference kernels do not like either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.context import RunContext
+from compress.engine import LayerContext, input_groups
+from compress.errors import UserError
+from compress.modules import weight_matrix
+from compress.quant import (
+    QuantizedWeight,
+    QuantSpec,
+    codes_dtype,
+    compute_qparams,
+    dequantize_codes,
+    group_bounds,
+    quantize_codes,
+    quantize_rtn,
+)
+from compress.registry import register_pass
+from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+
+# When the damped Hessian is still not positive definite, retry with the dampening multiplied by this factor,
+# at most this many times, before falling back to RTN.
+DAMPENING_GROWTH = 10.0
+DAMPENING_RETRIES = 3
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    """Cholesky failed even after the dampening retries; the caller decides how to degrade (and records it)."""
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """What `gptq_quantize` produced for one weight matrix.
+
+    loss: the algorithm's own reconstruction-error estimate, sum over columns of (w - q)^2 / (2 [H^-1]_jj), the
+    quantity the reference code prints as "error".
+    dampening_frac_used: the dampening that made the Hessian factorizable (>= the one asked for).
+    dead_columns: input features that were zero on every calibration token; their weights were set to 0.
+    """
+
+    qweight: QuantizedWeight
+    loss: float
+    dampening_frac_used: float
+    dead_columns: int
+
+
+class HessianAccumulator:
+    """H = 2/n * sum_samples X X^T over calibration inputs, as a running mean in fp32 (no per-sample storage).
+
+    `n` counts sequences, not tokens, exactly like the reference `add_batch`, so `loss` values compare with it.
+    """
+
+    def __init__(self, columns: int, device: torch.device):
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Fold in one batch of inputs (..., columns); every leading dim but the last token dim counts as samples."""
+        batch = inputs.shape[0] if inputs.dim() > 2 else 1
+        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, columns)
+        total = self.samples + batch
+        # Running mean: H <- H * n/(n+b) + (2/(n+b)) X^T X, one fused matmul.
+        self.hessian.addmm_(x.t(), x, beta=self.samples / total, alpha=2.0 / total)
+        self.samples = total
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kernel
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    mask: torch.Tensor | None = None,
+) -> GPTQResult:
+    """Quantize `weight` (rows, columns) with GPTQ given the layer Hessian `hessian` (columns, columns).
+
+    act_order: quantize columns by descending Hessian diagonal (largest input energy first). With groups it
+    requires `static_groups` (see the module docstring). mask: bool (rows, columns), True where a weight is
+    kept; pruned weights stay exactly zero and never feed the error updates. Neither input is modified.
+
+    Raises HessianNotPositiveDefinite when dampening cannot make the Hessian factorizable, and ValueError for
+    act_order with dynamic groups.
+    """
+    if act_order and spec.group_size is not None and not static_groups:
+        raise ValueError(
+            "act_order with group quantization needs static_groups=true: groups formed in the permuted column "
+            "order cannot be stored as contiguous groups of the original order"
+        )
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone().to(W.device)
+    keep = None if mask is None else mask.to(W.device, torch.bool)
+    if keep is not None:
+        W[~keep] = 0
+    dead = _mark_dead_columns(W, H)
+    static_qparams = _static_group_qparams(W, spec) if static_groups and spec.group_size is not None else None
+    channel_qparams = compute_qparams(W, spec) if spec.group_size is None else None
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+        keep = None if keep is None else keep[:, perm]
+    Hinv, damp_used = _inverse_hessian_factor(H, dampening_frac)
+    codes, scale, zero, loss = _quantize_columns(
+        W, Hinv, spec, block_size, keep, perm, static_qparams, channel_qparams
+    )
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    qweight = QuantizedWeight(codes.to(codes_dtype(spec)), scale, zero, spec)
+    return GPTQResult(qweight, loss, damp_used, dead)
+
+
+def _mark_dead_columns(W: torch.Tensor, H: torch.Tensor) -> int:
+    """Inputs that were always zero leave H singular; the reference sets H_ii = 1 and drops those weights."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return int(dead.sum())
+
+
+def _static_group_qparams(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, groups) scales and zero points from the original weights, groups in the original column order."""
+    pairs = [compute_qparams(W[:, start:end], spec) for start, end in group_bounds(W.shape[1], spec)]
+    return torch.stack([s for s, _ in pairs], dim=1), torch.stack([z for _, z in pairs], dim=1)
+
+
+def _inverse_hessian_factor(H: torch.Tensor, dampening_frac: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising the dampening until it factorizes."""
+    mean_diag = torch.diag(H).mean()
+    frac = dampening_frac
+    for _attempt in range(DAMPENING_RETRIES + 1):
+        damped = H.clone()
+        damped.diagonal().add_(frac * mean_diag)
+        # see GPTQ Sec. 4 "Cholesky reformulation"; Frantar et al. 2022
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(Hinv).all():
+                return Hinv, frac
+        frac *= DAMPENING_GROWTH
+    raise HessianNotPositiveDefinite(
+        f"Hessian not positive definite even with dampening {frac / DAMPENING_GROWTH:g} x mean diagonal"
+    )
+
+
+def _quantize_columns(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    spec: QuantSpec,
+    block_size: int,
+    keep: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    static_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+    channel_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """GPTQ's lazy-batch loop over (possibly permuted) columns; W is overwritten.
+
+    Returns codes (rows, columns) in loop order, scale/zero (rows, groups) in the original order, and the loss.
+    """
+    # see GPTQ Alg. 1 (lazy batch updates, Cholesky of H^-1); Frantar et al. 2022
+    rows, columns = W.shape
+    group = spec.group_size
+    bounds = group_bounds(columns, spec)
+    if channel_qparams is not None:
+        scale, zero = (t.reshape(rows, 1) for t in channel_qparams)
+    elif static_qparams is not None:
+        scale, zero = static_qparams
+    else:
+        scale = torch.empty(rows, len(bounds), device=W.device)
+        zero = torch.empty_like(scale)
+    # Static groups: each loop position's group in the original order, looked up once instead of per column.
+    static_group = None
+    if static_qparams is not None:
+        order = perm if perm is not None else torch.arange(columns, device=W.device)
+        static_group = (order // group).tolist()
+    Q = torch.empty_like(W)  # codes, float until the end
+    loss = torch.zeros((), device=W.device)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group is None:
+                g = 0
+            elif static_group is not None:
+                g = static_group[j]
+            else:
+                g = j // group
+                if j % group == 0:
+                    current = _current_group(W, W1, Err1, Hinv, i1, i, bounds[g][1], keep)
+                    scale[:, g], zero[:, g] = compute_qparams(current, spec)
+            w = W1[:, i : i + 1] if keep is None else W1[:, i : i + 1] * keep[:, j : j + 1]  # (rows, 1)
+            codes = quantize_codes(w, scale[:, g], zero[:, g], spec)
+            Q[:, j : j + 1] = codes
+            err = (w - dequantize_codes(codes, scale[:, g], zero[:, g])) / Hinv1[i, i]  # (rows, 1)
+            W1[:, i:].addmm_(err, Hinv1[i : i + 1, i:], alpha=-1)
+            Err1[:, i : i + 1] = err
+        loss += Err1.pow(2).sum() / 2
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    return Q, scale, zero, float(loss)
+
+
+def _current_group(
+    W: torch.Tensor,
+    W1: torch.Tensor,
+    Err1: torch.Tensor,
+    Hinv: torch.Tensor,
+    i1: int,
+    i: int,
+    end: int,
+    keep: torch.Tensor | None,
+) -> torch.Tensor:
+    """The error-updated weights of columns [i1+i, end), including this block's updates not yet applied to W.
+
+    The reference reads W[:, i1+i:end] here, stale where a group straddles a block boundary; adding the pending
+    lazy update makes the result independent of block_size.
+    """
+    i2 = i1 + W1.shape[1]
+    part = W1[:, i : min(end, i2) - i1]
+    if end > i2:
+        pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
+        part = torch.cat([part, pending], dim=1)
+    start = i1 + i
+    return part if keep is None else part * keep[:, start:end]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pass
+
+
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ weight quantization (Frantar et al. 2022), calibrated layer by layer.
+
+    damp: dampening added to the Hessian diagonal, as a fraction of its mean (raised automatically when the
+    Hessian is still not factorizable; RTN is the recorded fallback). block_size: columns per lazy batch update
+    (speed only; results do not depend on it). act_order: quantize columns by descending input energy.
+    static_groups: group scales from the original weights up front, in the original column order; defaults to
+    act_order, and must be true when act_order is used with groups. true_sequential: quantize the sublayers of
+    a decoder layer in execution order ([q,k,v], [o], [gate,up], [down] for Llama), re-capturing inputs so later
+    ones see the already-quantized earlier ones; false collects every Hessian in one forward pass.
+
+    Recipe example:
+
+        passes:
+          - gptq: {bits: 4, group_size: 128, symmetric: true}
+          - gptq: {bits: 3, group_size: 128, act_order: true, damp: 0.01, block_size: 128}
+    """
+
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    act_order: bool = False
+    static_groups: bool | None = None
+    true_sequential: bool = True
+
+    @model_validator(mode="after")
+    def _storable_groups(self) -> "GPTQConfig":
+        if self.act_order and self.group_size is not None and self.static_groups is False:
+            raise ValueError(
+                "act_order with group_size needs static_groups: true (or leave it unset): groups formed in "
+                "act-order cannot be stored in the original column order"
+            )
+        return self
+
+    @property
+    def use_static_groups(self) -> bool:
+        return self.act_order if self.static_groups is None else self.static_groups
+
+
+@register_pass("gptq", GPTQConfig, scope="layer", kind="quantize", needs_calibration=True)
+def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
+    """GPTQ: quantize with second-order error compensation from calibration inputs (Frantar et al. 2022)."""
+    modules = layer.linears(cfg.ignore)
+    groups = input_groups(layer, modules)
+    # true_sequential re-captures inputs per group so each sees the quantized sublayers before it.
+    stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+    results: dict[str, Any] = {}
+    for stage in stages:
+        hessians = collect_hessians(layer, {g[0]: modules[g[0]] for g in stage})
+        for names in stage:
+            for fqn in names:
+                results[fqn] = quantize_module(fqn, modules[fqn], hessians[names[0]], cfg, layer.run)
+        for names in stage:
+            # Installed only after the whole stage: a pre-hook would give each module of a group its own input copy.
+            for fqn in names:
+                install_activation_quant(fqn, modules[fqn], cfg.activations, layer.run)
+    return results
+
+
+def collect_hessians(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[str, HessianAccumulator]:
+    """One Hessian per module from a forward pass of every calibration batch through the layer."""
+    hessians = {
+        name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device) for name, m in modules.items()
+    }
+    layer.observe(modules, lambda name, inputs: hessians[name].add(inputs))
+    return hessians
+
+
+def quantize_module(
+    fqn: str, module: nn.Module, hessian: HessianAccumulator, cfg: GPTQConfig, run: RunContext
+) -> dict[str, Any]:
+    """GPTQ one module, write its weights back, and return its report entry (RTN fallback recorded)."""
+    spec = spec_for(fqn, cfg, run)
+    mask = run.masks.get(fqn)
+    weight = weight_matrix(module)
+    if cfg.act_order and spec.group_size is not None and not cfg.use_static_groups:
+        raise UserError(f"gptq: {fqn} gets group_size {spec.group_size} from the bit plan; act_order then needs static_groups: true")
+    extra: dict[str, Any] = {"hessian_samples": hessian.samples}
+    try:
+        result = gptq_quantize(
+            weight, hessian.hessian, spec, block_size=cfg.block_size, dampening_frac=cfg.damp,
+            act_order=cfg.act_order, static_groups=cfg.use_static_groups, mask=mask,
+        )
+        qweight = result.qweight
+        extra.update(gptq_loss=round(result.loss, 6), damp_used=result.dampening_frac_used,
+                     dead_columns=result.dead_columns)
+    except HessianNotPositiveDefinite as exc:
+        qweight = quantize_rtn(weight if mask is None else weight * mask.to(weight.device), spec)
+        run.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": str(exc)})
+        extra["fallback"] = "rtn"
+    qweight = keep_pruned_zeros(qweight, mask)
+    return {**write_back(fqn, module, qweight, run), **extra}
