@@ -27,6 +27,7 @@ class ModelHandle:
     name: str
     layers_prefix: str  # fully qualified name of the decoder-layer ModuleList, e.g. "model.layers"
     device: torch.device  # where the layer being processed (and evaluation) runs
+    checkpoint_dtype: torch.dtype  # precision the weights are stored in, which may differ from the compute dtype
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -104,9 +105,19 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{ref}': {exc}") from exc
+    stored_dtype = _stored_dtype(model)  # read before anything rewrites config.dtype
     model.eval()
     model.config.use_cache = False
-    return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device)
+    return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored_dtype)
+
+
+def _stored_dtype(model: nn.Module) -> torch.dtype:
+    """The checkpoint's dtype from its config.json (transformers overwrites config.dtype with the load dtype)."""
+    from transformers import PretrainedConfig
+
+    raw, _ = PretrainedConfig.get_config_dict(model.name_or_path)
+    declared = raw.get("dtype") or raw.get("torch_dtype")
+    return DTYPES.get(declared, next(model.parameters()).dtype)
 
 
 def _check_local_weights(folder: Path, allow_pickle: bool) -> None:

@@ -124,14 +124,6 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def reference_dtype(handle: ModelHandle) -> torch.dtype:
-    """The checkpoint's own precision (what an uncompressed copy would be stored in)."""
-    configured = getattr(handle.model.config, "dtype", None) or getattr(handle.model.config, "torch_dtype", None)
-    if isinstance(configured, str):
-        configured = getattr(torch, configured, None)
-    return configured if isinstance(configured, torch.dtype) else next(handle.model.parameters()).dtype
-
-
 def run_recipe(
     recipe: Recipe,
     output: Path,
@@ -189,7 +181,7 @@ def run_recipe(
             },
             "passes": passes,
             "metrics": merge_metrics(baseline, compressed),
-            "size": model_size(handle.model, run.quantized, reference_dtype(handle)),
+            "size": model_size(handle.model, run.quantized, handle.checkpoint_dtype),
             "activation_quantization": run.activation_quant,
             "fallbacks": run.fallbacks,
             "timings": {k: round(v, 4) for k, v in timings.items()},

@@ -1,0 +1,37 @@
+"""Every shipped recipe validates, and the demo recipe runs end to end as `make demo` runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from compress.recipe import load_recipe
+from recipes import shipped_recipes
+from tests.conftest import REPO, requires_demo_model
+
+
+@pytest.mark.parametrize("recipe", shipped_recipes(), ids=lambda r: r.name)
+def test_shipped_recipe_is_valid_and_documented(recipe):
+    text = recipe.path.read_text(encoding="utf-8")
+    assert text.startswith("#"), "a shipped recipe opens with a comment saying what it is for"
+    assert "compress run" in text, "a shipped recipe shows the command that runs it"
+    load_recipe(recipe.path)
+
+
+@requires_demo_model()
+@pytest.mark.slow
+def test_demo_recipe_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", str(REPO / "recipes" / "demo.yaml"), "--output", str(out), "--json"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    ppl = report["metrics"]["perplexity"]["eval"]
+    assert 1 < ppl["baseline"] < ppl["compressed"] < ppl["baseline"] * 1.15
+    assert report["size"]["bytes"] < report["size"]["baseline_bytes"] / 2
+    assert (out / "report.md").read_text().count("perplexity") >= 1
