@@ -39,8 +39,12 @@ def evaluate(
 
         if dtype != "auto" and dtype not in DTYPES:
             raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-        handle = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        run = RunContext(device=handle.device)
+        from compress.progress import Reporter
+
+        reporter = Reporter(err_console, enabled=not quiet and not as_json)
+        with reporter.status(f"loading {model}"):
+            handle = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        run = RunContext(device=handle.device, reporter=reporter)
         results = [
             evaluate_perplexity(handle, PerplexityConfig(dataset=ref, seq_len=seq_len, batch_size=batch_size), run)
             for ref in perplexity

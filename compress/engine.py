@@ -221,3 +221,40 @@ def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:
         return value
 
     return {k: cut(v) for k, v in kwargs.items()}
+
+
+def _fits_on(model: nn.Module, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    return needed < 0.7 * free  # leave room for activations and logits
+
+
+@contextlib.contextmanager
+def model_on_device(handle: ModelHandle, device: torch.device) -> Iterator[None]:
+    """Make the whole model runnable on `device` for evaluation, then put it back on the CPU.
+
+    If it fits, it is moved at once; otherwise each decoder layer is moved in just before its forward and
+    out right after, so peak GPU memory follows one layer, as during compression.
+    """
+    if device == OFFLOAD_DEVICE:
+        yield
+        return
+    if _fits_on(handle.model, device):
+        handle.model.to(device)
+        try:
+            yield
+        finally:
+            handle.model.to(OFFLOAD_DEVICE)
+        return
+    hooks = []
+    for layer in handle.layers:
+        hooks.append(layer.register_forward_pre_hook(lambda module, _args: module.to(device)))
+        hooks.append(layer.register_forward_hook(lambda module, _args, _out: module.to(OFFLOAD_DEVICE)))
+    try:
+        with _outside_layers_on(handle, device):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -28,6 +28,15 @@ class Reporter:
             task_id = progress.add_task(description, total=total)
             yield lambda n=1: progress.advance(task_id, n)
 
+    @contextlib.contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner for a step with no natural count (loading a model)."""
+        if not self.enabled:
+            yield
+            return
+        with self.console.status(message):
+            yield
+
     def note(self, message: str) -> None:
         if self.enabled:
             self.console.print(message)

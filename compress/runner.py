@@ -143,10 +143,11 @@ def run_recipe(
     with atomic_output(output, overwrite=overwrite) as staging, _log_to(staging / "run.log"):
         log.info("recipe %s, model %s", recipe.source, recipe.model)
         t = time.perf_counter()
-        handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
-                            trust_remote_code=recipe.trust_remote_code)
-        run = RunContext(device=handle.device, reporter=reporter)
-        run.calibration = calibration_windows(handle, recipe)
+        with reporter.status(f"loading {recipe.model}"):
+            handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
+                                trust_remote_code=recipe.trust_remote_code)
+            run = RunContext(device=handle.device, reporter=reporter)
+            run.calibration = calibration_windows(handle, recipe)
         if recipe.calibration is not None:
             run.calibration_batch_size = recipe.calibration.batch_size
         timings["load"] = time.perf_counter() - t

@@ -20,7 +20,9 @@ from torch import nn
 
 from compress.context import RunContext
 from compress.data import contiguous_windows, dataset_label, load_text, tokenize_text
+from compress.engine import model_on_device
 from compress.model_io import ModelHandle
+from compress.progress import SILENT, Advance, Reporter
 from compress.registry import StrictConfig, register_evaluator
 from evaluators.base import EvalResult
 
@@ -41,10 +43,12 @@ class PerplexityConfig(StrictConfig):
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> tuple[float, int]:
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+               advance: Advance = lambda n=1: None) -> tuple[float, int]:
     """Summed next-token NLL over all windows (count, seq_len), and the number of scored tokens."""
     total_nll, total_tokens = 0.0, 0
     for batch in windows.split(batch_size):
+        advance(batch.shape[0])
         batch = batch.to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, vocab)
         targets = batch[:, 1:]
@@ -54,11 +58,12 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device:
 
 
 def perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int, device: torch.device,
-                  max_windows: int | None = None) -> tuple[float, dict[str, int]]:
+                  max_windows: int | None = None, reporter: Reporter = SILENT) -> tuple[float, dict[str, int]]:
     windows = contiguous_windows(token_ids, seq_len)
     if max_windows is not None:
         windows = windows[:max_windows]
-    nll, tokens = window_nll(model, windows, batch_size, device)
+    with reporter.task(f"perplexity ({windows.shape[0]} windows)", total=windows.shape[0]) as advance:
+        nll, tokens = window_nll(model, windows, batch_size, device, advance)
     return math.exp(nll / tokens), {"windows": windows.shape[0], "scored_tokens": tokens}
 
 
@@ -66,10 +71,8 @@ def perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch
 def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunContext) -> EvalResult:
     """Token perplexity on a text, non-overlapping windows (GPTQ/SparseGPT/AWQ protocol)."""
     token_ids = tokenize_text(handle.tokenizer, load_text(cfg.dataset))
-    handle.model.to(handle.device)
-    try:
-        value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device, cfg.max_windows)
-    finally:
-        handle.model.to("cpu")
+    with model_on_device(handle, handle.device):
+        value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device,
+                                      cfg.max_windows, run.reporter)
     details = {**PROTOCOL, "seq_len": cfg.seq_len, "dataset": cfg.dataset, **counts}
     return EvalResult("perplexity", dataset_label(cfg.dataset), value, details)
