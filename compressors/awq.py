@@ -5,6 +5,13 @@ Weights that multiply large activations matter most. AWQ scales those input chan
 the fp model is unchanged. Per group of linears sharing an input it grid-searches s = mean|x|^α for the α
 with the smallest output error after quantization, then shrinks each weight group's range where clipping
 lowers the output error, then rounds to nearest.
+
+Both searches score a candidate by the mean squared change of the linears' outputs on the calibration
+tokens. That is a quadratic form in the weight change, so it is computed from the input's Gram matrix
+XᵀX / tokens (as GPTQ's Hessian) instead of re-running the tokens through every candidate: same numbers,
+a cost per candidate that no longer grows with the number of tokens.
+
+GPT-2 is scaled only at its norms (see compressors/scaling.py); its other linears get clipping and RTN.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from compress.modules import matches, weight_matrix
 from compress.quant import QuantSpec, compute_qparams, fake_quantize, group_bounds, quantize_rtn
 from compress.registry import register_pass
 from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
-from compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups
+from compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
 
 # Query/key errors only show up through the softmax, not in their own outputs, so the reference skips them.
 CLIP_SKIP = ("q_proj", "k_proj", "c_attn", "query_key_value")
@@ -36,7 +43,7 @@ class AWQConfig(WeightQuantConfig):
     grid: α values tried for the scales (α = 0, 1/grid, ..., (grid-1)/grid; α = 0 is plain RTN).
     clip: also search a per-group range shrink (not for q/k projections), as the reference does.
     clip_grid: range steps; ratios 1, 1 - 1/clip_grid, ... down to 50%.
-    max_tokens / clip_tokens: evenly strided calibration tokens used by the scale / clip searches.
+    max_tokens: evenly strided calibration tokens whose input Gram matrix both searches score against.
     quantize: false only searches and folds the scales and leaves the weights in fp, for a later pass
     (gptq) to round; the search still uses this pass's bits/group_size, so give gptq the same ones.
 
@@ -53,8 +60,7 @@ class AWQConfig(WeightQuantConfig):
     grid: int = Field(20, ge=1, le=200)
     clip: bool = True
     clip_grid: int = Field(20, ge=2, le=200)
-    max_tokens: int = Field(4096, ge=16)
-    clip_tokens: int = Field(512, ge=16)
+    max_tokens: int = Field(16384, ge=16)
     quantize: bool = True
 
     @model_validator(mode="after")
@@ -74,37 +80,60 @@ class ScaleSearch:
 
 
 def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The (out, in) weights a model quantized with `spec` by round-to-nearest computes with."""
-    return quantize_rtn(w, spec).dequantize().to(w.device)
+    """The (out, in) weights a model quantized with `spec` by round-to-nearest computes with.
+
+    Same numbers as `quantize_rtn(w, spec).dequantize()`, but all groups at once: the searches call this
+    hundreds of times per layer.
+    """
+    size = spec.group_size or w.shape[1]
+    if w.shape[1] % size:
+        return quantize_rtn(w, spec).dequantize().to(w.device)
+    groups = w.float().reshape(-1, size)  # (out * groups, size): one quantization group per row
+    scale, zero = compute_qparams(groups, spec)
+    return fake_quantize(groups, scale, zero, spec).reshape(w.shape)
+
+
+def output_mse(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-row mean squared output change, (out,), of a weight change delta (out, in) on inputs with Gram (in, in).
+
+    With gram = XᵀX / tokens this equals ((X @ delta.T) ** 2).mean(dim=0), at a cost independent of the tokens.
+    """
+    return ((delta @ gram) * delta).sum(dim=1)
 
 
 @torch.no_grad()
-def awq_search_scales(x: torch.Tensor, x_mean_abs: torch.Tensor, weights: list[torch.Tensor],
+def awq_search_scales(gram: torch.Tensor, x_mean_abs: torch.Tensor, weights: list[torch.Tensor],
                       specs: list[QuantSpec | None], grid: int) -> ScaleSearch:
-    """Per-input-channel scales for linears [(out_i, in)] sharing input x (tokens, in); None spec = kept fp."""
-    # see AWQ §3.2 Eq. 4-5, Lin et al. 2024: s = s_X^α, α* = argmin ||Q(W·diag(s))·(diag(s)^-1·X) - W·X||
-    X = x.float()
-    W = [w.float() for w in weights]
-    Y = X @ torch.cat(W).T  # (tokens, sum of out_i)
+    """Per-input-channel scales for linears [(out_i, in)] sharing one input; a None spec keeps that linear fp.
+
+    gram: XᵀX / tokens (in, in) of the shared input; x_mean_abs: mean |X| per channel (in,).
+    """
+    # see AWQ §3.2 Eq. 4-5, Lin et al. 2024: s = s_X^α, α* = argmin ||Q(W·diag(s))·(diag(s)^-1·X) - W·X||²
+    W = torch.cat([w.float() for w in weights])  # (sum out_i, in)
+    rows = [w.shape[0] for w in weights]
     scales, errors = [], []
     for step in range(grid):
         s = x_mean_abs.float().pow(step / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()  # the reference's normalisation: scales centred around 1
-        W_q = [w if spec is None else fake_quantize_weight(w * s, spec) / s for w, spec in zip(W, specs)]
+        W_q = torch.cat([w if spec is None else fake_quantize_weight(w * s, spec) / s
+                         for w, spec in zip(W.split(rows), specs)])
         scales.append(s)
-        errors.append((X @ torch.cat(W_q).T - Y).pow(2).mean().item())
+        errors.append(output_mse(W_q - W, gram).mean().item())
     best = min(range(grid), key=errors.__getitem__)
     return ScaleSearch(scales[best], best / grid, errors[best], rtn_error=errors[0])
 
 
 @torch.no_grad()
-def awq_search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, grid: int) -> torch.Tensor:
-    """Max |w| to keep per row and quantization group, (out, groups), minimising each group's output error."""
-    # see AWQ reference `auto_clip_layer`: per (row, group), shrink the range and keep the best partial output
-    X, W = x.float(), w.float()
+def awq_search_clip(gram: torch.Tensor, w: torch.Tensor, spec: QuantSpec, grid: int) -> torch.Tensor:
+    """Max |w| to keep per row and quantization group, (out, groups), minimising each group's output error.
+
+    gram: XᵀX / tokens (in, in) of the linear's input.
+    """
+    # see AWQ reference `auto_clip_layer`: per (row, group), shrink the range, keep the best partial output
+    W = w.float()
     limits = []
     for start, end in group_bounds(W.shape[1], spec):
-        X_g, W_g = X[:, start:end], W[:, start:end]  # (tokens, g), (out, g)
+        W_g, G_g = W[:, start:end], gram[start:end, start:end]  # (out, g), (g, g)
         W_max = W_g.abs().amax(dim=1, keepdim=True)  # (out, 1)
         best_err = torch.full((W.shape[0],), math.inf, device=W.device)
         best_max = W_max.squeeze(1).clone()
@@ -112,7 +141,7 @@ def awq_search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, grid: int
             m = W_max * (1 - step / grid)
             W_c = W_g.clamp(-m, m)
             scale, zero = compute_qparams(W_c, spec)
-            err = (X_g @ (fake_quantize(W_c, scale, zero, spec) - W_g).T).pow(2).mean(dim=0)  # (out,)
+            err = output_mse(fake_quantize(W_c, scale, zero, spec) - W_g, G_g)  # (out,)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, m.squeeze(1), best_max)
@@ -131,23 +160,26 @@ def clamp_groups(w: torch.Tensor, limits: torch.Tensor, spec: QuantSpec) -> torc
 @dataclass
 class InputStats:
     mean_abs: torch.Tensor  # (in,) over every calibration token
-    sample: torch.Tensor  # (<= max_tokens, in), evenly strided tokens
+    gram: torch.Tensor  # XᵀX / tokens (in, in) over at most max_tokens evenly strided tokens
 
 
 def collect_inputs(layer: LayerContext, readers: dict[str, nn.Module], max_tokens: int) -> dict[str, InputStats]:
-    """One calibration pass through the fp layer, recording each reader module's input."""
+    """One calibration pass through the fp layer, summarising each reader module's input."""
     total = sum(item.hidden.shape[0] * item.hidden.shape[1] for item in layer.inputs or [])
     stride = max(1, math.ceil(total / max_tokens))
-    sums: dict[str, torch.Tensor] = {}
-    samples: dict[str, list[torch.Tensor]] = {}
+    abs_sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
 
     def observe(name: str, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        sums[name] = sums.get(name, 0) + flat.abs().sum(dim=0)
-        samples.setdefault(name, []).append(flat[::stride])
+        kept = flat[::stride]
+        abs_sums[name] = abs_sums.get(name, 0) + flat.abs().sum(dim=0)
+        grams[name] = grams.get(name, 0) + kept.T @ kept
+        counts[name] = counts.get(name, 0) + kept.shape[0]
 
     layer.observe(readers, observe)
-    return {name: InputStats(sums[name] / total, torch.cat(samples[name])[:max_tokens]) for name in readers}
+    return {name: InputStats(abs_sums[name] / total, grams[name] / counts[name]) for name in readers}
 
 
 def _search_and_fold(layer: LayerContext, cfg: AWQConfig, group: ScaleGroup, stats: InputStats,
@@ -155,18 +187,20 @@ def _search_and_fold(layer: LayerContext, cfg: AWQConfig, group: ScaleGroup, sta
     """Find this group's scales, fold them in, and return the search's report entry."""
     consumers = [module_at(layer.layer, layer.prefix, name) for name in group.linears]
     specs = [spec_for(name, cfg, layer.run) if name in quantized else None for name in group.linears]
-    search = awq_search_scales(stats.sample, stats.mean_abs, [weight_matrix(m) for m in consumers], specs, cfg.grid)
+    search = awq_search_scales(stats.gram, stats.mean_abs, [weight_matrix(m) for m in consumers], specs, cfg.grid)
     fold_scales(module_at(layer.layer, layer.prefix, group.previous), consumers, search.scales)
-    stats.sample = stats.sample / search.scales  # what the consumers read from now on
+    # The consumers now read X / s.
+    stats.gram = stats.gram / torch.outer(search.scales, search.scales)
     return {"awq_alpha": search.alpha, "awq_output_mse": search.error, "rtn_output_mse": search.rtn_error}
 
 
-def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, x: torch.Tensor | None) -> dict[str, Any]:
+def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, gram: torch.Tensor | None) -> dict[str, Any]:
+    """Clip (where the input is known and the module is not q/k), round to nearest, write back."""
     spec = spec_for(fqn, cfg, layer.run)
     w = weight_matrix(module).float()
     entry: dict[str, Any] = {}
-    if cfg.clip and x is not None and not any(matches(fqn, p) for p in CLIP_SKIP):
-        limits = awq_search_clip(x[:: max(1, math.ceil(x.shape[0] / cfg.clip_tokens))], w, spec, cfg.clip_grid)
+    if cfg.clip and gram is not None and not any(matches(fqn, p) for p in CLIP_SKIP):
+        limits = awq_search_clip(gram, w, spec, cfg.clip_grid)
         entry["clip_ratio_mean"] = round((limits / w_groups_absmax(w, spec)).mean().item(), 4)
         w = clamp_groups(w, limits, spec)
     qweight = keep_pruned_zeros(quantize_rtn(w, spec), layer.run.masks.get(fqn))
@@ -185,7 +219,8 @@ def w_groups_absmax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def run_awq(layer: LayerContext, cfg: AWQConfig) -> dict[str, Any]:
     """Activation-aware per-channel scaling (folded into norms/linears), range clipping, round-to-nearest."""
     quantized = layer.linears(cfg.ignore)
-    groups = [g for g in scale_groups(layer.layer, layer.prefix) if any(n in quantized for n in g.linears)]
+    groups = unquantized_groups(scale_groups(layer.layer, layer.prefix), layer.run, "awq")
+    groups = [g for g in groups if any(n in quantized for n in g.linears)]
     grouped = {name for g in groups for name in g.linears}
     # Each group's input is recorded once, under its first reader; only clipping needs the others' inputs.
     readers = {g.linears[0]: module_at(layer.layer, layer.prefix, g.linears[0]) for g in groups}
@@ -199,8 +234,8 @@ def run_awq(layer: LayerContext, cfg: AWQConfig) -> dict[str, Any]:
         results.update({name: dict(entry) for name in group.linears if name in quantized})
     if not cfg.quantize:
         return results
-    input_of = {name: stats[g.linears[0]].sample for g in groups for name in g.linears}
-    input_of.update({fqn: stats[fqn].sample for fqn in readers if fqn not in grouped})
+    gram_of = {name: stats[g.linears[0]].gram for g in groups for name in g.linears}
+    gram_of.update({fqn: stats[fqn].gram for fqn in readers if fqn not in grouped})
     for fqn, module in quantized.items():
-        results.setdefault(fqn, {}).update(_quantize(layer, cfg, fqn, module, input_of.get(fqn)))
+        results.setdefault(fqn, {}).update(_quantize(layer, cfg, fqn, module, gram_of.get(fqn)))
     return results

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.context import RunContext
 from compress.errors import UserError
 from compress.modules import is_linear, set_weight_matrix, weight_matrix
 
@@ -78,6 +79,22 @@ def scale_groups(layer: nn.Module, prefix: str) -> list[ScaleGroup]:
             groups.append(ScaleGroup(f"{prefix}.{previous}", tuple(f"{prefix}.{n}" for n in linears),
                                      after_norm=not is_linear(layer.get_submodule(previous))))
     return groups
+
+
+def unquantized_groups(groups: list[ScaleGroup], run: RunContext, pass_name: str) -> list[ScaleGroup]:
+    """Drop groups touching a module an earlier pass already quantized: rescaling would break its codes.
+
+    Each dropped group is recorded in `run.fallbacks`; scaling passes belong before quantization passes.
+    """
+    kept = []
+    for group in groups:
+        done = [name for name in (group.previous, *group.linears) if name in run.quantized]
+        if done:
+            run.fallbacks.append({"pass": pass_name, "module": done[0], "fallback": "not rescaled",
+                                  "reason": "already quantized by an earlier pass; put scaling passes first"})
+        else:
+            kept.append(group)
+    return kept
 
 
 def _foldable(layer: nn.Module, previous: str, linears: tuple[str, ...]) -> bool:

@@ -16,7 +16,7 @@ from pydantic import Field
 from compress.engine import LayerContext
 from compress.modules import weight_matrix
 from compress.registry import StrictConfig, register_pass
-from compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups
+from compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
 
 
 class SmoothQuantConfig(StrictConfig):
@@ -66,6 +66,7 @@ def input_absmax(layer: LayerContext, groups: list[ScaleGroup]) -> dict[str, tor
 def run_smoothquant(layer: LayerContext, cfg: SmoothQuantConfig) -> dict[str, Any]:
     """Fold per-channel smoothing scales into each norm and the linears it feeds (no quantization)."""
     groups = [g for g in scale_groups(layer.layer, layer.prefix) if g.after_norm]
+    groups = unquantized_groups(groups, layer.run, "smoothquant")
     absmax = input_absmax(layer, groups)
     results: dict[str, Any] = {}
     for group in groups:
