@@ -376,6 +376,10 @@ class _Checker:
             loc = ("passes", step.index, step.name)
             if step.definition.needs_calibration and calibration is None:
                 self.add(loc, f"pass '{step.name}' needs calibration data: add a `calibration:` section")
+            earlier_quantizer = next((e for e in steps[:position] if e.definition.kind == "quantize"), None)
+            if step.definition.kind == "transform" and earlier_quantizer is not None:
+                self.add(loc, f"'{step.name}' rescales weights, so it must come before the quantization pass "
+                              f"'{earlier_quantizer.name}' (passes[{earlier_quantizer.index}])")
             if step.definition.kind == "allocate" and not any(
                 later.definition.kind == "quantize" for later in steps[position + 1 :]
             ):

@@ -154,3 +154,16 @@ def test_shorthand_pass_name_uses_defaults(folder):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(UserError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_transform_after_quantizer_is_rejected(folder):
+    text = VALID.replace("  - rtn: {bits: 4, group_size: 128, symmetric: true}\n",
+                         "  - rtn: {bits: 8, group_size: null}\n  - smoothquant: {alpha: 0.5}\n")
+    [error] = errors_of(text, folder)
+    assert error.startswith("r.yaml:5 passes[1].smoothquant: 'smoothquant' rescales weights, so it must come before")
+
+
+def test_calibrated_pass_needs_calibration_section(folder):
+    text = VALID.replace("calibration: {dataset: text.txt, samples: 4, seq_len: 32}\n", "").replace("- rtn:", "- awq:")
+    [error] = errors_of(text, folder)
+    assert "passes[0].awq: pass 'awq' needs calibration data: add a `calibration:` section" in error
