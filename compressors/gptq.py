@@ -18,6 +18,7 @@ Group quantization parameters, two honest choices:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,22 +119,20 @@ def gptq_quantize(
             "order cannot be stored as contiguous groups of the original order"
         )
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone().to(W.device)
+    H = hessian.detach().to(W.device, torch.float32, copy=True)
     keep = None if mask is None else mask.to(W.device, torch.bool)
     if keep is not None:
         W[~keep] = 0
     dead = _mark_dead_columns(W, H)
-    static_qparams = _static_group_qparams(W, spec) if static_groups and spec.group_size is not None else None
-    channel_qparams = compute_qparams(W, spec) if spec.group_size is None else None
+    # Per-channel qparams are static by nature: from the whole original row, as in the reference.
+    static_qparams = _static_group_qparams(W, spec) if static_groups or spec.group_size is None else None
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         keep = None if keep is None else keep[:, perm]
     Hinv, damp_used = _inverse_hessian_factor(H, dampening_frac)
-    codes, scale, zero, loss = _quantize_columns(
-        W, Hinv, spec, block_size, keep, perm, static_qparams, channel_qparams
-    )
+    codes, scale, zero, loss = _quantize_columns(W, Hinv, spec, block_size, keep, perm, static_qparams)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     qweight = QuantizedWeight(codes.to(codes_dtype(spec)), scale, zero, spec)
@@ -165,7 +164,7 @@ def _inverse_hessian_factor(H: torch.Tensor, dampening_frac: float) -> tuple[tor
         L, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(Hinv).all():
+            if info == 0 and torch.isfinite(Hinv.diagonal()).all():  # NaN inputs factorize 'fine'
                 return Hinv, frac
         frac *= DAMPENING_GROWTH
     raise HessianNotPositiveDefinite(
@@ -181,28 +180,21 @@ def _quantize_columns(
     keep: torch.Tensor | None,
     perm: torch.Tensor | None,
     static_qparams: tuple[torch.Tensor, torch.Tensor] | None,
-    channel_qparams: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """GPTQ's lazy-batch loop over (possibly permuted) columns; W is overwritten.
 
     Returns codes (rows, columns) in loop order, scale/zero (rows, groups) in the original order, and the loss.
+    Without `static_qparams`, a group's qparams are computed when the loop reaches its first column.
     """
     # see GPTQ Alg. 1 (lazy batch updates, Cholesky of H^-1); Frantar et al. 2022
     rows, columns = W.shape
-    group = spec.group_size
     bounds = group_bounds(columns, spec)
-    if channel_qparams is not None:
-        scale, zero = (t.reshape(rows, 1) for t in channel_qparams)
-    elif static_qparams is not None:
+    group_of = _group_of_column(columns, spec, perm)
+    if static_qparams is not None:
         scale, zero = static_qparams
     else:
         scale = torch.empty(rows, len(bounds), device=W.device)
         zero = torch.empty_like(scale)
-    # Static groups: each loop position's group in the original order, looked up once instead of per column.
-    static_group = None
-    if static_qparams is not None:
-        order = perm if perm is not None else torch.arange(columns, device=W.device)
-        static_group = (order // group).tolist()
     Q = torch.empty_like(W)  # codes, float until the end
     loss = torch.zeros((), device=W.device)
     for i1 in range(0, columns, block_size):
@@ -212,24 +204,26 @@ def _quantize_columns(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if group is None:
-                g = 0
-            elif static_group is not None:
-                g = static_group[j]
-            else:
-                g = j // group
-                if j % group == 0:
-                    current = _current_group(W, W1, Err1, Hinv, i1, i, bounds[g][1], keep)
-                    scale[:, g], zero[:, g] = compute_qparams(current, spec)
+            g = group_of[j]
+            if static_qparams is None and j == bounds[g][0]:
+                current = _current_group(W, W1, Err1, Hinv, i1, i, bounds[g][1], keep)
+                scale[:, g], zero[:, g] = compute_qparams(current, spec)
+            s, z = scale[:, g], zero[:, g]
             w = W1[:, i : i + 1] if keep is None else W1[:, i : i + 1] * keep[:, j : j + 1]  # (rows, 1)
-            codes = quantize_codes(w, scale[:, g], zero[:, g], spec)
+            codes = quantize_codes(w, s, z, spec)
             Q[:, j : j + 1] = codes
-            err = (w - dequantize_codes(codes, scale[:, g], zero[:, g])) / Hinv1[i, i]  # (rows, 1)
+            err = (w - dequantize_codes(codes, s, z)) / Hinv1[i, i]  # (rows, 1)
             W1[:, i:].addmm_(err, Hinv1[i : i + 1, i:], alpha=-1)
             Err1[:, i : i + 1] = err
         loss += Err1.pow(2).sum() / 2
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     return Q, scale, zero, float(loss)
+
+
+def _group_of_column(columns: int, spec: QuantSpec, perm: torch.Tensor | None) -> list[int]:
+    """The group (in the original column order) of each loop position; a plain list, read once per column."""
+    original = perm.tolist() if perm is not None else range(columns)
+    return [c // spec.group_size if spec.group_size else 0 for c in original]
 
 
 def _current_group(
@@ -302,29 +296,48 @@ class GPTQConfig(WeightQuantConfig):
 def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     """GPTQ: quantize with second-order error compensation from calibration inputs (Frantar et al. 2022)."""
     modules = layer.linears(cfg.ignore)
-    groups = input_groups(layer, modules)
+    groups = input_groups(layer, modules)  # before the activation hooks, which give each module its own input copy
+    for fqn, module in modules.items():
+        # Installed first so the Hessians are built from the (fake-quantized) inputs the model will really see.
+        install_activation_quant(fqn, module, cfg.activations, layer.run)
     # true_sequential re-captures inputs per group so each sees the quantized sublayers before it.
     stages = [[g] for g in groups] if cfg.true_sequential else [groups]
     results: dict[str, Any] = {}
     for stage in stages:
-        hessians = collect_hessians(layer, {g[0]: modules[g[0]] for g in stage})
+        # Modules of a group read the very same tensor, so they share one Hessian.
+        hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in stage})
         for names in stage:
             for fqn in names:
                 results[fqn] = quantize_module(fqn, modules[fqn], hessians[names[0]], cfg, layer.run)
-        for names in stage:
-            # Installed only after the whole stage: a pre-hook would give each module of a group its own input copy.
-            for fqn in names:
-                install_activation_quant(fqn, modules[fqn], cfg.activations, layer.run)
     return results
 
 
 def collect_hessians(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[str, HessianAccumulator]:
-    """One Hessian per module from a forward pass of every calibration batch through the layer."""
+    """One Hessian per module from every calibration batch, each forward stopped once all modules saw their input.
+
+    Stopping early matters for true_sequential: q/k/v only need the input norm, not the attention and MLP, so
+    re-capturing per group costs about two layer forwards instead of four.
+    """
     hessians = {
         name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device) for name, m in modules.items()
     }
-    layer.observe(modules, lambda name, inputs: hessians[name].add(inputs))
+    for item in layer.inputs or []:
+        seen: set[str] = set()
+
+        def add(name: str, inputs: torch.Tensor) -> None:
+            hessians[name].add(inputs)
+            seen.add(name)
+            if len(seen) == len(hessians):
+                raise _AllObserved
+
+        # One batch per LayerContext so that stopping aborts this batch's forward only.
+        with contextlib.suppress(_AllObserved):
+            LayerContext(layer.index, layer.prefix, layer.layer, [item], layer.run).observe(modules, add)
     return hessians
+
+
+class _AllObserved(Exception):
+    """Raised from an input hook once every module of interest has seen its input; the rest of the layer is skipped."""
 
 
 def quantize_module(
@@ -335,7 +348,9 @@ def quantize_module(
     mask = run.masks.get(fqn)
     weight = weight_matrix(module)
     if cfg.act_order and spec.group_size is not None and not cfg.use_static_groups:
-        raise UserError(f"gptq: {fqn} gets group_size {spec.group_size} from the bit plan; act_order then needs static_groups: true")
+        raise UserError(
+            f"gptq: {fqn} gets group_size {spec.group_size} from the bit plan; act_order then needs static_groups: true"
+        )
     extra: dict[str, Any] = {"hessian_samples": hessian.samples}
     try:
         result = gptq_quantize(

@@ -14,7 +14,15 @@ from compress.engine import SweepStep, run_sweep
 from compress.errors import RecipeError
 from compress.model_io import load_model
 from compress.modules import find_linears, weight_matrix
-from compress.quant import PerChannel, PerGroup, QuantSpec, compute_qparams, dequantize_codes, quantize_codes, quantize_rtn
+from compress.quant import (
+    PerChannel,
+    PerGroup,
+    QuantSpec,
+    compute_qparams,
+    dequantize_codes,
+    quantize_codes,
+    quantize_rtn,
+)
 from compress.recipe import parse_recipe
 from compress.runner import run_recipe
 from compressors.gptq import (
@@ -176,7 +184,8 @@ def test_group_size_not_dividing_width_gives_short_last_group(symmetric):
     assert qweight.scale.shape == qweight.zero.shape == (16, 3)
     assert spec.qmin <= int(qweight.codes.min()) and int(qweight.codes.max()) <= spec.qmax
     assert qweight.codes.dtype == (torch.int8 if symmetric else torch.uint8)
-    assert output_error(x, weight, qweight.dequantize()) < output_error(x, weight, quantize_rtn(weight, spec).dequantize())
+    rtn = quantize_rtn(weight, spec).dequantize()
+    assert output_error(x, weight, qweight.dequantize()) < output_error(x, weight, rtn)
 
 
 def test_bits_8_is_nearly_lossless():
@@ -311,6 +320,8 @@ evaluate:
 # The demo model: quality gates with a fixed calibration seed
 
 
+# 32 windows of 512 tokens (16k tokens for 256-wide Hessians) give the same ranking as 128 at a quarter of the
+# time. Perplexity is on the whole eval text: on a 32-window prefix act_order's small difference flips sign.
 DEMO_CALIBRATION_SAMPLES = 32
 
 
@@ -331,11 +342,12 @@ def demo():
     return {"calib": calib, "ppl": ppl, "baseline": ppl(handle), "cache": {}}
 
 
-def demo_ppl(demo, name, pass_fn, cfg):
+def demo_ppl(demo, name, pass_fn, cfg, calibrated=True):
+    """Perplexity on the whole eval text after one pass; each configuration runs once per module."""
     if name not in demo["cache"]:
         handle = load_model(str(DEMO_MODEL))
         run = RunContext(device=handle.device, calibration=demo["calib"], calibration_batch_size=8)
-        run_sweep(handle, [SweepStep(name, pass_fn, cfg, True)], run)
+        run_sweep(handle, [SweepStep(name, pass_fn, cfg, calibrated)], run)
         demo["cache"][name] = demo["ppl"](handle)
         print(f"demo {name}: ppl {demo['cache'][name]:.4f} (baseline {demo['baseline']:.4f})")
     return demo["cache"][name]
@@ -346,7 +358,7 @@ def demo_ppl(demo, name, pass_fn, cfg):
 def test_demo_gptq_w3_beats_rtn_w3(demo):
     from compressors.rtn import RTNConfig, run_rtn
 
-    rtn = demo_ppl(demo, "rtn_w3", run_rtn, RTNConfig(bits=3, group_size=128))
+    rtn = demo_ppl(demo, "rtn_w3", run_rtn, RTNConfig(bits=3, group_size=128), calibrated=False)
     gptq = demo_ppl(demo, "gptq_w3", run_gptq, GPTQConfig(bits=3, group_size=128))
     assert gptq < rtn
 
