@@ -25,7 +25,7 @@ OFFLOAD_DEVICE = torch.device("cpu")
 
 
 class _StopForward(Exception):
-    """Raised from a hook once layer 0's inputs are captured; nothing after it needs to run."""
+    """Raised from a hook once everything needed from this forward pass was captured; the rest is skipped."""
 
 
 @dataclass
@@ -74,14 +74,38 @@ class LayerContext:
             outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs
 
-    def observe(self, modules: dict[str, nn.Module], observer: Callable[[str, torch.Tensor], None]) -> None:
-        """Run the calibration batches through the layer, calling `observer(name, input)` for each module's input."""
+    def observe(
+        self,
+        modules: dict[str, nn.Module],
+        observer: Callable[[str, torch.Tensor], None],
+        *,
+        stop_early: bool = False,
+    ) -> None:
+        """Run the calibration batches through the layer, calling `observer(name, input)` for each module's input.
+
+        stop_early: end each batch's forward as soon as every module has seen its input. Observing only q/k/v
+        then costs the input norm, not the whole layer (GPTQ's true_sequential re-captures per sublayer group).
+        """
+        if self.inputs is None:
+            raise RuntimeError("this sweep captured no calibration inputs; register the pass with needs_calibration=True")
+        seen: set[str] = set()
+
+        def hook(name: str, x: torch.Tensor) -> None:
+            observer(name, x.detach())
+            seen.add(name)
+            if stop_early and len(seen) == len(modules):
+                raise _StopForward
+
         handles = [
-            module.register_forward_pre_hook(lambda _m, args, name=name: observer(name, args[0].detach()))
+            module.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0]))
             for name, module in modules.items()
         ]
         try:
-            self.forward()
+            with torch.no_grad():
+                for item in self.inputs:
+                    seen.clear()
+                    with contextlib.suppress(_StopForward):
+                        self.layer(item.hidden, **item.kwargs)
         finally:
             for handle in handles:
                 handle.remove()

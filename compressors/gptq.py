@@ -18,7 +18,6 @@ Group quantization parameters, two honest choices:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,31 +312,16 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
 
 
 def collect_hessians(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[str, HessianAccumulator]:
-    """One Hessian per module from every calibration batch, each forward stopped once all modules saw their input.
+    """One Hessian per module from every calibration batch.
 
-    Stopping early matters for true_sequential: q/k/v only need the input norm, not the attention and MLP, so
-    re-capturing per group costs about two layer forwards instead of four.
+    Each forward stops once all modules saw their input: q/k/v only need the input norm, not the attention and
+    MLP, so re-capturing per group (true_sequential) costs about two layer forwards instead of four.
     """
     hessians = {
         name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device) for name, m in modules.items()
     }
-    for item in layer.inputs or []:
-        seen: set[str] = set()
-
-        def add(name: str, inputs: torch.Tensor) -> None:
-            hessians[name].add(inputs)
-            seen.add(name)
-            if len(seen) == len(hessians):
-                raise _AllObserved
-
-        # One batch per LayerContext so that stopping aborts this batch's forward only.
-        with contextlib.suppress(_AllObserved):
-            LayerContext(layer.index, layer.prefix, layer.layer, [item], layer.run).observe(modules, add)
+    layer.observe(modules, lambda name, inputs: hessians[name].add(inputs), stop_early=True)
     return hessians
-
-
-class _AllObserved(Exception):
-    """Raised from an input hook once every module of interest has seen its input; the rest of the layer is skipped."""
 
 
 def quantize_module(
