@@ -116,6 +116,18 @@ def test_w8a8_after_smoothing_runs_on_a_tiny_model(tiny_llama, text_file, tmp_pa
     assert values["compressed"] == pytest.approx(values["baseline"], rel=0.05)
 
 
+@pytest.mark.parametrize("quantizer", [W8A8, W8A8.replace("rtn:", "gptq:")])
+def test_smoothing_then_quantizer_writes_codes_and_activation_hooks(tiny_llama, text_file, tmp_path, quantizer):
+    text = _recipe(tiny_llama, text_file, "  - smoothquant: {alpha: 0.5}\n" + quantizer,
+                   f"{text_file}, seq_len: 32, max_windows: 4").replace("samples: 32, seq_len: 512", "samples: 4, seq_len: 32")
+    report = run_recipe(parse_recipe(text), tmp_path / "out")
+    quantizer_report = report["passes"][1]
+    assert quantizer_report["summary"]["modules"] == 14 and quantizer_report["summary"]["mean_bits"] == 8
+    assert not report["fallbacks"]
+    (values,) = report["metrics"]["perplexity"].values()
+    assert values["compressed"] == pytest.approx(values["baseline"], rel=0.05)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The shipped demo model.
 
