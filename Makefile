@@ -32,9 +32,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-bench: $(STAMP)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
-	HF_HUB_OFFLINE=1 $(PY) bench/run.py --output BENCHMARKS.md
+# The peer pins its own transformers range, so it gets a venv of its own and never changes .venv.
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+bench:
+	@test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	@$(BENCH_PY) -c "import torch" 2>/dev/null || $(BENCH_PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BENCH_PY) -m pip install --disable-pip-version-check -q -e ".[dev,bench]"
+	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/run.py --output BENCHMARKS.md
 
 clean:
 	rm -rf compress-out .pytest_cache
