@@ -193,7 +193,7 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
                 start = time.perf_counter()
                 modules[step.label].update(step.apply(ctx, step.config))
                 seconds[step.label] += time.perf_counter() - start
-            if inputs is not None:
+            if inputs is not None and index + 1 < len(layers):  # the last layer's outputs feed no pass
                 start = time.perf_counter()
                 inputs = [LayerInput(out, item.kwargs) for out, item in zip(ctx.forward(), inputs)]
                 propagation += time.perf_counter() - start
