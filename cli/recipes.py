@@ -20,7 +20,11 @@ VALIDATE_EPILOG = (
     "Exit code 0 when valid, 2 with every problem listed (file:line yaml.path: what was expected)."
 )
 
-app = typer.Typer(help="Shipped recipes: list them, print one, validate any recipe file.", no_args_is_help=True)
+app = typer.Typer(
+    help="Shipped recipes: list them, print one, validate any recipe file.",
+    epilog="Examples:\n\n  compress recipes list\n\n  compress recipes show gptq-w4 > my.yaml\n\n  compress recipes validate my.yaml",
+    no_args_is_help=True,
+)
 
 
 @app.command("list", epilog="Example:\n\n  compress recipes list --json")
