@@ -30,7 +30,7 @@ def versions() -> dict[str, str]:
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
-    """Peak resident memory of this process, and peak CUDA allocation when a GPU was used."""
+    """Peak resident memory of this process, and peak CUDA allocation when a GPU was used (since the last reset)."""
     usage = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
     if device.type == "cuda":
         usage["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -157,8 +157,11 @@ def run_recipe(
         timings["baseline_eval"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        if handle.device.type == "cuda":  # so the report can show that compression peaks at one layer, not the model
+            torch.cuda.reset_peak_memory_stats(handle.device)
         passes, propagation = run_passes(handle, recipe.passes, run)
         timings["passes"] = time.perf_counter() - t
+        passes_cuda_peak = torch.cuda.max_memory_allocated(handle.device) if handle.device.type == "cuda" else None
         timings["propagation"] = propagation
 
         t = time.perf_counter()
@@ -167,6 +170,8 @@ def run_recipe(
         timings["total"] = time.perf_counter() - started
 
         memory = peak_memory(handle.device)
+        if passes_cuda_peak is not None:
+            memory["cuda_passes_bytes"] = passes_cuda_peak
         report = {
             "schema_version": REPORT_SCHEMA_VERSION,
             "status": "ok",
