@@ -21,6 +21,8 @@ class RunContext:
     - `quantized`: module fqn -> integer codes, scales and zero points, kept for export.
     - `activation_quant`: module fqn -> activation quantization settings installed as forward hooks.
     - `fallbacks`: every place a pass degraded (e.g. a Cholesky failure), reported, never silent.
+    - `cache`: values computed once per run and read again, e.g. an evaluation text's token ids, which the
+      baseline and the compressed evaluation share.
     """
 
     device: torch.device
@@ -32,3 +34,4 @@ class RunContext:
     activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     reporter: Reporter = SILENT
+    cache: dict[Any, Any] = field(default_factory=dict)

@@ -70,7 +70,10 @@ def perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch
 @register_evaluator("perplexity", PerplexityConfig)
 def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunContext) -> EvalResult:
     """Token perplexity on a text, non-overlapping windows (GPTQ/SparseGPT/AWQ protocol)."""
-    token_ids = tokenize_text(handle.tokenizer, load_text(cfg.dataset))
+    key = ("token_ids", cfg.dataset)
+    if key not in run.cache:  # the baseline and the compressed evaluation read the same text
+        run.cache[key] = tokenize_text(handle.tokenizer, load_text(cfg.dataset))
+    token_ids = run.cache[key]
     with model_on_device(handle, handle.device):
         value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device,
                                       cfg.max_windows, run.reporter)
