@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compress-installed
 DEMO_OUT ?= compress-out/demo
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast typecheck bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -26,7 +26,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/compress run recipes/demo.yaml --output $(DEMO_OUT) --overwrite
 
-test: $(STAMP)
+typecheck: $(STAMP)
+	$(PY) -m mypy compress cli compressors evaluators recipes
+
+test: typecheck
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)

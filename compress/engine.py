@@ -127,8 +127,9 @@ def _outside_layers_on(handle: ModelHandle, device: torch.device) -> Iterator[No
         yield
     finally:
         for module, key, original, is_param in moved:
-            store = module._parameters if is_param else module._buffers
-            store[key].data = store[key].data.to(original)
+            tensor = (module._parameters if is_param else module._buffers)[key]
+            if tensor is not None:
+                tensor.data = tensor.data.to(original)
 
 
 @torch.no_grad()

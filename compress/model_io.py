@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ class ModelHandle:
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.get_submodule(self.layers_prefix)
+        return cast(nn.ModuleList, self.model.get_submodule(self.layers_prefix))
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -115,9 +116,9 @@ def _stored_dtype(model: nn.Module) -> torch.dtype:
     """The checkpoint's dtype from its config.json (transformers overwrites config.dtype with the load dtype)."""
     from transformers import PretrainedConfig
 
-    raw, _ = PretrainedConfig.get_config_dict(model.name_or_path)
+    raw, _ = PretrainedConfig.get_config_dict(str(model.name_or_path))
     declared = raw.get("dtype") or raw.get("torch_dtype")
-    return DTYPES.get(declared, next(model.parameters()).dtype)
+    return DTYPES.get(str(declared), next(model.parameters()).dtype)
 
 
 def _check_local_weights(folder: Path, allow_pickle: bool) -> None:

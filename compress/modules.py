@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 from torch import nn
@@ -27,12 +27,13 @@ def is_linear(module: nn.Module) -> bool:
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features); a view for Conv1D, so treat it as read-only."""
-    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+    weight = cast(torch.Tensor, module.weight).data
+    return weight.t() if isinstance(module, Conv1D) else weight
 
 
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Write an (out_features, in_features) matrix back in the module's own layout and dtype."""
-    target = module.weight.data
+    target = cast(torch.Tensor, module.weight).data
     target.copy_(w.t() if isinstance(module, Conv1D) else w)
 
 

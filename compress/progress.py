@@ -11,6 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 Advance = Callable[[int], None]
 
 
+def no_progress(n: int = 1) -> None:
+    """An `Advance` that shows nothing."""
+
+
 class Reporter:
     """Shows one bar per long step."""
 
@@ -21,12 +25,16 @@ class Reporter:
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Advance]:
         if not self.enabled:
-            yield lambda n=1: None
+            yield no_progress
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
             task_id = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(task_id, n)
+
+            def advance(n: int = 1) -> None:
+                progress.advance(task_id, n)
+
+            yield advance
 
     @contextlib.contextmanager
     def status(self, message: str) -> Iterator[None]:

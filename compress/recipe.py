@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -116,7 +116,7 @@ class Recipe:
 # Loading
 
 
-def load_recipe(path: str | Path, *, overrides: list[str] = (), model: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, *, overrides: Sequence[str] = (), model: str | None = None) -> Recipe:
     """Read, override and validate a recipe file. Raises RecipeError listing every problem found."""
     path = Path(path)
     if not path.is_file():
@@ -131,7 +131,7 @@ def parse_recipe(
     *,
     filename: str = "<recipe>",
     base_dir: Path | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     model: str | None = None,
 ) -> Recipe:
     try:
@@ -260,7 +260,7 @@ def _unwrap_model(annotation: Any) -> Any:
     return None
 
 
-def _describe_pydantic_error(error: dict[str, Any], model: type[BaseModel], loc: Loc) -> str:
+def _describe_pydantic_error(error: Mapping[str, Any], model: type[BaseModel], loc: Loc) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
@@ -398,8 +398,9 @@ class _Checker:
                 config = self.validate(registry[name].config, params, loc)
                 if config is None:
                     continue
-                if isinstance(getattr(config, "dataset", None), str):
-                    config = config.model_copy(update={"dataset": self.resolve_path(config.dataset, loc + ("dataset",))})
+                dataset = getattr(config, "dataset", None)
+                if isinstance(dataset, str):
+                    config = config.model_copy(update={"dataset": self.resolve_path(dataset, loc + ("dataset",))})
                 steps.append(EvalStep(name, registry[name], config))
         return steps
 

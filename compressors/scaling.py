@@ -18,6 +18,7 @@ cannot have just the value rows rescaled, and GELU between c_fc and c_proj is no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -122,7 +123,8 @@ def fold_scales(previous: nn.Module, consumers: list[nn.Module], scales: torch.T
         w = weight_matrix(previous).float()  # (out, in): one scale per output row
         set_weight_matrix(previous, w / scales.to(w.device)[:, None])
     else:
-        previous.weight.data.copy_(previous.weight.data.float() / scales.to(previous.weight.device))
+        gain = cast(torch.Tensor, previous.weight).data  # a norm's per-channel weight
+        gain.copy_(gain.float() / scales.to(gain.device))
     bias = getattr(previous, "bias", None)
     if bias is not None:
         bias.data.copy_(bias.data.float() / scales.to(bias.device))

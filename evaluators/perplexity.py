@@ -22,7 +22,7 @@ from compress.context import RunContext
 from compress.data import contiguous_windows, dataset_label, load_text, tokenize_text
 from compress.engine import model_on_device
 from compress.model_io import ModelHandle
-from compress.progress import SILENT, Advance, Reporter
+from compress.progress import SILENT, Advance, Reporter, no_progress
 from compress.registry import StrictConfig, register_evaluator
 from evaluators.base import EvalResult
 
@@ -44,7 +44,7 @@ class PerplexityConfig(StrictConfig):
 
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-               advance: Advance = lambda n=1: None) -> tuple[float, int]:
+               advance: Advance = no_progress) -> tuple[float, int]:
     """Summed next-token NLL over all windows (count, seq_len), and the number of scored tokens."""
     total_nll, total_tokens = 0.0, 0
     for batch in windows.split(batch_size):
