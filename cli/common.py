@@ -8,6 +8,7 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from compress.errors import ExitCode, UserError
 
@@ -22,7 +23,7 @@ def exit_codes(verbose: bool = False) -> Iterator[None]:
     except typer.Exit:
         raise
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(ExitCode.USER_ERROR) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: no output was written")
@@ -31,7 +32,7 @@ def exit_codes(verbose: bool = False) -> Iterator[None]:
         if verbose:
             err_console.print(traceback.format_exc(), markup=False, highlight=False)
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
             "Run again with --verbose for the traceback, and please report it.",
             highlight=False,
         )
