@@ -51,3 +51,16 @@ def requires_demo_model():
 def requires_shared_data(*parts: str):
     path = SHARED_DATA.joinpath(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"needs ../shared/data/{'/'.join(parts)} (present in CI, not in a user's fresh clone)")
+
+
+def recipe_text(model: Path, calibration: Path, passes: str, evaluate: Path, *, samples: int = 4, seq_len: int = 32,
+                max_windows: int = 4) -> str:
+    """A recipe for tests: `passes` is the YAML list body ("  - rtn: {...}" lines)."""
+    return f"""
+model: {model}
+calibration: {{dataset: {calibration}, samples: {samples}, seq_len: {seq_len}, seed: 0}}
+passes:
+{passes}
+evaluate:
+  perplexity: [{{dataset: {evaluate}, seq_len: {seq_len}, max_windows: {max_windows}}}]
+"""

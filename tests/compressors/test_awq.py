@@ -18,7 +18,7 @@ from compress.recipe import parse_recipe
 from compress.runner import run_recipe
 from compressors.awq import AWQConfig, awq_search_clip, awq_search_scales, clamp_groups, run_awq
 from compressors.scaling import scale_groups
-from tests.conftest import DEMO_DIR, requires_demo_model
+from tests.conftest import DEMO_DIR, requires_demo_model, recipe_text
 from tests.tiny_models import save_tiny_model, synthetic_text
 
 FAST = dict(grid=10, clip_grid=10, max_tokens=256)
@@ -135,20 +135,9 @@ def test_activations_without_quantize_is_rejected():
         AWQConfig(quantize=False, activations={"bits": 8})
 
 
-def _recipe(model: Path, text_file: Path, passes: str) -> str:
-    return f"""
-model: {model}
-calibration: {{dataset: {text_file}, samples: 4, seq_len: 32, seed: 0}}
-passes:
-{passes}
-evaluate:
-  perplexity: [{{dataset: {text_file}, seq_len: 32, max_windows: 4}}]
-"""
-
-
 def test_recipe_end_to_end_writes_a_report(tiny_llama, text_file, tmp_path):
     passes = "  - awq: {bits: 4, group_size: 32, grid: 5, clip_grid: 10, max_tokens: 128}"
-    report = run_recipe(parse_recipe(_recipe(tiny_llama, text_file, passes)), tmp_path / "out")
+    report = run_recipe(parse_recipe(recipe_text(tiny_llama, text_file, passes, text_file)), tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["passes"][0]["name"] == "awq" and saved["passes"][0]["summary"]["modules"] == 14
     assert report["metrics"]["perplexity"]
@@ -157,7 +146,7 @@ def test_recipe_end_to_end_writes_a_report(tiny_llama, text_file, tmp_path):
 def test_awq_scales_then_gptq_rounds(tiny_llama, text_file, tmp_path):
     passes = ("  - awq: {bits: 4, group_size: 32, grid: 5, max_tokens: 128, quantize: false}\n"
               "  - gptq: {bits: 4, group_size: 32}")
-    report = run_recipe(parse_recipe(_recipe(tiny_llama, text_file, passes)), tmp_path / "out")
+    report = run_recipe(parse_recipe(recipe_text(tiny_llama, text_file, passes, text_file)), tmp_path / "out")
     assert [p["name"] for p in report["passes"]] == ["awq", "gptq"]
     assert report["passes"][1]["summary"]["modules"] == 14
 
@@ -166,14 +155,8 @@ def test_awq_scales_then_gptq_rounds(tiny_llama, text_file, tmp_path):
 # The shipped demo model: AWQ must beat RTN where RTN hurts (3 bits).
 
 def _demo_ppl(passes: str, tmp_path: Path) -> dict:
-    text = f"""
-model: {DEMO_DIR / 'model'}
-calibration: {{dataset: {DEMO_DIR / 'calib.txt'}, samples: 32, seq_len: 512, seed: 0}}
-passes:
-{passes}
-evaluate:
-  perplexity: [{{dataset: {DEMO_DIR / 'eval.txt'}, seq_len: 512, max_windows: 40}}]
-"""
+    text = recipe_text(DEMO_DIR / "model", DEMO_DIR / "calib.txt", passes, DEMO_DIR / "eval.txt",
+                       samples=32, seq_len=512, max_windows=40)
     report = run_recipe(parse_recipe(text), tmp_path)
     return report["metrics"]["perplexity"]["eval"]
 

@@ -16,7 +16,7 @@ from compress.recipe import parse_recipe
 from compress.runner import run_recipe
 from compressors.rtn import RTNConfig, run_rtn
 from compressors.smoothquant import SmoothQuantConfig, max_min_ratio, run_smoothquant, smoothing_scales
-from tests.conftest import DEMO_DIR, requires_demo_model
+from tests.conftest import DEMO_DIR, recipe_text, requires_demo_model
 from tests.tiny_models import save_tiny_model, synthetic_text
 
 
@@ -90,24 +90,12 @@ def test_alpha_zero_only_normalises_weights():
     torch.testing.assert_close(smoothing_scales(x_max, [w], alpha=0.0), torch.tensor([2.0, 0.5]))
 
 
-def _recipe(model: Path, calib: Path, passes: str, eval_args: str) -> str:
-    return f"""
-model: {model}
-calibration: {{dataset: {calib}, samples: 32, seq_len: 512, seed: 0}}
-passes:
-{passes}
-evaluate:
-  perplexity: [{{dataset: {eval_args}}}]
-"""
-
-
 W8A8 = "  - rtn: {bits: 8, group_size: null, activations: {bits: 8, per: token}}"
 SMOOTH_W8A8 = "  - smoothquant: {alpha: 0.5}\n" + W8A8
 
 
 def test_w8a8_after_smoothing_runs_on_a_tiny_model(tiny_llama, text_file, tmp_path):
-    text = _recipe(tiny_llama, text_file, SMOOTH_W8A8, f"{text_file}, seq_len: 32, max_windows: 4").replace(
-        "samples: 32, seq_len: 512", "samples: 4, seq_len: 32")
+    text = recipe_text(tiny_llama, text_file, SMOOTH_W8A8, text_file)
     report = run_recipe(parse_recipe(text), tmp_path / "out")
     assert [p["name"] for p in report["passes"]] == ["smoothquant", "rtn"]
     assert len(report["activation_quantization"]) == 14
@@ -118,8 +106,7 @@ def test_w8a8_after_smoothing_runs_on_a_tiny_model(tiny_llama, text_file, tmp_pa
 
 @pytest.mark.parametrize("quantizer", [W8A8, W8A8.replace("rtn:", "gptq:")])
 def test_smoothing_then_quantizer_writes_codes_and_activation_hooks(tiny_llama, text_file, tmp_path, quantizer):
-    text = _recipe(tiny_llama, text_file, "  - smoothquant: {alpha: 0.5}\n" + quantizer,
-                   f"{text_file}, seq_len: 32, max_windows: 4").replace("samples: 32, seq_len: 512", "samples: 4, seq_len: 32")
+    text = recipe_text(tiny_llama, text_file, "  - smoothquant: {alpha: 0.5}\n" + quantizer, text_file)
     report = run_recipe(parse_recipe(text), tmp_path / "out")
     quantizer_report = report["passes"][1]
     assert quantizer_report["summary"]["modules"] == 14 and quantizer_report["summary"]["mean_bits"] == 8
@@ -133,10 +120,10 @@ def test_smoothing_then_quantizer_writes_codes_and_activation_hooks(tiny_llama, 
 
 @pytest.fixture(scope="module")
 def demo_w8a8(tmp_path_factory) -> dict[str, dict]:
-    eval_args = f"{DEMO_DIR / 'eval.txt'}, seq_len: 512, max_windows: 40"
     runs = {}
     for name, passes in [("w8a8", W8A8), ("smooth_w8a8", SMOOTH_W8A8)]:
-        text = _recipe(DEMO_DIR / "model", DEMO_DIR / "calib.txt", passes, eval_args)
+        text = recipe_text(DEMO_DIR / "model", DEMO_DIR / "calib.txt", passes, DEMO_DIR / "eval.txt",
+                           samples=32, seq_len=512, max_windows=40)
         runs[name] = run_recipe(parse_recipe(text), tmp_path_factory.mktemp(name) / "out")["metrics"]["perplexity"]["eval"]
     return runs
 
