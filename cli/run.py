@@ -10,8 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import err_console, exit_codes
-from compress.errors import UserError
-from compress.output import check_output_target
 from compress.progress import Reporter
 from compress.recipe import Recipe, dump_yaml, load_recipe
 from recipes import resolve_recipe_path
@@ -66,10 +64,6 @@ def run(
                 typer.echo(dump_yaml(plan))
             return
         target = output or default_output(recipe_path)
-        check_output_target(target, overwrite)
-        if parsed.model is None:
-            raise UserError("no model given: set `model:` in the recipe or pass --model")
-
         from compress.runner import run_recipe  # heavy imports (transformers) only when running
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)

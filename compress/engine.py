@@ -34,16 +34,6 @@ class LayerInput:
     kwargs: dict[str, Any]  # attention mask, position ids/embeddings, ... exactly as the model passed them
 
 
-def to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
-
-
 class LayerContext:
     """What a layer pass sees: one decoder layer on the compute device and its calibration inputs."""
 
@@ -53,10 +43,6 @@ class LayerContext:
         self.layer = layer
         self.inputs = inputs
         self.run = run
-
-    @property
-    def device(self) -> torch.device:
-        return self.run.device
 
     def linears(self, ignore: tuple[str, ...] | list[str] = DEFAULT_IGNORE) -> dict[str, nn.Module]:
         """Linear sublayers by fully qualified name, in definition order, minus the `ignore` patterns."""

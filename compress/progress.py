@@ -45,9 +45,5 @@ class Reporter:
         with self.console.status(message):
             yield
 
-    def note(self, message: str) -> None:
-        if self.enabled:
-            self.console.print(message)
-
 
 SILENT = Reporter(enabled=False)

@@ -18,8 +18,6 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from compress.errors import UserError
-
 Scope = Literal["layer", "model"]
 
 
@@ -120,17 +118,3 @@ def available_passes() -> dict[str, PassDef]:
 def available_evaluators() -> dict[str, EvaluatorDef]:
     _load_builtins()
     return dict(_EVALUATORS)
-
-
-def get_pass(name: str) -> PassDef:
-    passes = available_passes()
-    if name not in passes:
-        raise UserError(f"Unknown pass {name!r}.{did_you_mean(name, list(passes))}")
-    return passes[name]
-
-
-def get_evaluator(name: str) -> EvaluatorDef:
-    evaluators = available_evaluators()
-    if name not in evaluators:
-        raise UserError(f"Unknown evaluator {name!r}.{did_you_mean(name, list(evaluators))}")
-    return evaluators[name]
