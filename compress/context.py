@@ -23,6 +23,10 @@ class RunContext:
     - `fallbacks`: every place a pass degraded (e.g. a Cholesky failure), reported, never silent.
     - `cache`: values computed once per run and read again, e.g. an evaluation text's token ids, which the
       baseline and the compressed evaluation share.
+    - `report_sections`: whole-run results a pass adds to report.json under its own key (e.g. "allocation":
+      the bit plan, sensitivities and Pareto frontier), beyond the per-module entries every pass returns.
+    - `run_files`: files a pass wants in the run directory, relative name -> text (e.g. "bit_plan.yaml");
+      written into the staging folder, so they appear only with a complete run.
     """
 
     device: torch.device
@@ -35,3 +39,5 @@ class RunContext:
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     reporter: Reporter = SILENT
     cache: dict[Any, Any] = field(default_factory=dict)
+    report_sections: dict[str, Any] = field(default_factory=dict)
+    run_files: dict[str, str] = field(default_factory=dict)

@@ -188,6 +188,7 @@ def run_recipe(
             "passes": passes,
             "metrics": merge_metrics(baseline, compressed),
             "size": model_size(handle.model, run.quantized, handle.checkpoint_dtype),
+            **run.report_sections,
             "activation_quantization": run.activation_quant,
             "fallbacks": run.fallbacks,
             "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -196,6 +197,9 @@ def run_recipe(
             "versions": versions(),
             "output": str(output.resolve()),
         }
+        for name, text in run.run_files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_text(text, encoding="utf-8")
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
         (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
