@@ -43,19 +43,16 @@ def test_compressed_tensors_packing_decodes_to_our_weights(bits, symmetric):
     torch.testing.assert_close(decoded.float(), record.dequantize(), rtol=0, atol=1e-6)
 
 
-def unpack_gptq_reference(tensors: dict[str, torch.Tensor], bits: int):
-    """Decode the HF GPTQ v1 layout element by element, as documented (AutoGPTQ's dequantization)."""
-    qweight, qzeros, scales, g_idx = (tensors[k].to(torch.int64) & 0xFFFFFFFF for k in ("qweight", "qzeros", "scales", "g_idx"))
-    scales = tensors["scales"].float()
+def unpack_gptq_reference(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """Decode the HF GPTQ v1 layout as documented (AutoGPTQ's dequantization): (out, in) float weights."""
+    qweight, qzeros = (tensors[k].to(torch.int64) & 0xFFFFFFFF for k in ("qweight", "qzeros"))
+    scales, g_idx = tensors["scales"].float(), tensors["g_idx"].long()
     per_word, mask = 32 // bits, (1 << bits) - 1
-    in_features, out_features = qweight.shape[0] * per_word, qweight.shape[1]
-    weight = torch.empty(out_features, in_features)
-    for i in range(in_features):
-        codes = (qweight[i // per_word] >> (bits * (i % per_word))) & mask  # (out,)
-        group = int(tensors["g_idx"][i])
-        zeros = torch.stack([(qzeros[group, j // per_word] >> (bits * (j % per_word))) & mask for j in range(out_features)])
-        weight[:, i] = (codes - (zeros + 1)).float() * scales[group]
-    return weight
+    rows = torch.arange(qweight.shape[0] * per_word)
+    codes = (qweight[rows // per_word] >> (bits * (rows % per_word))[:, None]) & mask  # (in, out)
+    columns = torch.arange(qweight.shape[1])
+    zeros = ((qzeros[:, columns // per_word] >> (bits * (columns % per_word))[None, :]) & mask) + 1  # (groups, out)
+    return ((codes - zeros[g_idx]).float() * scales[g_idx]).t()
 
 
 @pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (4, False, 16), (2, True, None), (8, True, 64)])
