@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from cli import eval as eval_cmd
+from cli import export as export_cmd
+from cli import inspect as inspect_cmd
 from cli import recipes as recipes_cmd
 from cli import run as run_cmd
 
@@ -25,6 +27,8 @@ app = typer.Typer(
 app.command("run", epilog=run_cmd.EPILOG)(run_cmd.run)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.evaluate)
 app.command("validate", epilog=recipes_cmd.VALIDATE_EPILOG)(recipes_cmd.validate)
+app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export)
+app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.add_typer(recipes_cmd.app, name="recipes")
 
 

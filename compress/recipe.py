@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from compress.data import is_hub_dataset
+from compress.export.config import ExportConfig, format_problems
 from compress.errors import RecipeError, RecipeIssue, UserError
 from compress.registry import (
     EvaluatorDef,
@@ -60,6 +61,7 @@ class RecipeFile(StrictConfig):
     calibration: CalibrationConfig | None = None
     passes: list[Any] = Field(default_factory=list)
     evaluate: dict[str, Any] = Field(default_factory=dict)
+    export: ExportConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class Recipe:
     calibration: CalibrationConfig | None
     passes: tuple[PassStep, ...]
     evaluations: tuple[EvalStep, ...]
+    export: ExportConfig | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -109,6 +112,7 @@ class Recipe:
             "calibration": self.calibration.model_dump(mode="json") if self.calibration else None,
             "passes": [{s.name: s.config.model_dump(mode="json")} for s in self.passes],
             "evaluate": evaluate,
+            **({"export": self.export.model_dump(mode="json")} if self.export else {}),
         }
 
 
@@ -311,6 +315,7 @@ class _Checker:
         steps = self.check_passes(top.passes, calibration)
         evaluations = self.check_evaluate(top.evaluate)
         model = self.resolve_model(top.model)
+        export = self.check_export(top.export, steps)
         if self.issues:
             return None
         return Recipe(
@@ -322,7 +327,18 @@ class _Checker:
             calibration=calibration,
             passes=tuple(steps),
             evaluations=tuple(evaluations),
+            export=export,
         )
+
+    def check_export(self, export: ExportConfig | None, steps: list[PassStep]) -> ExportConfig | None:
+        """The format must hold what the passes produce; checked now, before any calibration."""
+        if export is None:
+            return None
+        for problem in format_problems(export.format, steps):
+            self.add(("export", "format"), problem)
+        if export.path is not None and not Path(export.path).expanduser().is_absolute():
+            export = export.model_copy(update={"path": str((self.base_dir / export.path).resolve())})
+        return export
 
     def resolve_path(self, ref: str, loc: Loc) -> str:
         if is_hub_dataset(ref):

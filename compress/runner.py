@@ -15,6 +15,7 @@ from compress.context import RunContext
 from compress.data import sample_windows, tokenize_text, load_text
 from compress.engine import SweepStep, run_sweep
 from compress.errors import UserError
+from compress.export import save_run_outputs
 from compress.model_io import ModelHandle, load_model
 from compress.output import atomic_output
 from compress.progress import SILENT, Reporter
@@ -197,6 +198,9 @@ def run_recipe(
             "versions": versions(),
             "output": str(output.resolve()),
         }
+        export = save_run_outputs(handle, run, recipe.export, report, staging, output)
+        if export is not None:
+            report["export"] = export
         for name, text in run.run_files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_text(text, encoding="utf-8")

@@ -1,0 +1,50 @@
+"""`compress inspect`: what a checkpoint holds, module by module, and what it costs on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.common import err_console, exit_codes
+
+EPILOG = (
+    "Examples:\n\n"
+    "  compress inspect compress-out/demo-0101/export-compressed-tensors\n\n"
+    "  compress inspect models/demo-w4-gptq --json | jq .totals"
+)
+
+
+def _fmt(value: object) -> str:
+    return "—" if value is None else str(value)
+
+
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder (config.json + *.safetensors).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
+) -> None:
+    """Per module: format, bits, group size, zero fraction, bytes; totals: parameters, bytes, bits per weight, ratio."""
+    with exit_codes(verbose):
+        from compress.export.inspect import inspect_checkpoint
+
+        summary = inspect_checkpoint(checkpoint)
+        if as_json:
+            typer.echo(json.dumps(summary.to_dict(), indent=2))
+            return
+        table = Table(title=f"{checkpoint} ({summary.format})")
+        for column in ("module", "format", "bits", "group", "zeros", "parameters", "bytes"):
+            table.add_column(column, justify="left" if column in ("module", "format") else "right")
+        for row in summary.modules:
+            table.add_row(row.module, row.format, _fmt(row.bits), _fmt(row.group_size), _fmt(row.sparsity),
+                          f"{row.parameters:,}", f"{row.bytes:,}")
+        totals = summary.totals
+        table.caption = (
+            f"{totals['parameters']:,} parameters · {totals['bytes_on_disk']:,} bytes on disk · "
+            f"{totals['effective_bits_per_weight']} bits/weight · {totals['compression_ratio']}x vs "
+            f"{summary.original_dtype} · overhead {', '.join(f'{k} {v:,}' for k, v in summary.overhead.items())}"
+        )
+        err_console.print(table)

@@ -1,0 +1,96 @@
+"""Saving compressed models in formats real runtimes load, and reading them back for `compress inspect`.
+
+One module per format (compressed_tensors_format, gptq_format, dense, bnb_format), each a function
+`write_<format>(compressed, folder, dtype) -> details`; `export_checkpoint` picks one, writes into a hidden
+sibling folder and renames it into place, so an interrupted export leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from compress.errors import UserError
+from compress.export.config import FORMATS, ExportConfig, format_problems
+from compress.export.state import CompressedModel, load_state, save_state
+from compress.output import atomic_output
+
+__all__ = ["ExportConfig", "CompressedModel", "export_checkpoint", "format_problems", "load_state", "save_state"]
+
+Writer = Callable[[CompressedModel, Path, str], dict[str, Any]]
+
+
+def _writers() -> dict[str, Writer]:
+    from compress.export.bnb_format import write_bitsandbytes
+    from compress.export.compressed_tensors_format import write_compressed_tensors
+    from compress.export.dense import write_dense
+    from compress.export.gptq_format import write_gptq
+
+    return {"compressed-tensors": write_compressed_tensors, "gptq": write_gptq, "dense": write_dense,
+            "bitsandbytes": write_bitsandbytes}
+
+
+def export_checkpoint(
+    compressed: CompressedModel,
+    fmt: str,
+    target: Path,
+    *,
+    dtype: str = "auto",
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write `compressed` as a `fmt` checkpoint at `target` (atomically) with a model card; returns its summary."""
+    from compress.export.card import model_card
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if compressed.bitsandbytes != (fmt == "bitsandbytes"):
+        raise UserError("a model quantized by the bnb pass is saved only with --format bitsandbytes, and that format "
+                        "needs one" if compressed.bitsandbytes else "format 'bitsandbytes' needs a run with the bnb pass")
+    with atomic_output(target, overwrite=overwrite) as staging:
+        details = _writers()[fmt](compressed, staging, dtype)
+        (staging / "README.md").write_text(model_card(fmt, str(target), report, details), encoding="utf-8")
+        if report is not None:
+            (staging / "compress_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    files = sorted(p for p in target.iterdir() if p.is_file())
+    return {"format": fmt, "path": str(target.resolve()), "bytes": sum(p.stat().st_size for p in files),
+            "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"), **details}
+
+
+STATE_DIR = "state"
+
+
+def holds_bitsandbytes(model: Any) -> bool:
+    return any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+
+
+def save_run_outputs(handle: Any, run: Any, export: ExportConfig | None, report: dict[str, Any], staging: Path,
+                     output: Path) -> dict[str, Any] | None:
+    """At the end of `compress run`: keep the compressed state in RUN_DIR/state and export if the recipe asks.
+
+    `staging` is the run folder being built, `output` the name it gets when the run finishes; an export
+    without a `path` goes inside the run folder, so it appears (or not) together with the run.
+    """
+    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.quantized, run.masks,
+                                 run.activation_quant, bitsandbytes=holds_bitsandbytes(handle.model))
+    save_state(compressed, staging / STATE_DIR)
+    if export is None:
+        return None
+    default_name = f"export-{export.format}"
+    target = Path(export.path) if export.path else staging / default_name
+    summary = export_checkpoint(compressed, export.format, target, dtype=export.dtype, report=report)
+    if export.path is None:
+        summary["path"] = str((output / default_name).resolve())
+    return summary
+
+
+def export_run(run_dir: Path, fmt: str, target: Path, *, dtype: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+    """`compress export RUN_DIR`: write a checkpoint from the state a finished run kept."""
+    state = run_dir / STATE_DIR
+    if not state.is_dir():
+        raise UserError(f"{run_dir} has no {STATE_DIR}/ folder: export works on a finished `compress run` output "
+                        "folder (runs keep their compressed state there)")
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
+    return export_checkpoint(load_state(state), fmt, target, dtype=dtype, report=report, overwrite=overwrite)

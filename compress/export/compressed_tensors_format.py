@@ -1,0 +1,149 @@
+"""`compressed-tensors` format: what vLLM and transformers read for llm-compressor models.
+
+Weight-only int2..8 groups are `pack-quantized` (codes packed into int32 by compressed-tensors' own
+`pack_to_int32`, one scale per group, packed zero points when asymmetric); W8A8 modules (8-bit weights with
+dynamic per-token activations) are `int-quantized` (int8 codes, per-channel scale). One config group per
+distinct scheme, so a mixed-precision plan gets one group per bit width. Pruning masks become a
+`sparsity_config` (format dense, `sparsity_structure: "2:4"` when every masked matrix is 2:4) so runtimes
+can pick sparse kernels.
+
+Conventions: compressed-tensors stores signed codes; our asymmetric codes are unsigned [0, 2^b - 1], so
+codes and zero points shift down by 2^(b-1) together, which leaves (code - zero) * scale unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+from compress.export.common import export_dtype, plain_tensors, write_config, write_weights
+from compress.export.state import CompressedModel
+from compress.modules import is_linear
+from compress.quant import QuantizedWeight
+
+PACKED = "pack-quantized"
+INT8 = "int-quantized"
+
+
+def _signed_offset(record: QuantizedWeight) -> int:
+    return 0 if record.spec.symmetric else 1 << (record.spec.bits - 1)
+
+
+def pack_weight(record: QuantizedWeight, scale_dtype: torch.dtype, fmt: str = PACKED) -> dict[str, torch.Tensor]:
+    """The module-local tensors compressed-tensors stores for one quantized matrix (out, in)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    bits, offset = record.spec.bits, _signed_offset(record)
+    codes = (record.codes.to(torch.int16) - offset).to(torch.int8)  # (out, in), signed
+    zero = (record.zero.round().to(torch.int16) - offset).to(torch.int8)  # (out, groups)
+    out: dict[str, torch.Tensor] = {"weight_scale": record.scale.to(scale_dtype).contiguous()}
+    if fmt == INT8:
+        out["weight"] = codes.contiguous()
+        if not record.spec.symmetric:
+            out["weight_zero_point"] = zero.contiguous()
+        return out
+    out["weight_packed"] = pack_to_int32(codes, bits)
+    out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
+    if not record.spec.symmetric:
+        out["weight_zero_point"] = pack_to_int32(zero, bits, packed_dim=0).contiguous()
+    return out
+
+
+def _scheme_key(record: QuantizedWeight, activations: dict[str, Any] | None) -> tuple[Any, ...]:
+    act = (activations or {}).get("bits"), (activations or {}).get("per")
+    return record.spec.bits, record.spec.symmetric, record.spec.group_size, act
+
+
+def _module_format(record: QuantizedWeight, activations: dict[str, Any] | None) -> str:
+    return INT8 if activations and record.spec.bits == 8 else PACKED
+
+
+def build_scheme(record: QuantizedWeight, activations: dict[str, Any] | None, targets: list[str]) -> Any:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    spec = record.spec
+    weights = QuantizationArgs(
+        num_bits=spec.bits, type="int", symmetric=spec.symmetric,
+        strategy="group" if spec.group_size else "channel", group_size=spec.group_size,
+    )
+    inputs = None
+    if activations:
+        inputs = QuantizationArgs(num_bits=int(activations["bits"]), type="int", symmetric=True, dynamic=True,
+                                  strategy="token" if activations.get("per", "token") == "token" else "tensor")
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs,
+                              format=_module_format(record, activations))
+
+
+def quantization_config(compressed: CompressedModel) -> dict[str, Any]:
+    """`quantization_config` for config.json, built with compressed-tensors' own QuantizationConfig."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig
+
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for fqn, record in compressed.quantized.items():
+        groups.setdefault(_scheme_key(record, compressed.activation_quant.get(fqn)), []).append(fqn)
+    schemes = {}
+    for index, targets in enumerate(groups.values()):
+        first = targets[0]
+        schemes[f"group_{index}"] = build_scheme(compressed.quantized[first], compressed.activation_quant.get(first), targets)
+    formats = {scheme.format for scheme in schemes.values()}
+    linears = [name for name, module in compressed.model.named_modules() if is_linear(module)]
+    config = QuantizationConfig(
+        config_groups=schemes,
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+        ignore=[name for name in linears if name not in compressed.quantized],
+    )
+    return {
+        "version": compressed_tensors.__version__,  # the usual reason a runtime refuses a checkpoint is version skew
+        "quant_method": "compressed-tensors",
+        "sparsity_config": sparsity_config(compressed.masks),
+        "transform_config": {},
+        **config.model_dump(exclude={"quant_method"}, mode="json"),
+    }
+
+
+def is_n_m(mask: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every run of `m` consecutive input columns keeps at most `n` weights."""
+    rows, columns = mask.shape
+    if columns % m:
+        return False
+    return bool((mask.reshape(rows, columns // m, m).sum(dim=-1) <= n).all())
+
+
+def sparsity_config(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if not masks:
+        return {}
+    kept = sum(int(mask.sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    structure = "2:4" if all(is_n_m(mask) for mask in masks.values()) else "unstructured"
+    return {
+        "format": "dense",  # weights stay in the quantized layout; the metadata tells kernels what they may skip
+        "sparsity_structure": structure,
+        "global_sparsity": round(1 - kept / total, 6),
+        "targets": sorted(masks),
+        "ignore": [],
+        "registry_requires_subclass": False,
+    }
+
+
+def write_compressed_tensors(compressed: CompressedModel, folder: Path, dtype_name: str) -> dict[str, Any]:
+    dtype = export_dtype(dtype_name, compressed)
+    tensors = plain_tensors(compressed, dtype, skip_weights_of=set(compressed.quantized))
+    for fqn, record in compressed.quantized.items():
+        if not isinstance(compressed.model.get_submodule(fqn), nn.Linear):
+            raise UserError(f"{fqn} is not an nn.Linear (GPT-2's Conv1D?); compressed-tensors packs Linear weights "
+                            "only: export with --format dense")
+        fmt = _module_format(record, compressed.activation_quant.get(fqn))
+        for name, tensor in pack_weight(record, dtype, fmt).items():
+            tensors[f"{fqn}.{name}"] = tensor
+    config = quantization_config(compressed)
+    write_weights(tensors, folder)
+    write_config(compressed, folder, dtype, {"quantization_config": config})
+    return {"compressed_tensors_version": config["version"], "format": config["format"],
+            "config_groups": len(config["config_groups"]),
+            "sparsity_structure": config["sparsity_config"].get("sparsity_structure")}

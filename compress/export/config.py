@@ -1,0 +1,71 @@
+"""The recipe's `export:` section and the check that the chosen format can hold the recipe's scheme.
+
+    export: {format: compressed-tensors, path: out/model-w4}     # path relative to the recipe's folder
+    export: {format: gptq}                                       # default path: RUN_DIR/export-gptq
+
+The check runs at recipe load, before any model or calibration data is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+from compress.registry import StrictConfig
+
+ExportFormat = Literal["compressed-tensors", "gptq", "dense", "bitsandbytes"]
+FORMATS: tuple[str, ...] = ("compressed-tensors", "gptq", "dense", "bitsandbytes")
+GPTQ_BITS = (2, 4, 8)  # whole codes per int32 word; 3-bit GPTQ packing straddles words and is not written
+
+
+class ExportConfig(StrictConfig):
+    """Where and how to save the compressed checkpoint at the end of a run.
+
+    format: compressed-tensors (vLLM, transformers), gptq (transformers' GPTQ integration), dense
+    (dequantized weights, any runtime) or bitsandbytes (only after the `bnb` pass).
+    dtype: precision of unquantized tensors and scales; `auto` keeps the source checkpoint's.
+    """
+
+    format: ExportFormat = "compressed-tensors"
+    path: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+
+
+def _params(step: Any) -> dict[str, Any]:
+    return step.config.model_dump()
+
+
+def _is_structured_pruning(params: dict[str, Any]) -> bool:
+    """A pruning config that asks for an N:M pattern (`nm: 2:4`, `structure: "2:4"`, `n: 2, m: 4`, ...)."""
+    for key, value in params.items():
+        if key in ("nm", "n_m", "structure", "pattern", "prune_n", "n", "m") and value not in (None, 0, "unstructured"):
+            return True
+    return False
+
+
+def format_problems(fmt: str, steps: Sequence[Any]) -> list[str]:
+    """Why `fmt` cannot hold what the passes `steps` (recipe PassSteps) produce; empty when it can."""
+    names = [s.name for s in steps]
+    quantizers = [s for s in steps if s.definition.kind == "quantize"]
+    problems: list[str] = []
+    if "bnb" in names and fmt != "bitsandbytes":
+        problems.append(f"the bnb pass produces bitsandbytes modules, which only the 'bitsandbytes' format saves (got {fmt!r})")
+    if fmt == "bitsandbytes" and "bnb" not in names:
+        problems.append("format 'bitsandbytes' saves a model quantized by the bnb pass; add `- bnb: {mode: nf4}` or choose compressed-tensors")
+    if fmt != "gptq":
+        return problems
+    for step in quantizers:
+        params = _params(step)
+        if params.get("activations"):
+            problems.append(f"the GPTQ layout holds weight-only quantization; '{step.name}' also quantizes activations "
+                            "(W8A8): use format compressed-tensors")
+        if "bits" in params and params["bits"] not in GPTQ_BITS:
+            problems.append(f"the GPTQ layout is written for {', '.join(map(str, GPTQ_BITS))} bits; '{step.name}' uses "
+                            f"{params['bits']}: use format compressed-tensors")
+    if any(s.definition.kind == "allocate" for s in steps):
+        problems.append("the GPTQ layout has one bit width for the whole model; a bit allocation pass makes a mixed "
+                        "plan: use format compressed-tensors (one config group per bit width)")
+    for step in steps:
+        if step.definition.kind == "prune" and _is_structured_pruning(_params(step)):
+            problems.append(f"the GPTQ layout cannot carry N:M sparsity metadata ('{step.name}'): use format "
+                            "compressed-tensors, which marks 2:4 for sparse kernels")
+    return problems

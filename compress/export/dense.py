@@ -1,0 +1,19 @@
+"""`dense` format: dequantized (pruned or fake-quantized) weights in plain safetensors, for any runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compress.export.common import export_dtype, plain_tensors, write_config, write_weights
+from compress.export.state import CompressedModel
+
+
+def write_dense(compressed: CompressedModel, folder: Path, dtype_name: str) -> dict[str, Any]:
+    """Every tensor as a float of the export dtype; quantization survives only as the values themselves."""
+    dtype = export_dtype(dtype_name, compressed)
+    write_weights(plain_tensors(compressed, dtype, skip_weights_of=set()), folder)
+    write_config(compressed, folder, dtype, {})
+    dropped = sorted(compressed.activation_quant)
+    return {"notes": [f"activation quantization of {len(dropped)} modules is a runtime setting and is not stored"]
+            if dropped else []}

@@ -1,0 +1,146 @@
+"""The compressed model as a run leaves it, saved in the run folder so `compress export` can write any format later.
+
+Layout of `RUN_DIR/state/` (written by `save_state`, read back by `load_state`):
+
+    config.json, generation_config.json, tokenizer files   the model's own, with its (possibly pruned) shapes
+    tensors.safetensors   every parameter and persistent buffer that is not a quantized weight, in the compute
+                          dtype (lossless); for each quantized linear `<fqn>.codes` (int8/uint8), `<fqn>.scale`,
+                          `<fqn>.zero` (rows, groups); for each pruning mask `<fqn>.mask` (uint8, out x in)
+    safetensors metadata  `specs` (fqn -> bits/symmetric/group_size), `activation_quant`, `tied` (names that
+                          share a tensor with an earlier one), `checkpoint_dtype`
+
+A model quantized by the `bnb` pass holds bitsandbytes modules instead; its state is transformers' own
+bitsandbytes serialization (`save_pretrained`) plus `state.json` saying so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from compress.errors import UserError
+from compress.model_io import DTYPES
+from compress.quant import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class CompressedModel:
+    """What every export format is written from: the model with dequantized weights plus the integer records."""
+
+    model: Any  # a transformers PreTrainedModel (save_pretrained, config)
+    tokenizer: Any
+    checkpoint_dtype: torch.dtype
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bitsandbytes: bool = False  # the model holds bitsandbytes modules (the `bnb` pass ran)
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's tensors with each shared (tied) tensor once, and `{dropped name: kept name}` for the rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    owner: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in owner and tensor.numel() > 0:
+            tied[name] = owner[key]
+            continue
+        owner[key] = name
+        tensors[name] = tensor
+    return tensors, tied
+
+
+def spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
+    return spec.describe()
+
+
+def spec_from_dict(data: dict[str, Any]) -> QuantSpec:
+    size = data.get("group_size")
+    return QuantSpec(int(data["bits"]), bool(data["symmetric"]), PerGroup(int(size)) if size else PerChannel())
+
+
+def save_state(compressed: CompressedModel, folder: Path) -> None:
+    """Write `compressed` into `folder` (see the module docstring for the layout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if compressed.bitsandbytes:
+        compressed.model.save_pretrained(folder)
+        _save_tokenizer(compressed.tokenizer, folder)
+        (folder / STATE_FILE).write_text(json.dumps({"bitsandbytes": True}) + "\n", encoding="utf-8")
+        return
+    compressed.model.config.save_pretrained(folder)
+    generation = getattr(compressed.model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    _save_tokenizer(compressed.tokenizer, folder)
+    tensors, tied = unique_state_dict(compressed.model)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.removesuffix(".weight") not in compressed.quantized or not name.endswith(".weight"):
+            out[name] = tensor.detach().cpu().contiguous()
+    for fqn, record in compressed.quantized.items():
+        out[f"{fqn}.codes"] = record.codes.contiguous()
+        out[f"{fqn}.scale"] = record.scale.float().contiguous()
+        out[f"{fqn}.zero"] = record.zero.float().contiguous()
+    for fqn, mask in compressed.masks.items():
+        out[f"{fqn}.mask"] = mask.to(torch.uint8).cpu().contiguous()
+    metadata = {
+        "specs": json.dumps({fqn: spec_to_dict(r.spec) for fqn, r in compressed.quantized.items()}),
+        "activation_quant": json.dumps(compressed.activation_quant),
+        "tied": json.dumps(tied),
+        "checkpoint_dtype": str(compressed.checkpoint_dtype).replace("torch.", ""),
+    }
+    save_file(out, str(folder / TENSORS_FILE), metadata=metadata)
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+
+
+def load_state(folder: Path) -> CompressedModel:
+    """Rebuild the compressed model saved by `save_state`: weights of quantized linears are dequantized codes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / TENSORS_FILE).is_file() and not (folder / STATE_FILE).is_file():
+        raise UserError(f"{folder} holds no saved compression state ({TENSORS_FILE}); was it written by `compress run`?")
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    if (folder / STATE_FILE).is_file() and json.loads((folder / STATE_FILE).read_text()).get("bitsandbytes"):
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+        return CompressedModel(model, tokenizer, torch.float32, bitsandbytes=True)
+    with safe_open(str(folder / TENSORS_FILE), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+    specs = {fqn: spec_from_dict(d) for fqn, d in json.loads(metadata.get("specs", "{}")).items()}
+    quantized = {
+        fqn: QuantizedWeight(stored.pop(f"{fqn}.codes"), stored.pop(f"{fqn}.scale"), stored.pop(f"{fqn}.zero"), spec)
+        for fqn, spec in specs.items()
+    }
+    masks = {name.removesuffix(".mask"): stored.pop(name).bool() for name in [n for n in stored if n.endswith(".mask")]}
+    dtype = next((t.dtype for t in stored.values() if t.is_floating_point()), torch.float32)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for fqn, record in quantized.items():
+        stored[f"{fqn}.weight"] = _module_layout(model.get_submodule(fqn), record.dequantize().to(dtype))
+    for dropped, kept in json.loads(metadata.get("tied", "{}")).items():
+        stored[dropped] = stored[kept]
+    model.load_state_dict(stored, strict=True)
+    model.eval()
+    checkpoint_dtype = DTYPES.get(metadata.get("checkpoint_dtype", ""), dtype)
+    return CompressedModel(model, tokenizer, checkpoint_dtype, quantized, masks,
+                           json.loads(metadata.get("activation_quant", "{}")))
+
+
+def _module_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """(out, in) -> the module's own weight layout (GPT-2's Conv1D stores (in, out))."""
+    return matrix if isinstance(module, nn.Linear) else matrix.t().contiguous()

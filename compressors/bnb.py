@@ -1,0 +1,85 @@
+"""bitsandbytes quantization (LLM.int8() or 4-bit NF4/FP4), done by transformers' own bitsandbytes integration.
+
+The model is saved to a temporary folder and reloaded with a `BitsAndBytesConfig`, so the result is exactly
+what `from_pretrained(..., quantization_config=...)` builds, evaluates through the same evaluators, and
+saves in transformers' bitsandbytes serialization (`export: {format: bitsandbytes}`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from compress.context import RunContext
+from compress.errors import UserError
+from compress.model_io import DTYPES, ModelHandle
+from compress.modules import DEFAULT_IGNORE
+from compress.registry import StrictConfig, register_pass
+
+BITS = {"int8": 8, "nf4": 4, "fp4": 4}
+
+
+class BnbConfig(StrictConfig):
+    """Recipe example:
+
+        passes:
+          - bnb: {mode: nf4, double_quant: true}        # 4-bit NormalFloat, scales quantized again
+          - bnb: {mode: int8, int8_threshold: 6.0}      # LLM.int8(): outlier columns stay in float16
+        export: {format: bitsandbytes}
+    """
+
+    mode: Literal["int8", "nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    int8_threshold: float = Field(6.0, gt=0, description="LLM.int8() outlier threshold on activation magnitude")
+    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+
+def bnb_quantization_config(cfg: BnbConfig, model_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if cfg.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.int8_threshold,
+                                  llm_int8_skip_modules=cfg.ignore)
+    compute = model_dtype if cfg.compute_dtype == "auto" else DTYPES[cfg.compute_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.mode, bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=cfg.ignore)
+
+
+@register_pass("bnb", BnbConfig, scope="model", kind="quantize")
+def run_bnb(handle: ModelHandle, cfg: BnbConfig, run: RunContext) -> dict[str, Any]:
+    """Quantize every linear (but `ignore`) with bitsandbytes: LLM.int8() or 4-bit NF4/FP4."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("the bnb pass needs bitsandbytes: pip install 'compress[bnb]' (or pip install bitsandbytes)")
+    from transformers import AutoModelForCausalLM
+
+    source: Any = handle.model  # a transformers PreTrainedModel
+    dtype = next(source.parameters()).dtype
+    with tempfile.TemporaryDirectory(prefix="compress-bnb-") as folder:
+        source.save_pretrained(folder)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                Path(folder), quantization_config=bnb_quantization_config(cfg, dtype), dtype=dtype,
+                device_map={"": str(handle.device)},
+            )
+            _smoke_forward(model, handle.device)
+        except (RuntimeError, ValueError, ImportError, NotImplementedError) as exc:
+            raise UserError(f"bitsandbytes {cfg.mode} does not run on {handle.device} here "
+                            f"({type(exc).__name__}: {exc}). 4-bit needs every linear width to be a multiple of "
+                            "the 64-value block; CPU support needs bitsandbytes >= 0.48") from exc
+    model.eval()
+    model.config.use_cache = False
+    handle.model = model
+    return {name: {"mode": cfg.mode, "bits": BITS[cfg.mode], "double_quant": cfg.double_quant}
+            for name, module in model.named_modules() if type(module).__module__.startswith("bitsandbytes")}
+
+
+def _smoke_forward(model: Any, device: torch.device) -> None:
+    """Fail here, with the pass's clear message, rather than inside the first evaluation."""
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False)
