@@ -124,3 +124,29 @@ def test_recipe_errors_point_at_pruning_fields():
     assert "r.yaml:2 passes[0].wanda" in message and "prunes exactly 0.5" in message
     assert "passes[1].magnitude.pattern" in message and "0 < N < M" in message
     assert "needs calibration data" in message
+
+
+def test_owl_plan_sets_each_layers_sparsity_with_the_mean_at_target(tiny_llama, text_file):
+    text = f"""
+calibration: {{dataset: {text_file}, samples: 8, seq_len: 32}}
+passes:
+  - owl: {{sparsity: 0.5, spread: 0.1, threshold: 3}}
+  - wanda: {{sparsity: 0.5}}
+"""
+    handle = load_model(str(tiny_llama))
+    run = RunContext(device=handle.device, calibration=calibration(), calibration_batch_size=4)
+    entries, _ = run_passes(handle, parse_recipe(text).passes, run)
+    plan = run.layer_sparsity
+    assert set(plan) == {"model.layers.0", "model.layers.1"}
+    assert sum(plan.values()) / 2 == pytest.approx(0.5) and max(plan.values()) - min(plan.values()) == pytest.approx(0.2)
+    shares = {k: v["outlier_share"] for k, v in entries[0]["modules"].items()}
+    assert min(plan, key=plan.__getitem__) == max(shares, key=shares.__getitem__)  # more outliers, fewer pruned
+    for fqn, module in linears(handle).items():
+        layer = ".".join(fqn.split(".")[:3])
+        assert float((weight_matrix(module) == 0).float().mean()) == pytest.approx(plan[layer], abs=0.02), fqn
+
+
+def test_owl_needs_a_pruning_pass_after_it():
+    text = "calibration: {dataset: x.txt}\npasses:\n  - owl: {sparsity: 0.5}\n  - rtn: {bits: 4}\n"
+    with pytest.raises(RecipeError, match="writes per-layer sparsities, so a pruning pass must follow it"):
+        parse_recipe(text, filename="r.yaml")
