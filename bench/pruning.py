@@ -181,8 +181,9 @@ def main(
             peer = run_peer(scheme, setup)
         rows.append(_row(scheme, ours, peer, baseline, base_params))
         console.print(rows[-1])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(_markdown(rows, baseline, base_params, base_ms, samples, quick, load_before), encoding="utf-8")
+        # Rewritten after every row, so a long run interrupted half-way still leaves its finished rows.
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(_markdown(rows, baseline, base_params, base_ms, samples, quick, load_before), encoding="utf-8")
     console.print(f"wrote {output}")
 
 

@@ -31,6 +31,15 @@ class PruneConfig(StrictConfig):
     pattern: str = "unstructured"
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _quoted(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 2:4 as base-60: 2*60 + 4
+            n, m = divmod(value, 60)
+            raise ValueError(f'quote the pattern: YAML reads an unquoted {n}:{m} as the number {value}; '
+                             f'write pattern: "{n}:{m}"')
+        return value
+
     @field_validator("pattern")
     @classmethod
     def _known_pattern(cls, value: str) -> str:

@@ -124,6 +124,8 @@ def test_recipe_errors_point_at_pruning_fields():
     assert "r.yaml:2 passes[0].wanda" in message and "prunes exactly 0.5" in message
     assert "passes[1].magnitude.pattern" in message and "0 < N < M" in message
     assert "needs calibration data" in message
+    with pytest.raises(RecipeError, match='YAML reads an unquoted 2:4 as the number 124; write pattern: "2:4"'):
+        parse_recipe("passes:\n  - magnitude: {pattern: 2:4}\n", filename="r.yaml")
 
 
 def test_owl_plan_sets_each_layers_sparsity_with_the_mean_at_target(tiny_llama, text_file):
