@@ -79,8 +79,8 @@ SCHEMES = [
     PruneScheme("SparseGPT 2:4 + GPTQ W4 g128", "[sparsegpt: {pattern: '2:4'}, gptq: {bits: 4, group_size: 128}]", None),
     PruneScheme("OWL 50% + Wanda", "[owl: {sparsity: 0.5}, wanda: {sparsity: 0.5}]", None),
     PruneScheme("layer_drop 1 of 4 layers", "[layer_drop: {count: 1}]", None),
-    PruneScheme("width_prune 25% heads + 25% MLP, compensated",
-                "[width_prune: {attention_ratio: 0.25, mlp_ratio: 0.25, compensate: true}]", None),
+    PruneScheme("width_prune 50% heads + 25% MLP, compensated",
+                "[width_prune: {attention_ratio: 0.5, mlp_ratio: 0.25, compensate: true}]", None),
 ]
 
 
@@ -161,14 +161,15 @@ def main(
     quick: Annotated[bool, typer.Option(help="smoke run: 16 samples, 8 eval windows")] = False,
     output: Annotated[Path, typer.Option(help="Markdown section to write")] = REPO / "bench" / "results" / "pruning.md",
     only: Annotated[str, typer.Option(help="comma-separated scheme titles (prefix match); empty = all")] = "",
+    eval_windows: Annotated[int, typer.Option(help="score only the first N eval windows; 0 = all")] = 0,
 ) -> None:
     if quick:
-        samples = min(samples, 16)
+        samples, eval_windows = min(samples, 16), 8
     load_before = os.getloadavg()
     handle = load_model(str(DEMO / "model"), dtype="float32", device="cpu")
     setup = Setup(DEMO / "model",
                   sample_windows(tokenize_text(handle.tokenizer, load_text(str(DEMO / "calib.txt"))), samples, SEQ_LEN, 0),
-                  tokenize_text(handle.tokenizer, load_text(str(DEMO / "eval.txt"))), SEQ_LEN, 8 if quick else None)
+                  tokenize_text(handle.tokenizer, load_text(str(DEMO / "eval.txt"))), SEQ_LEN, eval_windows or None)
     baseline, base_params, base_ms = setup.perplexity(handle.model), handle.parameter_count(), forward_ms(handle.model, setup)
     del handle
     console.print(f"fp32 baseline perplexity {baseline:.4f}, {base_params:,} parameters, forward {base_ms:.0f} ms")
@@ -183,11 +184,12 @@ def main(
         console.print(rows[-1])
         # Rewritten after every row, so a long run interrupted half-way still leaves its finished rows.
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(_markdown(rows, baseline, base_params, base_ms, samples, quick, load_before), encoding="utf-8")
+        output.write_text(_markdown(rows, baseline, base_params, base_ms, samples, eval_windows, load_before),
+                          encoding="utf-8")
     console.print(f"wrote {output}")
 
 
-def _markdown(rows: list[str], baseline: float, base_params: int, base_ms: float, samples: int, quick: bool,
+def _markdown(rows: list[str], baseline: float, base_params: int, base_ms: float, samples: int, eval_windows: int,
               load_before: tuple[float, float, float]) -> str:
     load_after = os.getloadavg()
     from importlib.metadata import version
@@ -208,7 +210,7 @@ def _markdown(rows: list[str], baseline: float, base_params: int, base_ms: float
         f"fp32 perplexity {baseline:.3f}, forward of 8 x 512 tokens {base_ms:.0f} ms",
         f"- calibration: {samples} windows of {SEQ_LEN} tokens from `recipes/demo/calib.txt` (`sample_windows`, seed 0), "
         "the same token tensors for both tools, batches of 8",
-        "- evaluation: token_ppl v1 on `recipes/demo/eval.txt`" + (", first 8 windows (--quick)" if quick else ", all windows"),
+        "- evaluation: token_ppl v1 on `recipes/demo/eval.txt`" + (f", first {eval_windows} windows of 512 tokens" if eval_windows else ", all windows"),
         "- settings: lm_head (tied to the embeddings) dense in both (the peer needs `ignore: ['re:.*lm_head']`); SparseGPT dampening 0.01, block 128; the peer's mask_structure '0:0' "
         "(unstructured) or '2:4'. sparsity = share of exact zeros in the decoder layers' Linear weights.",
         "- seconds: wall time of the compression call only (our `run_passes`, the peer's `oneshot`), one run each; "

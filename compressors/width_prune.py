@@ -135,12 +135,25 @@ def plan_width(config: Any, cfg: WidthPruneConfig) -> WidthPlan:
     heads = config.num_attention_heads
     groups = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    keep_groups = max(1, groups - int(round(cfg.attention_ratio * groups)))
+    keep_groups = _storable_groups(groups - int(round(cfg.attention_ratio * groups)), groups, heads // groups,
+                                   config.hidden_size)
     intermediate = config.intermediate_size
     kept = intermediate - int(round(cfg.mlp_ratio * intermediate))
     if cfg.mlp_ratio > 0:
         kept = max(cfg.channel_multiple, int(round(kept / cfg.channel_multiple)) * cfg.channel_multiple)
     return WidthPlan(head_dim, heads // groups, groups, keep_groups, intermediate, min(kept, intermediate))
+
+
+def _storable_groups(wanted: int, groups: int, heads_per_group: int, hidden_size: int) -> int:
+    """The largest KV-group count <= `wanted` (at least the smallest storable one) whose head count divides hidden_size.
+
+    transformers' Llama-family configs refuse to load when hidden_size % num_attention_heads != 0, even with an
+    explicit head_dim, so 3 of 4 heads of a 256-wide model is not storable: we keep 2 (prune at least what was asked;
+    the report shows the groups kept).
+    """
+    valid = [g for g in range(1, groups + 1) if hidden_size % (g * heads_per_group) == 0]
+    at_most = [g for g in valid if g <= max(wanted, 1)]
+    return max(at_most) if at_most else min(valid)
 
 
 def _blocks(layer: nn.Module) -> tuple[Any, Any]:

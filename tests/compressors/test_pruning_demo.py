@@ -66,7 +66,7 @@ def test_two_four_costs_more_than_unstructured_half(unstructured, method):
 
 
 @pytest.mark.parametrize("passes", ["[layer_drop: {count: 1}]",
-                                    "[width_prune: {attention_ratio: 0.25, mlp_ratio: 0.25, compensate: true}]"])
+                                    "[width_prune: {attention_ratio: 0.5, mlp_ratio: 0.25, compensate: true}]"])
 def test_structured_output_reloads_smaller_and_still_models_text(demo, tmp_path, passes):
     handle, entries = demo["compress"](passes)
     summary = next(v for v in entries[0]["modules"].values() if "parameters_after" in v)

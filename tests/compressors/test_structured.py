@@ -144,3 +144,17 @@ def test_recipe_with_pruning_and_structured_passes_reports_the_smaller_model(tin
     assert width["modules"]["model"]["parameters_after"] < width["modules"]["model"]["parameters_before"]
     assert wanda["summary"]["mean_sparsity"] == pytest.approx(0.5) and wanda["summary"]["modules"] == 14
     assert "| width_prune |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_kept_head_count_divides_hidden_size():
+    from types import SimpleNamespace
+
+    from compressors.width_prune import plan_width
+
+    demo_like = SimpleNamespace(num_attention_heads=4, num_key_value_heads=4, hidden_size=256, head_dim=64,
+                                intermediate_size=768)
+    plan = plan_width(demo_like, WidthPruneConfig(attention_ratio=0.25, mlp_ratio=0.25))
+    assert plan.keep_groups == 2 and plan.keep_intermediate == 576  # 3 of 4 heads would not load: keep 2
+    assert plan_width(demo_like, WidthPruneConfig(attention_ratio=0.0)).keep_groups == 4
+    gqa = SimpleNamespace(num_attention_heads=12, num_key_value_heads=4, hidden_size=96, intermediate_size=64)
+    assert plan_width(gqa, WidthPruneConfig(attention_ratio=0.25)).keep_groups == 2  # 3 groups = 9 heads ∤ 96
