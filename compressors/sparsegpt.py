@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from compress.context import RunContext
-from compress.engine import LayerContext
+from compress.engine import LayerContext, input_groups
 from compress.modules import weight_matrix
 from compress.registry import register_pass
 from compressors.hessian import (
@@ -129,9 +129,12 @@ class SparseGPTConfig(PruneConfig):
 def run_sparsegpt(layer: LayerContext, cfg: SparseGPTConfig) -> dict[str, Any]:
     """SparseGPT: prune with second-order weight reconstruction from calibration inputs (Frantar & Alistarh 2023)."""
     modules = prunable(layer, cfg)
-    hessians = collect_hessians(layer, modules)
+    groups = input_groups(layer, modules)
+    # Modules of a group ([q, k, v], [gate, up]) read the very same tensor, so they share one Hessian.
+    hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in groups})
     target = cfg.sparsity_for(layer)
-    return {fqn: prune_module(fqn, module, hessians[fqn], target, cfg, layer.run) for fqn, module in modules.items()}
+    return {fqn: prune_module(fqn, modules[fqn], hessians[names[0]], target, cfg, layer.run)
+            for names in groups for fqn in names}
 
 
 def prune_module(fqn: str, module: nn.Module, hessian: HessianAccumulator, target: float, cfg: SparseGPTConfig,
