@@ -18,6 +18,8 @@ class RunContext:
     - `calibration`: (samples, seq_len) token windows, or None when no pass needs inputs.
     - `bit_plan`: module fqn -> QuantSpec, written by allocation passes and read by quantizers.
     - `masks`: module fqn -> bool tensor (out, in), True where a weight survived pruning; quantizers keep zeros at zero.
+    - `layer_sparsity`: decoder-layer prefix -> sparsity, written by a sparsity allocation pass (OWL) and read by
+      the pruning passes, as `bit_plan` is by the quantizers.
     - `quantized`: module fqn -> integer codes, scales and zero points, kept for export.
     - `activation_quant`: module fqn -> activation quantization settings installed as forward hooks.
     - `fallbacks`: every place a pass degraded (e.g. a Cholesky failure), reported, never silent.
@@ -34,6 +36,7 @@ class RunContext:
     calibration_batch_size: int = 8
     bit_plan: dict[str, QuantSpec] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)

@@ -400,6 +400,10 @@ class _Checker:
                 later.definition.kind == "quantize" for later in steps[position + 1 :]
             ):
                 self.add(loc, f"'{step.name}' writes a bit plan, so a quantization pass must follow it")
+            if step.definition.kind == "allocate_sparsity" and not any(
+                later.definition.kind == "prune" for later in steps[position + 1 :]
+            ):
+                self.add(loc, f"'{step.name}' writes per-layer sparsities, so a pruning pass must follow it")
 
     def check_evaluate(self, sections: dict[str, Any]) -> list[EvalStep]:
         registry = available_evaluators()

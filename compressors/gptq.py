@@ -2,8 +2,9 @@
 quantized, weighted by the inverse Hessian of the layer's reconstruction error (Frantar et al. 2022,
 "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", arXiv:2210.17323).
 
-`gptq_quantize` is the pure tensor kernel (weight + Hessian in, codes out); `HessianAccumulator` builds the
-Hessian from calibration inputs; `run_gptq` is the thin pass that wires both into the decoder-layer engine.
+`gptq_quantize` is the pure tensor kernel (weight + Hessian in, codes out); `compressors.hessian` (shared with
+SparseGPT) builds the Hessian from calibration inputs; `run_gptq` is the thin pass that wires both into the
+decoder-layer engine.
 
 Group quantization parameters, two honest choices:
 - dynamic groups (default without act_order): a group's scale and zero point are computed when the algorithm
@@ -41,16 +42,13 @@ from compress.quant import (
 )
 from compress.registry import register_pass
 from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
-
-# When the damped Hessian is still not positive definite, retry with the dampening multiplied by this factor,
-# at most this many times, before falling back to RTN.
-DAMPENING_GROWTH = 10.0
-DAMPENING_RETRIES = 3
-
-
-class HessianNotPositiveDefinite(RuntimeError):
-    """Cholesky failed even after the dampening retries; the caller decides how to degrade (and records it)."""
-
+from compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
+    HessianAccumulator,
+    HessianNotPositiveDefinite,
+    collect_hessians,
+    inverse_hessian_factor,
+    mark_dead_columns,
+)
 
 @dataclass(frozen=True)
 class GPTQResult:
@@ -66,26 +64,6 @@ class GPTQResult:
     loss: float
     dampening_frac_used: float
     dead_columns: int
-
-
-class HessianAccumulator:
-    """H = 2/n * sum_samples X X^T over calibration inputs, as a running mean in fp32 (no per-sample storage).
-
-    `n` counts sequences, not tokens, exactly like the reference `add_batch`, so `loss` values compare with it.
-    """
-
-    def __init__(self, columns: int, device: torch.device):
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.samples = 0
-
-    def add(self, inputs: torch.Tensor) -> None:
-        """Fold in one batch of inputs (..., columns); every leading dim but the last token dim counts as samples."""
-        batch = inputs.shape[0] if inputs.dim() > 2 else 1
-        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, columns)
-        total = self.samples + batch
-        # Running mean: H <- H * n/(n+b) + (2/(n+b)) X^T X, one fused matmul.
-        self.hessian.addmm_(x.t(), x, beta=self.samples / total, alpha=2.0 / total)
-        self.samples = total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,7 +100,7 @@ def gptq_quantize(
     keep = None if mask is None else mask.to(W.device, torch.bool)
     if keep is not None:
         W[~keep] = 0
-    dead = _mark_dead_columns(W, H)
+    dead = mark_dead_columns(W, H)
     # Per-channel qparams are static by nature: from the whole original row, as in the reference.
     static_qparams = _static_group_qparams(W, spec) if static_groups or spec.group_size is None else None
 
@@ -130,7 +108,7 @@ def gptq_quantize(
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         keep = None if keep is None else keep[:, perm]
-    Hinv, damp_used = _inverse_hessian_factor(H, dampening_frac)
+    Hinv, damp_used = inverse_hessian_factor(H, dampening_frac)
     codes, scale, zero, loss = _quantize_columns(W, Hinv, spec, block_size, keep, perm, static_qparams)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
@@ -138,37 +116,10 @@ def gptq_quantize(
     return GPTQResult(qweight, loss, damp_used, dead)
 
 
-def _mark_dead_columns(W: torch.Tensor, H: torch.Tensor) -> int:
-    """Inputs that were always zero leave H singular; the reference sets H_ii = 1 and drops those weights."""
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return int(dead.sum())
-
-
 def _static_group_qparams(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, groups) scales and zero points from the original weights, groups in the original column order."""
     pairs = [compute_qparams(W[:, start:end], spec) for start, end in group_bounds(W.shape[1], spec)]
     return torch.stack([s for s, _ in pairs], dim=1), torch.stack([z for _, z in pairs], dim=1)
-
-
-def _inverse_hessian_factor(H: torch.Tensor, dampening_frac: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising the dampening until it factorizes."""
-    mean_diag = torch.diag(H).mean()
-    frac = dampening_frac
-    for _attempt in range(DAMPENING_RETRIES + 1):
-        damped = H.clone()
-        damped.diagonal().add_(frac * mean_diag)
-        # see GPTQ Sec. 4 "Cholesky reformulation"; Frantar et al. 2022
-        L, info = torch.linalg.cholesky_ex(damped)
-        if info == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(Hinv.diagonal()).all():  # NaN inputs factorize 'fine'
-                return Hinv, frac
-        frac *= DAMPENING_GROWTH
-    raise HessianNotPositiveDefinite(
-        f"Hessian not positive definite even with dampening {frac / DAMPENING_GROWTH:g} x mean diagonal"
-    )
 
 
 def _quantize_columns(
@@ -309,19 +260,6 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
             for fqn in names:
                 results[fqn] = quantize_module(fqn, modules[fqn], hessians[names[0]], cfg, layer.run)
     return results
-
-
-def collect_hessians(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[str, HessianAccumulator]:
-    """One Hessian per module from every calibration batch.
-
-    Each forward stops once all modules saw their input: q/k/v only need the input norm, not the attention and
-    MLP, so re-capturing per group (true_sequential) costs about two layer forwards instead of four.
-    """
-    hessians = {
-        name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device) for name, m in modules.items()
-    }
-    layer.observe(modules, lambda name, inputs: hessians[name].add(inputs), stop_early=True)
-    return hessians
 
 
 def quantize_module(

@@ -1,0 +1,44 @@
+"""Magnitude pruning: drop the smallest |W| (the data-free baseline of the Wanda and SparseGPT papers).
+
+`magnitude_mask` is the pure kernel; `run_magnitude` the thin pass. Unstructured masks compare the whole
+matrix (layer-wise, as the papers' magnitude baseline does); N:M masks compare each group of M input columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from compress.engine import LayerContext
+from compress.modules import weight_matrix
+from compress.registry import register_pass
+from compressors.pruning import PruneConfig, apply_mask, prunable
+from compressors.sparsity import NM, select_mask
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> torch.Tensor:
+    """Bool (rows, columns), True where |W| is among the largest 1 - sparsity of the matrix (or n of every m)."""
+    return select_mask(weight.detach().float().abs(), sparsity, nm, per="module")
+
+
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning, no calibration.
+
+    Recipe example:
+
+        passes:
+          - magnitude: {sparsity: 0.5}
+          - magnitude: {pattern: "2:4", ignore: [lm_head, "*.down_proj"]}
+    """
+
+
+@register_pass("magnitude", MagnitudeConfig, scope="layer", kind="prune")
+def run_magnitude(layer: LayerContext, cfg: MagnitudeConfig) -> dict[str, Any]:
+    """Magnitude pruning: zero the smallest weights of every linear, unstructured or N:M."""
+    target, nm = cfg.sparsity_for(layer), cfg.nm
+    results = {}
+    for fqn, module in prunable(layer, cfg).items():
+        keep = magnitude_mask(weight_matrix(module), target, nm)
+        results[fqn] = apply_mask(fqn, module, keep, None, target, nm, layer.run)
+    return results

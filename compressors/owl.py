@@ -1,0 +1,60 @@
+"""OWL (Yin et al. 2023, "Outlier Weighed Layerwise Sparsity", arXiv:2310.05175): non-uniform per-layer sparsity.
+
+Layers with a larger share of outlier Wanda scores (|W| * ||X||_2 above `threshold` x the layer mean) matter more,
+so they are pruned less; the ratios span at most 2 x `spread` and their mean is held at the target. The pass
+measures the dense model on the calibration windows and writes `RunContext.layer_sparsity`, which the next
+pruning pass (magnitude, wanda, sparsegpt; unstructured) uses instead of its own `sparsity`, as a quantizer
+uses a bit plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from compress.context import RunContext
+from compress.engine import LayerContext, SweepStep, run_sweep
+from compress.model_io import ModelHandle
+from compress.modules import DEFAULT_IGNORE, weight_matrix
+from compress.registry import StrictConfig, register_pass
+from compressors.pruning import input_sq_norms
+from compressors.sparsity import outlier_share, owl_sparsities
+from compressors.wanda import wanda_score
+
+
+class OWLConfig(StrictConfig):
+    """Recipe example (OWL's defaults: lambda 0.08, M 5):
+
+        passes:
+          - owl: {sparsity: 0.7, spread: 0.08, threshold: 5}
+          - wanda: {sparsity: 0.7}
+    """
+
+    sparsity: float = Field(gt=0, lt=1)
+    spread: float = Field(0.08, ge=0, lt=0.5)
+    threshold: float = Field(5.0, gt=1)
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+
+def _measure(shares: dict[str, float], cfg: OWLConfig) -> Any:
+    def measure(layer: LayerContext, _cfg: Any) -> dict[str, Any]:
+        modules = layer.linears(cfg.ignore)
+        norms = input_sq_norms(layer, modules)
+        scores = torch.cat([wanda_score(weight_matrix(m), norms[fqn]).flatten() for fqn, m in modules.items()])
+        shares[layer.prefix] = outlier_share(scores, cfg.threshold)
+        return {}
+
+    return measure
+
+
+@register_pass("owl", OWLConfig, scope="model", kind="allocate_sparsity", needs_calibration=True)
+def run_owl(handle: ModelHandle, cfg: OWLConfig, run: RunContext) -> dict[str, Any]:
+    """OWL: per-layer sparsity from the share of activation outliers, mean held at the target."""
+    shares: dict[str, float] = {}
+    run_sweep(handle, [SweepStep("owl: outlier shares", _measure(shares, cfg), cfg, True)], run)
+    ratios = owl_sparsities(list(shares.values()), cfg.sparsity, cfg.spread)
+    run.layer_sparsity.update(zip(shares, ratios))
+    return {prefix: {"outlier_share": round(share, 6), "sparsity": round(ratio, 6)}
+            for (prefix, share), ratio in zip(shares.items(), ratios)}

@@ -1,0 +1,138 @@
+"""Pieces every weight-pruning pass shares (magnitude, wanda, sparsegpt): its config, per-layer sparsity, mask
+bookkeeping and the per-module report entry. The algorithms themselves live in their own modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from compress.context import RunContext
+from compress.engine import LayerContext
+from compress.errors import UserError
+from compress.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
+from compress.registry import StrictConfig
+from compressors.sparsity import NM, is_nm, measured_sparsity, parse_pattern
+
+
+class PruneConfig(StrictConfig):
+    """Settings shared by the weight-pruning passes.
+
+    sparsity: share of weights removed in every pruned matrix (0 to 1), or a list with one value per decoder
+    layer (a schedule). With an N:M pattern it defaults to, and must equal, 1 - N/M.
+    pattern: "unstructured", or "N:M" (keep N of every M consecutive weights along the input dimension;
+    "2:4" and "4:8" are what sparse tensor cores and runtimes accelerate).
+    ignore: module-name patterns left dense (glob or `re:`), as for the quantizers; lm_head by default.
+    """
+
+    sparsity: float | list[float] | None = None
+    pattern: str = "unstructured"
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _quoted(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 2:4 as base-60: 2*60 + 4
+            n, m = divmod(value, 60)
+            raise ValueError(f'quote the pattern: YAML reads an unquoted {n}:{m} as the number {value}; '
+                             f'write pattern: "{n}:{m}"')
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _known_pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @field_validator("sparsity")
+    @classmethod
+    def _in_range(cls, value: float | list[float] | None) -> float | list[float] | None:
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("a sparsity schedule needs one value per decoder layer, got an empty list")
+        for v in values:
+            if not 0 <= v < 1:
+                raise ValueError(f"sparsity must be in [0, 1), got {v}")
+        return value
+
+    @model_validator(mode="after")
+    def _pattern_matches_sparsity(self) -> "PruneConfig":
+        nm = self.nm
+        if nm is None and self.sparsity is None:
+            raise ValueError("set `sparsity` (e.g. 0.5) or an N:M `pattern` (e.g. '2:4')")
+        if nm is not None and self.sparsity is not None and (
+            isinstance(self.sparsity, list) or abs(self.sparsity - nm.sparsity) > 1e-9
+        ):
+            raise ValueError(f"pattern {nm} prunes exactly {nm.sparsity:g} of the weights; "
+                             f"drop `sparsity` or set it to {nm.sparsity:g}")
+        return self
+
+    @property
+    def nm(self) -> NM | None:
+        return parse_pattern(self.pattern)
+
+    def sparsity_for(self, layer: LayerContext) -> float:
+        """This decoder layer's target: an allocation pass's plan (OWL) first, then the schedule or the constant."""
+        planned = layer.run.layer_sparsity.get(layer.prefix)
+        if planned is not None and self.nm is None:
+            return planned
+        if self.nm is not None:
+            return self.nm.sparsity
+        if isinstance(self.sparsity, list):
+            if layer.index >= len(self.sparsity):
+                raise UserError(f"the sparsity schedule has {len(self.sparsity)} values but the model has more "
+                                f"decoder layers (layer {layer.index}): give one value per layer")
+            return self.sparsity[layer.index]
+        assert self.sparsity is not None  # guaranteed by the validator
+        return self.sparsity
+
+
+def prunable(layer: LayerContext, cfg: PruneConfig) -> dict[str, nn.Module]:
+    """The layer's linears minus `ignore`; a user error if an N:M pattern does not tile one's input width."""
+    modules = layer.linears(cfg.ignore)
+    nm = cfg.nm
+    for fqn, module in modules.items():
+        columns = weight_matrix(module).shape[1]
+        if nm is not None and columns % nm.m:
+            raise UserError(f"{fqn} has {columns} input features, not a multiple of {nm.m}, so it cannot be "
+                            f"pruned {nm}: add it to `ignore`")
+    return modules
+
+
+def apply_mask(fqn: str, module: nn.Module, keep: torch.Tensor, new_weight: torch.Tensor | None,
+               target: float, nm: NM | None, run: RunContext) -> dict[str, Any]:
+    """Zero the pruned weights (or write a reconstructed `new_weight`), record the mask, return the report entry.
+
+    The mask is AND-ed with one an earlier pruning pass left, so weights pruned once stay pruned.
+    """
+    previous = run.masks.get(fqn)
+    keep = keep.cpu() if previous is None else keep.cpu() & previous
+    original = weight_matrix(module).float().clone()
+    source = original if new_weight is None else new_weight.float()
+    pruned = source * keep.to(source.device)
+    set_weight_matrix(module, pruned)
+    run.masks[fqn] = keep
+    error = (pruned - original).norm() / original.norm().clamp_min(1e-12)
+    entry: dict[str, Any] = {
+        "target_sparsity": round(target, 6),
+        "sparsity": round(measured_sparsity(weight_matrix(module)), 6),
+        "mask_sparsity": round(1 - float(keep.float().mean()), 6),
+        "weight_rel_error": round(error.item(), 6),
+    }
+    if nm is not None:
+        entry["pattern"] = str(nm)
+        entry["nm_valid"] = is_nm(keep, nm)
+    return entry
+
+
+def input_sq_norms(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Per module, the squared L2 norm of each input feature over every calibration token: ||X_j||^2, (in_features,)."""
+    norms = {name: torch.zeros(weight_matrix(m).shape[1], device=weight_matrix(m).device) for name, m in modules.items()}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        norms[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
+
+    layer.observe(modules, add, stop_early=True)
+    return norms
