@@ -35,11 +35,8 @@ def _params(step: Any) -> dict[str, Any]:
 
 
 def _is_structured_pruning(params: dict[str, Any]) -> bool:
-    """A pruning config that asks for an N:M pattern (`nm: 2:4`, `structure: "2:4"`, `n: 2, m: 4`, ...)."""
-    for key, value in params.items():
-        if key in ("nm", "n_m", "structure", "pattern", "prune_n", "n", "m") and value not in (None, 0, "unstructured"):
-            return True
-    return False
+    """A pruning config that asks for an N:M pattern (`pattern: "2:4"` on magnitude, wanda and sparsegpt)."""
+    return params.get("pattern") not in (None, "unstructured")
 
 
 def format_problems(fmt: str, steps: Sequence[Any]) -> list[str]:
