@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 # Frontier points kept per DP step before thinning by size bucket (exact below it).
-MAX_FRONTIER_POINTS = 20_000
+MAX_FRONTIER_POINTS = 5_000
 
 
 @dataclass(frozen=True)
@@ -187,35 +188,54 @@ def pareto_frontier(problem: Problem, max_points: int = MAX_FRONTIER_POINTS) -> 
 
     Adding one unit at a time and dropping dominated (size, cost) pairs keeps the set exact. If it grows past
     `max_points`, the cheapest plan per size bucket is kept instead (returned flag `exact` is then False), so
-    very large models stay tractable at a small loss of optimality.
+    very large models stay tractable at a small loss of optimality. Points keep a back-pointer to the previous
+    unit's point, so a step costs O(points), not O(points x units).
     """
-    points: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+    levels: list[list[_Point]] = [[_Point(0, 0.0, -1, -1)]]
     exact = True
     for unit in problem.units:
-        merged = [(s + unit.sizes[k], c + unit.costs[k], ch + (k,)) for s, c, ch in points for k in range(len(unit.bits))]
+        merged = [_Point(p.size + unit.sizes[k], p.cost + unit.costs[k], index, k)
+                  for index, p in enumerate(levels[-1]) for k in range(len(unit.bits))]
         points = _non_dominated(merged)
         if len(points) > max_points:
             points, exact = _thin(points, max_points), False
-    return [FrontierPoint(s, c, ch) for s, c, ch in points], exact
+        levels.append(points)
+    return [FrontierPoint(p.size, p.cost, _choice_of(levels, i)) for i, p in enumerate(levels[-1])], exact
 
 
-def _non_dominated(points: list[tuple[int, float, tuple[int, ...]]]) -> list[tuple[int, float, tuple[int, ...]]]:
+class _Point(NamedTuple):
+    size: int
+    cost: float
+    parent: int  # index into the previous unit's points
+    option: int  # this unit's width index
+
+
+def _choice_of(levels: list[list[_Point]], index: int) -> tuple[int, ...]:
+    choice = []
+    for level in range(len(levels) - 1, 0, -1):
+        point = levels[level][index]
+        choice.append(point.option)
+        index = point.parent
+    return tuple(reversed(choice))
+
+
+def _non_dominated(points: list[_Point]) -> list[_Point]:
     """Sorted by size; keep a point only if it is strictly cheaper than every smaller (or equal-size) one."""
-    points.sort(key=lambda p: (p[0], p[1]))
-    kept: list[tuple[int, float, tuple[int, ...]]] = []
+    points.sort(key=lambda p: (p.size, p.cost))
+    kept: list[_Point] = []
     for point in points:
-        if not kept or point[1] < kept[-1][1]:
+        if not kept or point.cost < kept[-1].cost:
             kept.append(point)
     return kept
 
 
-def _thin(points: list[tuple[int, float, tuple[int, ...]]], max_points: int) -> list[tuple[int, float, tuple[int, ...]]]:
-    low, high = points[0][0], points[-1][0]
+def _thin(points: list[_Point], max_points: int) -> list[_Point]:
+    low, high = points[0].size, points[-1].size
     width = max(1, (high - low) // max_points + 1)
-    best: dict[int, tuple[int, float, tuple[int, ...]]] = {}
+    best: dict[int, _Point] = {}
     for point in points:
-        bucket = (point[0] - low) // width
-        if bucket not in best or point[1] < best[bucket][1]:
+        bucket = (point.size - low) // width
+        if bucket not in best or point.cost < best[bucket].cost:
             best[bucket] = point
     return _non_dominated(list(best.values()))
 
