@@ -148,7 +148,7 @@ def solve_greedy(problem: Problem) -> Allocation:
     """Start every unit at its widest width; repeatedly narrow the unit whose next narrower width costs the least
     extra per saved bit, until the plan fits."""
     check_feasible(problem)
-    widest = [max(range(len(u.bits)), key=lambda k, u=u: (u.sizes[k], u.bits[k])) for u in problem.units]
+    widest = [max(range(len(u.bits)), key=u.sizes.__getitem__) for u in problem.units]
     return _step_down(problem, widest)
 
 
@@ -160,7 +160,7 @@ def _step_down(problem: Problem, choice: list[int]) -> Allocation:
             narrower = [k for k in range(len(unit.bits)) if unit.sizes[k] < unit.sizes[choice[i]]]
             if not narrower:
                 continue
-            k = max(narrower, key=lambda k, unit=unit: unit.sizes[k])  # the next width down
+            k = max(narrower, key=unit.sizes.__getitem__)  # the next width down
             saved = unit.sizes[choice[i]] - unit.sizes[k]
             rate = (unit.costs[k] - unit.costs[choice[i]]) / saved
             if best is None or rate < best[0]:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compress.modules import set_weight_matrix, weight_matrix
 from compress.quant import QuantSpec, quantize_rtn
@@ -87,7 +88,7 @@ def loss_hvp(losses: Sequence[Callable[[], torch.Tensor]], params: list[torch.Te
         total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         for loss_fn in losses:
             grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
-            dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(grads, vs))
+            dot = torch.stack([(g * v.to(g.dtype)).sum() for g, v in zip(grads, vs)]).sum()
             for acc, hv in zip(total, torch.autograd.grad(dot, params)):
                 acc += hv.float()
         return total
@@ -108,7 +109,11 @@ def next_token_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
 def calibration_losses(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[Callable[[], torch.Tensor]]:
     """One closure per batch whose values sum to the mean loss over all calibration windows."""
     total = sum(b.shape[0] for b in batches)
-    return [lambda b=b: next_token_loss(model, b) * (b.shape[0] / total) for b in batches]
+
+    def loss_of(batch: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: next_token_loss(model, batch) * (batch.shape[0] / total)
+
+    return [loss_of(b) for b in batches]
 
 
 @contextlib.contextmanager
@@ -117,8 +122,8 @@ def grad_only_for(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None
     previous = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in previous:
         p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    for param in params:
+        param.requires_grad_(True)
     try:
         with torch.enable_grad():
             yield
@@ -140,11 +145,12 @@ def hessian_traces(
     generator = torch.Generator().manual_seed(seed)
     estimates: dict[str, TraceEstimate] = {}
     for modules in layer_modules:
-        params = [module.weight for module in modules.values()]
-        with grad_only_for(model, params):  # type: ignore[arg-type]
-            hvp = loss_hvp(calibration_losses(model, batches), params)  # type: ignore[arg-type]
+        params = _weights(modules)
+        # Fused attention kernels (flash, memory-efficient) have no double backward; the math kernel does.
+        with grad_only_for(model, params), sdpa_kernel(SDPBackend.MATH):
+            hvp = loss_hvp(calibration_losses(model, batches), params)
             estimate = hutchinson_trace(hvp, [p.shape for p in params], tol=tol, max_probes=max_probes,
-                                        generator=generator, device=params[0].device)  # type: ignore[union-attr]
+                                        generator=generator, device=params[0].device)
         for i, name in enumerate(modules):
             estimates[name] = TraceEstimate((estimate.traces[i],), estimate.probes, estimate.converged)
     return estimates
@@ -152,14 +158,18 @@ def hessian_traces(
 
 def fisher_diagonals(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean over calibration windows of the squared gradient of each window's loss, per weight, in (out, in) layout."""
-    params = [module.weight for module in modules.values()]
+    params = _weights(modules)
     sums = [torch.zeros_like(weight_matrix(m), dtype=torch.float32) for m in modules.values()]
-    with grad_only_for(model, params):  # type: ignore[arg-type]
+    with grad_only_for(model, params):
         for window in windows.split(1):  # per-sample gradients: the Fisher is E[g g^T], not E[g] E[g]^T
-            grads = torch.autograd.grad(next_token_loss(model, window), params)  # type: ignore[arg-type]
+            grads = torch.autograd.grad(next_token_loss(model, window), params)
             for acc, grad, module in zip(sums, grads, modules.values()):
                 acc += _as_matrix(grad, module).float().pow(2)
     return {name: acc / windows.shape[0] for name, acc in zip(modules, sums)}
+
+
+def _weights(modules: dict[str, nn.Module]) -> list[torch.Tensor]:
+    return [cast(torch.Tensor, module.weight) for module in modules.values()]
 
 
 def _as_matrix(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -174,7 +184,7 @@ def io_dissimilarity(model: nn.Module, layers: Sequence[nn.Module], batches: Seq
     tokens = 0
 
     def measure(index: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, (tuple, list)) else output
             cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)  # (B, T)
