@@ -7,6 +7,7 @@ import typer
 from cli import eval as eval_cmd
 from cli import recipes as recipes_cmd
 from cli import run as run_cmd
+from cli import sensitivity as sensitivity_cmd
 
 app = typer.Typer(
     name="compress",
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.command("run", epilog=run_cmd.EPILOG)(run_cmd.run)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.evaluate)
 app.command("validate", epilog=recipes_cmd.VALIDATE_EPILOG)(recipes_cmd.validate)
+app.command("sensitivity", epilog=sensitivity_cmd.EPILOG)(sensitivity_cmd.sensitivity)
 app.add_typer(recipes_cmd.app, name="recipes")
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 # Frontier points kept per DP step before thinning by size bucket (exact below it).
 MAX_FRONTIER_POINTS = 5_000
@@ -112,6 +111,8 @@ def solve_ilp(problem: Problem, *, time_limit_s: float = 60.0) -> Allocation:
     A second resource (`extra`) adds one more <= row. The solution is re-checked in exact integer arithmetic; a
     tolerance-level overshoot is repaired by the greedy step-down, and noted.
     """
+    from scipy.optimize import Bounds, LinearConstraint, milp  # ~0.5 s to import; only when solving
+
     check_feasible(problem)
     offsets = np.cumsum([0] + [len(u.bits) for u in problem.units])
     n = int(offsets[-1])
