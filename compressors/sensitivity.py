@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from compress.modules import set_weight_matrix, weight_matrix
 from compress.quant import QuantSpec, quantize_rtn
 
-HVP = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+HVP = Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]]  # probes -> H v per probe, block by block
 
 
 @dataclass(frozen=True)
@@ -50,29 +50,34 @@ def hutchinson_trace(
     tol: float = 1e-2,
     max_probes: int = 64,
     min_probes: int = 4,
+    probes_per_round: int = 4,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> TraceEstimate:
-    """Tr of each diagonal block H_ii of a Hessian, given `hvp(vs) = [H v]_i` for one probe vector split in blocks.
+    """Tr of each diagonal block H_ii of a Hessian, given `hvp(probes) = [[H v]_i for each probe]`.
 
-    One probe serves every block at once: v_i^T [Hv]_i is an unbiased estimate of Tr(H_ii). Stops when the running
-    mean of every block changes by less than `tol` (relative) after a probe, as PyHessian's `trace()` does, and
-    never before `min_probes` probes or after `max_probes`.
+    One probe serves every block at once: v_i^T [Hv]_i is an unbiased estimate of Tr(H_ii). Probes come in rounds
+    of `probes_per_round` so `hvp` can reuse one gradient graph for several; it stops when the running mean of
+    every block changed by less than `tol` (relative) over a round, as PyHessian's `trace()` does per probe,
+    and never before `min_probes` probes or after `max_probes`.
     """
     # see HAWQ-V2 Sec. 3.1 (Hutchinson's algorithm); Dong et al. 2020
     sums = [0.0] * len(shapes)
     means = [0.0] * len(shapes)
-    for probe in range(1, max_probes + 1):
-        vs = [_rademacher(shape, generator, device) for shape in shapes]
-        hvs = hvp(vs)
+    probes = 0
+    while probes < max_probes:
+        count = min(probes_per_round, max_probes - probes)
+        round_probes = [[_rademacher(shape, generator, device) for shape in shapes] for _ in range(count)]
         previous = list(means)
-        for i, (v, hv) in enumerate(zip(vs, hvs)):
-            sums[i] += float((v * hv.to(v.dtype)).sum())
-            means[i] = sums[i] / probe
+        for vs, hvs in zip(round_probes, hvp(round_probes)):
+            for i, (v, hv) in enumerate(zip(vs, hvs)):
+                sums[i] += float((v * hv.to(v.dtype)).sum())
+        probes += count
+        means = [total / probes for total in sums]
         settled = all(abs(m - p) <= tol * (abs(m) + 1e-12) for m, p in zip(means, previous))
-        if probe >= min_probes and settled:
-            return TraceEstimate(tuple(means), probe, True)
-    return TraceEstimate(tuple(means), max_probes, False)
+        if probes >= min_probes and probes > count and settled:
+            return TraceEstimate(tuple(means), probes, True)
+    return TraceEstimate(tuple(means), probes, False)
 
 
 def _rademacher(shape: torch.Size, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
@@ -82,16 +87,19 @@ def _rademacher(shape: torch.Size, generator: torch.Generator | None, device: to
 def loss_hvp(losses: Sequence[Callable[[], torch.Tensor]], params: list[torch.Tensor]) -> HVP:
     """H v for the Hessian of sum_k losses[k]() w.r.t. `params`, by double backward (Pearlmutter's trick).
 
-    Each loss is built and differentiated on its own, so only one batch's graph is alive at a time.
+    Each loss is built and differentiated on its own, so only one batch's graph is alive at a time; its gradient
+    graph is reused for every probe of the round (H v = d(grad)/d(params)^T v, H being symmetric).
     """
-    def hvp(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    def hvp(probes: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        totals = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in probes]
         for loss_fn in losses:
             grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
-            dot = torch.stack([(g * v.to(g.dtype)).sum() for g, v in zip(grads, vs)]).sum()
-            for acc, hv in zip(total, torch.autograd.grad(dot, params)):
-                acc += hv.float()
-        return total
+            for k, vs in enumerate(probes):
+                hvs = torch.autograd.grad(grads, params, grad_outputs=[v.to(g.dtype) for g, v in zip(grads, vs)],
+                                          retain_graph=k + 1 < len(probes))
+                for acc, hv in zip(totals[k], hvs):
+                    acc += hv.float()
+        return totals
 
     return hvp
 

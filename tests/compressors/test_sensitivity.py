@@ -31,8 +31,8 @@ def test_hutchinson_gives_each_block_its_own_trace_from_shared_probes():
     # H = blockdiag(A, B) of a quadratic form: the per-block estimates must be Tr(A) and Tr(B), not their sum.
     a = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
     b = torch.diag(torch.tensor([10.0, 20.0]))
-    estimate = hutchinson_trace(lambda vs: [a @ vs[0], b @ vs[1]], [torch.Size([3]), torch.Size([2])], tol=1e-6,
-                                max_probes=5)
+    estimate = hutchinson_trace(lambda probes: [[a @ vs[0], b @ vs[1]] for vs in probes],
+                                [torch.Size([3]), torch.Size([2])], tol=1e-6, max_probes=20, probes_per_round=2)
     # Rademacher v has v_i^2 = 1, so diagonal blocks are estimated exactly by every probe.
     assert estimate.traces == (6.0, 30.0)
     assert estimate.converged and estimate.probes == 4  # min_probes
@@ -40,8 +40,8 @@ def test_hutchinson_gives_each_block_its_own_trace_from_shared_probes():
 
 def test_hutchinson_stops_at_max_probes_when_not_settled():
     full = torch.tensor([[1.0, 5.0], [5.0, 1.0]])  # off-diagonal terms make every probe differ
-    estimate = hutchinson_trace(lambda vs: [full @ vs[0]], [torch.Size([2])], tol=1e-9, max_probes=7,
-                                generator=torch.Generator().manual_seed(0))
+    estimate = hutchinson_trace(lambda probes: [[full @ vs[0]] for vs in probes], [torch.Size([2])], tol=1e-9,
+                                max_probes=7, generator=torch.Generator().manual_seed(0))
     assert estimate.probes == 7 and not estimate.converged
 
 
