@@ -40,7 +40,7 @@ from evaluators.perplexity import perplexity_of  # noqa: E402
 DEMO = REPO / "recipes" / "demo"
 SEQ_LEN = 512
 GROUP_SIZE = 128
-ESTIMATORS = ("hessian_trace", "fisher", "delta_loss", "io_similarity")
+ESTIMATORS = ("hessian_trace", "fisher", "io_similarity", "delta_loss")
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 UNIFORM_BITS = (2, 3, 4)
 

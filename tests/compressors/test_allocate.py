@@ -132,3 +132,33 @@ def test_recipe_checks(tiny_llama, text_file, tmp_path):
     for passes, message in cases.items():
         with pytest.raises(RecipeError, match=message):
             parse_recipe(recipe_text(tiny_llama, text_file, passes, text_file), base_dir=tmp_path)
+
+
+def test_sensitivity_command_saves_costs_that_allocate_reuses_across_budgets(tiny_llama, text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    recipe = tmp_path / "recipe.yaml"
+    passes = f"  - allocate: {{sensitivity: fisher, budget: {{avg_bits: 3.0}}}}\n  - rtn: {{group_size: {GROUP}}}"
+    recipe.write_text(recipe_text(tiny_llama, text_file, passes, text_file))
+    saved = tmp_path / "sens.json"
+    result = CliRunner().invoke(app, ["sensitivity", str(recipe), "--output", str(saved), "--quiet"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(saved.read_text())
+    assert document["estimator"] == "fisher" and len(document["units"]) == 14
+    assert all(unit["cost"]["2"] > unit["cost"]["8"] for unit in document["units"].values())
+
+    plans = {}
+    for budget in (3.0, 4.0):
+        reuse = f"  - allocate: {{sensitivity_file: {saved}, budget: {{avg_bits: {budget}}}}}\n  - rtn: {{group_size: {GROUP}}}"
+        _, run, _ = run_chain(tiny_llama, text_file, reuse)
+        section = run.report_sections["allocation"]
+        assert section["estimator"] == "fisher" and section["sensitivity_seconds"] == document["seconds"]
+        assert section["used"]["bits"] <= section["budget"]["bits"]
+        plans[budget] = section["plan"]
+    assert sum(plans[4.0].values()) > sum(plans[3.0].values())
+
+    other_group = f"  - allocate: {{sensitivity_file: {saved}, budget: {{avg_bits: 3.0}}}}\n  - rtn: {{group_size: 16}}"
+    with pytest.raises(UserError, match="computed with group_size=32, but this run uses 16"):
+        run_chain(tiny_llama, text_file, other_group)
