@@ -2,6 +2,8 @@
 
     python bench/allocation.py                                   # writes bench/results/allocation.md
     python bench/allocation.py --samples 16 --eval-windows 20    # quicker
+    python bench/allocation.py ... 2> progress.log; python bench/allocation.py ... --resume-log progress.log
+                                                                 # an interrupted run goes on where it stopped
 
 For each estimator (hessian_trace, fisher, delta_loss, io_similarity) the sensitivities are computed once and
 saved (as `compress sensitivity` does), then reused for every budget (2.5, 3.0, 3.5, 4.0 average bits, scales
@@ -16,11 +18,12 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
@@ -67,6 +70,27 @@ def quantize_and_score(passes: str, calibration: torch.Tensor, eval_ids: torch.T
             "allocation": run.report_sections.get("allocation")}
 
 
+PROGRESS = re.compile(r"^(?:uniform W(?P<bits>\d)|(?P<est>\w+) @ (?P<budget>[\d.]+)): (?P<ppl>[\d.]+) at (?P<avg>[\d.]+)"
+                      r"(?: in (?P<seconds>[\d.]+) s)?$")
+
+
+def read_progress(path: Path | None) -> tuple[dict[int, dict[str, Any]], dict[str, dict[float, dict[str, Any]]]]:
+    """Results already printed by a run with the same settings (its stderr), so it need not be repeated."""
+    uniform: dict[int, dict[str, Any]] = {}
+    mixed: dict[str, dict[float, dict[str, Any]]] = {}
+    for line in (path.read_text().splitlines() if path else []):
+        match = PROGRESS.match(line.strip())
+        if not match:
+            continue
+        result = {"perplexity": float(match["ppl"]), "avg_bits": float(match["avg"]),
+                  "seconds": float(match["seconds"]) if match["seconds"] else None}
+        if match["bits"]:
+            uniform[int(match["bits"])] = result
+        else:
+            mixed.setdefault(match["est"], {})[float(match["budget"])] = result
+    return uniform, mixed
+
+
 @app.command()
 def main(
     samples: Annotated[int, typer.Option(help="calibration windows of 512 tokens for GPTQ")] = 32,
@@ -75,6 +99,7 @@ def main(
     eval_windows: Annotated[int, typer.Option(help="evaluation windows (0: all 103)")] = 0,
     estimators: Annotated[str, typer.Option(help="comma-separated subset")] = ",".join(ESTIMATORS),
     output: Annotated[Path, typer.Option(help="markdown file to write")] = REPO / "bench" / "results" / "allocation.md",
+    resume_log: Annotated[Optional[Path], typer.Option(help="stderr of an interrupted run with the same settings")] = None,
 ) -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -85,16 +110,29 @@ def main(
     fp, counts = perplexity_of(handle.model, eval_ids, SEQ_LEN, 8, torch.device("cpu"), windows)
     gptq = f"{{gptq: {{bits: 4, group_size: {GROUP_SIZE}}}}}"
 
-    uniform = {}
+    uniform, mixed = read_progress(resume_log)
+    sensitivity_seconds: dict[str, float] = {}
+
+    def write() -> None:
+        text = render(fp, counts, uniform, mixed, sensitivity_seconds, samples, sensitivity_samples, max_probes,
+                      load_before, time.perf_counter() - started)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+
     for bits in UNIFORM_BITS:
+        if bits in uniform:
+            continue
         uniform[bits] = quantize_and_score(f"[{{gptq: {{bits: {bits}, group_size: {GROUP_SIZE}}}}}]", calibration,
                                            eval_ids, windows)
-        print(f"uniform W{bits}: {uniform[bits]['perplexity']:.3f} at {uniform[bits]['avg_bits']:.4f}", file=sys.stderr)
+        result = uniform[bits]
+        print(f"uniform W{bits}: {result['perplexity']:.3f} at {result['avg_bits']:.4f} in {result['seconds']:.1f} s",
+              file=sys.stderr)
+        write()
 
-    mixed: dict[str, dict[float, dict[str, Any]]] = {}
-    sensitivity_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for estimator in [e.strip() for e in estimators.split(",") if e.strip()]:
+            if all(b in mixed.get(estimator, {}) for b in BUDGETS):
+                continue
             cfg = AllocateConfig(sensitivity=estimator, budget={"avg_bits": 3.0}, samples=sensitivity_samples,  # type: ignore[arg-type]
                                  max_probes=max_probes)
             run = RunContext(device=handle.device, calibration=calibration, calibration_batch_size=8)
@@ -102,19 +140,19 @@ def main(
             sensitivity_seconds[estimator] = document["seconds"]
             path = Path(tmp) / f"{estimator}.json"
             path.write_text(json.dumps(document))
-            mixed[estimator] = {}
+            mixed.setdefault(estimator, {})
             for budget in BUDGETS:
+                if budget in mixed[estimator]:
+                    continue
                 passes = (f"[{{allocate: {{sensitivity: {estimator}, sensitivity_file: {path}, "
                           f"budget: {{avg_bits: {budget}}}}}}}, {gptq}]")
                 mixed[estimator][budget] = quantize_and_score(passes, calibration, eval_ids, windows)
                 result = mixed[estimator][budget]
-                print(f"{estimator} @ {budget}: {result['perplexity']:.3f} at {result['avg_bits']:.4f}", file=sys.stderr)
-
-    text = render(fp, counts, uniform, mixed, sensitivity_seconds, samples, sensitivity_samples, max_probes,
-                  load_before, time.perf_counter() - started)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
-    print(text)
+                print(f"{estimator} @ {budget}: {result['perplexity']:.3f} at {result['avg_bits']:.4f} in "
+                      f"{result['seconds']:.1f} s", file=sys.stderr)
+                write()
+    write()
+    print(output.read_text())
 
 
 def render(fp: float, counts: dict[str, int], uniform: dict[int, dict[str, Any]],
@@ -144,14 +182,19 @@ def render(fp: float, counts: dict[str, int], uniform: dict[int, dict[str, Any]]
         "|---|" + "---:|" * (len(BUDGETS) + 1),
     ]
     for estimator, row in mixed.items():
-        cells = [f"{row[b]['perplexity']:.3f} ({row[b]['avg_bits']:.3f})" for b in BUDGETS]
-        lines.append(f"| {estimator} + ilp, then GPTQ | " + " | ".join(cells) + f" | {sensitivity_seconds[estimator]:.1f} |")
+        cells = [f"{row[b]['perplexity']:.3f} ({row[b]['avg_bits']:.3f})" if b in row else "not run" for b in BUDGETS]
+        spent = sensitivity_seconds.get(estimator)
+        lines.append(f"| {estimator} + ilp, then GPTQ | " + " | ".join(cells) + f" | {_seconds(spent)} |")
     lines += ["", "Uniform GPTQ, same group size and calibration:", "", "| scheme | avg bits | perplexity | seconds |",
               "|---|---:|---:|---:|"]
-    for bits, result in uniform.items():
+    for bits, result in sorted(uniform.items()):
         lines.append(f"| GPTQ W{bits} g{GROUP_SIZE} | {result['avg_bits']:.3f} | {result['perplexity']:.3f} | "
-                     f"{result['seconds']:.1f} |")
+                     f"{_seconds(result['seconds'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 if __name__ == "__main__":
