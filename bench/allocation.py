@@ -116,6 +116,9 @@ def main(
     def write() -> None:
         text = render(fp, counts, uniform, mixed, sensitivity_seconds, samples, sensitivity_samples, max_probes,
                       load_before, time.perf_counter() - started)
+        if resume_log is not None:
+            text += (f"\nRows without seconds were measured by an earlier, interrupted run with the same settings "
+                     f"(its progress log: {resume_log.name}); totals and load above are of the resumed run.\n")
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text, encoding="utf-8")
 
