@@ -9,6 +9,7 @@ from cli import export as export_cmd
 from cli import inspect as inspect_cmd
 from cli import recipes as recipes_cmd
 from cli import run as run_cmd
+from cli import sensitivity as sensitivity_cmd
 
 app = typer.Typer(
     name="compress",
@@ -29,6 +30,7 @@ app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.evaluate)
 app.command("validate", epilog=recipes_cmd.VALIDATE_EPILOG)(recipes_cmd.validate)
 app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export)
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
+app.command("sensitivity", epilog=sensitivity_cmd.EPILOG)(sensitivity_cmd.sensitivity)
 app.add_typer(recipes_cmd.app, name="recipes")
 
 

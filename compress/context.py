@@ -29,6 +29,8 @@ class RunContext:
       the bit plan, sensitivities and Pareto frontier), beyond the per-module entries every pass returns.
     - `run_files`: files a pass wants in the run directory, relative name -> text (e.g. "bit_plan.yaml");
       written into the staging folder, so they appear only with a complete run.
+    - `next_quantizer`: while a model-scope pass runs, the config of the first quantize pass after it (an
+      allocation pass takes the group size, symmetry and ignore list its plan must fit from there).
     """
 
     device: torch.device
@@ -44,3 +46,4 @@ class RunContext:
     cache: dict[Any, Any] = field(default_factory=dict)
     report_sections: dict[str, Any] = field(default_factory=dict)
     run_files: dict[str, str] = field(default_factory=dict)
+    next_quantizer: Any = None

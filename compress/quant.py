@@ -118,9 +118,15 @@ class QuantizedWeight:
         return torch.cat(parts, dim=1)
 
     def storage_bits(self) -> int:
-        """Bits to store this matrix: codes plus a 16-bit scale (and a `bits`-wide zero point if asymmetric) per group."""
-        per_group = 16 + (0 if self.spec.symmetric else self.spec.bits)
-        return self.codes.numel() * self.spec.bits + self.scale.numel() * per_group
+        """Bits to store this matrix: see `storage_bits`."""
+        return storage_bits(self.codes.shape[0], self.codes.shape[1], self.spec)
+
+
+def storage_bits(rows: int, columns: int, spec: QuantSpec) -> int:
+    """Bits to store a (rows, columns) matrix quantized with `spec`: codes plus a 16-bit scale (and a `bits`-wide
+    zero point if asymmetric) per row and group. The report's sizes and the bit allocator's budget both use this."""
+    per_group = 16 + (0 if spec.symmetric else spec.bits)
+    return rows * columns * spec.bits + rows * len(group_bounds(columns, spec)) * per_group
 
 
 def codes_dtype(spec: QuantSpec) -> torch.dtype:

@@ -350,6 +350,15 @@ class _Checker:
             self.add(loc, f"file not found: {path} (relative paths resolve against the recipe's folder)")
         return str(path.resolve())
 
+    def resolve_path_fields(self, config: StrictConfig, loc: Loc) -> StrictConfig:
+        """Files a pass reads (a config's `path_fields`, e.g. a bit plan) resolve against the recipe's folder."""
+        updates = {}
+        for field_name in getattr(config, "path_fields", ()):
+            value = getattr(config, field_name)
+            if isinstance(value, str):
+                updates[field_name] = self.resolve_path(value, loc + (field_name,))
+        return config.model_copy(update=updates) if updates else config
+
     def resolve_model(self, ref: str | None) -> str | None:
         if ref is None:
             return None  # the CLI asks for --model when it needs one
@@ -383,6 +392,7 @@ class _Checker:
             definition = registry[name]
             config = self.validate(definition.config, params if params is not None else {}, ("passes", index, name))
             if config is not None:
+                config = self.resolve_path_fields(config, ("passes", index, name))
                 steps.append(PassStep(index, name, definition, config))
         self.check_chain(steps, calibration)
         return steps

@@ -127,9 +127,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         params = ", ".join(f"{k}={v}" for k, v in entry["params"].items())
         summary = ", ".join(f"{k}={v}" for k, v in entry["summary"].items())
         lines.append(f"| {entry['name']} | {params} | {entry['seconds']:.2f} | {summary} |")
+    if "allocation" in report:
+        lines += allocation_lines(report["allocation"])
     if report["fallbacks"]:
         lines += ["", "## Fallbacks", ""] + [f"- {f}" for f in report["fallbacks"]]
     return "\n".join(lines) + "\n"
+
+
+def allocation_lines(allocation: dict[str, Any]) -> list[str]:
+    """Budget against what the plan used (codes + scales + zero points), and how many weights got each width."""
+    budget, used = allocation["budget"], allocation["used"]
+    per_width: dict[int, int] = {}
+    for unit in allocation["units"].values():
+        per_width[unit["bits"]] = per_width.get(unit["bits"], 0) + unit["parameters"]
+    widths = ", ".join(f"{bits} bits: {count / allocation['parameters']:.1%}" for bits, count in sorted(per_width.items()))
+    return [
+        "", "## Bit allocation", "",
+        f"- {allocation['estimator']} + {allocation['solver']}, per {allocation['granularity']}, "
+        f"group size {allocation['group_size']}",
+        f"- budget: {budget['bytes']:,} bytes ({budget['avg_bits']:.4f} bits/weight); used: {used['bytes']:,} bytes "
+        f"({used['avg_bits']:.4f} bits/weight), scales and zero points included",
+        f"- weights per width: {widths}",
+    ]
 
 
 def summary_table(report: dict[str, Any]) -> Table:

@@ -55,6 +55,8 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
     for stage in plan_stages(steps):
         if stage[0].definition.scope == "model":
             step = stage[0]
+            run.next_quantizer = next(
+                (s.config for s in steps if s.index > step.index and s.definition.kind == "quantize"), None)
             start = time.perf_counter()
             modules = step.definition.apply(handle, step.config, run)
             entries[step.index] = _pass_entry(step, time.perf_counter() - start, modules)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from compress.bit_plan import bits_for, read_plan
 from compress.context import RunContext
 from compress.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
 from compress.quant import (
@@ -32,14 +33,18 @@ class WeightQuantConfig(StrictConfig):
     """Uniform integer weight quantization settings shared by rtn, gptq and awq.
 
     group_size: input columns per scale; `null` or -1 means one scale per output channel. A width the group
-    size does not divide gets a shorter last group.
+    size does not divide gets a shorter last group. plan: a bit plan file (see compress/bit_plan.py) whose
+    entries override `bits` per module; it wins over a plan from an earlier `allocate` pass.
     """
+
+    path_fields: ClassVar[tuple[str, ...]] = ("plan",)  # resolved against the recipe's folder at load
 
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = 128
     symmetric: bool = True
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     activations: ActivationQuantConfig | None = None
+    plan: str | None = None
 
     @field_validator("group_size")
     @classmethod
@@ -50,13 +55,19 @@ class WeightQuantConfig(StrictConfig):
             raise ValueError("group_size must be a positive number of columns, or null / -1 for per-channel")
         return value
 
-    def spec(self) -> QuantSpec:
+    def spec(self, bits: int | None = None) -> QuantSpec:
         granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
-        return QuantSpec(self.bits, self.symmetric, granularity)
+        return QuantSpec(self.bits if bits is None else bits, self.symmetric, granularity)
 
 
 def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> QuantSpec:
-    """The bit plan written by an allocation pass wins over the pass's own defaults."""
+    """The pass's own `plan` file, else the bit plan written by an allocation pass, else the pass's defaults."""
+    if cfg.plan is not None:
+        key = ("bit_plan_file", cfg.plan)
+        if key not in run.cache:
+            run.cache[key] = read_plan(cfg.plan)
+        bits = bits_for(fqn, run.cache[key])
+        return cfg.spec(bits)
     return run.bit_plan.get(fqn, cfg.spec())
 
 

@@ -1,0 +1,70 @@
+"""Bit plan files: `bit_plan.yaml` as `allocate` writes it and as a user may hand-edit it.
+
+    # comments are free
+    model.layers.0.self_attn.q_proj: 4       # an exact module name
+    "*.down_proj": 3                           # a glob on the name (or its last parts), or "re:<regex>"
+
+Precedence: an exact module name wins; otherwise the first pattern in file order that matches. Modules that no
+entry names keep the quantizer's own `bits`. Group size and symmetry always come from the quantizer's config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from compress.errors import UserError
+from compress.modules import matches
+from compress.registry import did_you_mean
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def read_plan(path: str | Path) -> dict[str, int]:
+    """Module name or pattern -> bits, in file order. Raises UserError naming the file and the bad entry."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"bit plan not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: a bit plan is a mapping of module name (or pattern) to bits, e.g. "
+                        "`model.layers.0.mlp.down_proj: 4`")
+    plan: dict[str, int] = {}
+    for name, bits in data.items():
+        if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+            raise UserError(f"{path}: {name}: bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        plan[str(name)] = bits
+    return plan
+
+
+def bits_for(fqn: str, plan: dict[str, int]) -> int | None:
+    if fqn in plan:
+        return plan[fqn]
+    return next((bits for pattern, bits in plan.items() if _is_pattern(pattern) and matches(fqn, pattern)), None)
+
+
+def _is_pattern(name: str) -> bool:
+    return name.startswith("re:") or any(ch in name for ch in "*?[")
+
+
+def check_plan_names(plan: dict[str, int], modules: Iterable[str], source: str) -> None:
+    """Every exact name in the plan must be a quantizable module: a typo would otherwise be silently ignored."""
+    known = list(modules)
+    known_set = set(known)
+    for name in plan:
+        if _is_pattern(name) or name in known_set:
+            continue
+        if not any(matches(fqn, name) for fqn in known):  # "down_proj" alone is a suffix match, not a typo
+            raise UserError(f"{source}: '{name}' names no quantizable module.{did_you_mean(name, known)[:400]}")
+
+
+def dump_plan(bits: dict[str, int], header: Iterable[str] = ()) -> str:
+    """The plan as YAML, module order kept, with `# ` header lines (budget, estimator) on top."""
+    lines = [f"# {line}" for line in header]
+    lines += [f"{name}: {value}" for name, value in bits.items()]
+    return "\n".join(lines) + "\n"
