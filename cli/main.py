@@ -6,6 +6,7 @@ import typer
 
 from cli import eval as eval_cmd
 from cli import recipes as recipes_cmd
+from cli import report as report_cmd
 from cli import run as run_cmd
 
 app = typer.Typer(
@@ -25,6 +26,8 @@ app = typer.Typer(
 app.command("run", epilog=run_cmd.EPILOG)(run_cmd.run)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.evaluate)
 app.command("validate", epilog=recipes_cmd.VALIDATE_EPILOG)(recipes_cmd.validate)
+app.command("report", epilog=report_cmd.REPORT_EPILOG)(report_cmd.report)
+app.command("compare", epilog=report_cmd.COMPARE_EPILOG)(report_cmd.compare)
 app.add_typer(recipes_cmd.app, name="recipes")
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from compress.checkpoint import Checkpointer
 from compress.progress import SILENT, Reporter
 from compress.quant import QuantizedWeight, QuantSpec
 
@@ -27,6 +28,7 @@ class RunContext:
       the bit plan, sensitivities and Pareto frontier), beyond the per-module entries every pass returns.
     - `run_files`: files a pass wants in the run directory, relative name -> text (e.g. "bit_plan.yaml");
       written into the staging folder, so they appear only with a complete run.
+    - `checkpoint`: saves each finished decoder layer so an interrupted run can `--resume` (None: no checkpoints).
     """
 
     device: torch.device
@@ -41,3 +43,4 @@ class RunContext:
     cache: dict[Any, Any] = field(default_factory=dict)
     report_sections: dict[str, Any] = field(default_factory=dict)
     run_files: dict[str, str] = field(default_factory=dict)
+    checkpoint: Checkpointer | None = None
