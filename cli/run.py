@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -34,6 +35,10 @@ def resume_command(recipe: str, target: Path, set_: list[str], model: str | None
     if model is not None:
         words += ["--model", model]
     return shlex.join(words + ["--resume"])
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def interrupted_message(recipe: str, target: Path, set_: list[str], model: str | None) -> str:
@@ -92,12 +97,16 @@ def run(
         from compress.runner import run_recipe  # heavy imports (transformers) only when running
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
+        # A batch scheduler's SIGTERM (preemption, time limit) stops the run the way Ctrl-C does.
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter,
                                 resume=resume, checkpoints=checkpoints)
         except KeyboardInterrupt:
             err_console.print(interrupted_message(recipe, target, set_ or [], model), highlight=False, markup=False)
             raise typer.Exit(ExitCode.INTERRUPTED) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         elif not quiet:

@@ -27,7 +27,7 @@ th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 .worse { color: #b00020; } .better { color: #1b7f3b; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
-.muted { color: #777; }
+.muted { color: #777; } td.text { text-align: left; }
 """
 
 
@@ -88,7 +88,7 @@ def heatmap(values: dict[str, float], title: str, colorbar: str) -> str | None:
         for row, line in enumerate(grid):
             for col, value in enumerate(line):
                 if value == value:
-                    ax.text(col, row, f"{value:g}", ha="center", va="center", color="white", fontsize=8)
+                    ax.text(col, row, f"{value:.3g}", ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(image, ax=ax, label=colorbar)
     return _png(fig)
 
@@ -161,8 +161,8 @@ def sensitivity_plot(allocation: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _table(header: list[str], rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
+    head = f"<thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr></thead>" if header else ""
     body = ""
     for r, row in enumerate(rows):
         cells = ""
@@ -170,7 +170,7 @@ def _table(header: list[str], rows: list[list[str]], classes: list[list[str]] | 
             css = classes[r][c] if classes else ""
             cells += f'<td class="{css}">{html.escape(cell)}</td>' if css else f"<td>{html.escape(cell)}</td>"
         body += f"<tr>{cells}</tr>"
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _page(title: str, body: str) -> str:
@@ -200,7 +200,7 @@ def _summary(report: dict[str, Any]) -> list[list[str]]:
 
 def render_html(report: dict[str, Any]) -> str:
     title = f"compress run: {report.get('model', {}).get('name')}"
-    parts = [f"<h1>{html.escape(title)}</h1>", _table(["", ""], _summary(report)), "<h2>Metrics</h2>"]
+    parts = [f"<h1>{html.escape(title)}</h1>", _table(None, _summary(report), [["", "text"]] * len(_summary(report))), "<h2>Metrics</h2>"]
     rows = [list(row) for row in metric_rows(report)]
     # For every metric we report today (perplexity), lower is better, so a rise is drawn as a loss.
     classes = [["", "", "", "", "worse" if row[4].startswith("+") else "better" if row[4].startswith("-") else ""]

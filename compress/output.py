@@ -38,6 +38,24 @@ def preflight_output(target: Path, *, needed_bytes: int = 0) -> None:
                         f"(checkpoints and report), {free / 2**20:,.0f} MiB free; free some space or choose another --output")
 
 
+def _remove_abandoned_staging(target: Path) -> None:
+    """Staging folders of runs that were SIGKILLed (their process is gone) are garbage; live ones are left alone."""
+    for folder in target.parent.glob(f".{target.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; rename it to `target` only if the block finishes.
@@ -47,6 +65,7 @@ def atomic_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     check_output_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(target)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

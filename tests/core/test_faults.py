@@ -79,3 +79,22 @@ def test_overflowing_activations_are_traced_to_the_first_module(setup):
     observe_only = SweepStep("passes[0].observe", lambda ctx, cfg: {}, None, needs_calibration=True)
     with pytest.raises(NonFiniteError, match=r"activations of model\.layers\.0\.post_attention_layernorm \(decoder layer 0"):
         run_sweep(handle, [observe_only], run)
+
+
+def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, tiny_llama, text_file):
+    import compress.runner
+    from compress.recipe import parse_recipe
+    from tests.conftest import recipe_text
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(compress.runner, "load_model", must_not_load)
+    recipe = parse_recipe(recipe_text(tiny_llama, text_file, "  - rtn: {bits: 4}", text_file))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="cannot write the output folder"):
+        compress.runner.run_recipe(recipe, tmp_path / "a-file" / "run")
+    monkeypatch.setattr(compress.runner, "_disk_needed", lambda model, checkpoints: 2**62)
+    with pytest.raises(UserError, match="not enough disk space .* MiB free"):
+        compress.runner.run_recipe(recipe, tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left behind
