@@ -135,8 +135,7 @@ def parse_recipe(
     model: str | None = None,
 ) -> Recipe:
     try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
+        data, root = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -173,24 +172,38 @@ MAX_VALUES = 100_000  # a real recipe has a few hundred; YAML aliases can make a
 MAX_DEPTH = 64
 
 
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The data (safe types only) and the node tree with line marks, from one parse."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        return (loader.construct_document(root) if root is not None else None), root
+    finally:
+        loader.dispose()
+
+
 def _too_large(data: Any) -> str | None:
     """Why the parsed recipe is too big to validate (alias bombs, absurd nesting), or None.
 
-    Counts values the way a validator would visit them, following aliases, and stops at the budget.
+    Counts values the way a validator would visit them, with aliases expanded: each shared object is sized once
+    and counted as often as it is referenced, so a billion-laughs file costs microseconds, not a billion steps.
     """
-    budget = MAX_VALUES
-    stack: list[tuple[Any, int]] = [(data, 0)]
-    while stack:
-        value, depth = stack.pop()
-        budget -= 1
-        if budget < 0:
-            return f"more than {MAX_VALUES:,} values (YAML anchors and aliases expand); a recipe needs far fewer"
-        if depth > MAX_DEPTH:
-            return f"nested more than {MAX_DEPTH} levels deep; a recipe needs only a few levels"
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for pair in value.items() for v in pair)
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values when expanded, depth)
+
+    def measure(value: Any) -> tuple[int, int]:
+        if not isinstance(value, (dict, list)):
+            return 1, 0
+        if id(value) not in sizes:
+            children = [v for pair in value.items() for v in pair] if isinstance(value, dict) else value
+            measured = [measure(child) for child in children]
+            sizes[id(value)] = (1 + sum(m[0] for m in measured), 1 + max((m[1] for m in measured), default=0))
+        return sizes[id(value)]
+
+    count, depth = measure(data)
+    if depth > MAX_DEPTH:
+        return f"nested more than {MAX_DEPTH} levels deep; a recipe needs only a few levels"
+    if count > MAX_VALUES:
+        return f"more than {MAX_VALUES:,} values (YAML anchors and aliases expand); a recipe needs far fewer"
     return None
 
 
