@@ -262,8 +262,7 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
             ctx.layer.load_state_dict(snapshot)
             ctx.inputs = split_batches(ctx.inputs, max(1, batch // 2))
             message = f"out of memory at {ctx.prefix}: retrying with calibration batches of {max(1, batch // 2)} windows"
-            log.warning(message)
-            ctx.run.reporter.note(message)
+            ctx.run.reporter.note(message)  # printed unless --quiet, and always logged
             ctx.run.fallbacks.append({"pass": "engine", "module": ctx.prefix, "fallback": "smaller calibration batches",
                                       "reason": message})
 

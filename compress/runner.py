@@ -219,7 +219,10 @@ def run_recipe(
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
         (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
-        write_html_report(report, staging / "report.html")
+        try:
+            write_html_report(report, staging / "report.html")
+        except Exception as exc:  # a plotting problem must not throw away hours of compression
+            log.warning("report.html not written (%s: %s); run `compress report %s` to retry", type(exc).__name__, exc, output)
     return report
 
 
