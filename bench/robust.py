@@ -48,6 +48,8 @@ def ours(workdir: Path, output: str, *extra: str, fault: str | None = None) -> t
     done = subprocess.run([sys.executable, "-m", "cli.main", "run", "recipe.yaml", "--output", output, "--quiet", *extra],
                           cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    if done.returncode not in (0, -9):
+        raise SystemExit(f"our run {output} {' '.join(extra)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     report = json.loads((workdir / output / "report.json").read_text()) if done.returncode == 0 else None
     return wall, done.returncode, report
 
@@ -78,7 +80,8 @@ def main() -> None:
     killed_wall, killed_rc, _ = ours(workdir, "resumed", fault="1:KILL")
     checkpoint_bytes = folder_bytes(checkpoint_dir_for(workdir / "resumed"))
     resume_wall, _, resumed = ours(workdir, "resumed", "--resume")
-    assert plain and ckpt and resumed and killed_rc == -9
+    if killed_rc != -9 or not (plain and ckpt and resumed):
+        raise SystemExit(f"expected a SIGKILLed run (-9), got {killed_rc}")
     identical = resumed["weights_sha256"] == plain["weights_sha256"] == ckpt["weights_sha256"]
     peer = peer_seconds()
     load_after = os.getloadavg()[0]
