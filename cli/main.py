@@ -8,6 +8,7 @@ from cli import eval as eval_cmd
 from cli import export as export_cmd
 from cli import inspect as inspect_cmd
 from cli import recipes as recipes_cmd
+from cli import report as report_cmd
 from cli import run as run_cmd
 from cli import sensitivity as sensitivity_cmd
 
@@ -31,6 +32,8 @@ app.command("validate", epilog=recipes_cmd.VALIDATE_EPILOG)(recipes_cmd.validate
 app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export)
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("sensitivity", epilog=sensitivity_cmd.EPILOG)(sensitivity_cmd.sensitivity)
+app.command("report", epilog=report_cmd.REPORT_EPILOG)(report_cmd.report)
+app.command("compare", epilog=report_cmd.COMPARE_EPILOG)(report_cmd.compare)
 app.add_typer(recipes_cmd.app, name="recipes")
 
 

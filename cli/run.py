@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import err_console, exit_codes
+from compress.errors import ExitCode
 from compress.progress import Reporter
 from compress.recipe import Recipe, dump_yaml, load_recipe
 from recipes import resolve_recipe_path
@@ -19,8 +22,33 @@ EPILOG = (
     "  compress run recipes/demo.yaml\n\n"
     "  compress run demo --set passes[0].rtn.bits=3 --output out/demo-w3\n\n"
     "  compress run my.yaml --model meta-llama/Llama-3.2-1B --json > report.json\n\n"
+    "  compress run my.yaml --output out/big --resume      # continue an interrupted run\n\n"
     "Exit codes: 0 success, 2 user error (bad recipe, missing file, bad option), 1 internal error, 130 interrupted."
 )
+
+
+def resume_command(recipe: str, target: Path, set_: list[str], model: str | None) -> str:
+    """The exact command that continues this run (the same recipe, overrides and output, plus --resume)."""
+    words = ["compress", "run", recipe, "--output", str(target)]
+    for assignment in set_:
+        words += ["--set", assignment]
+    if model is not None:
+        words += ["--model", model]
+    return shlex.join(words + ["--resume"])
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupted_message(recipe: str, target: Path, set_: list[str], model: str | None) -> str:
+    from compress.checkpoint import checkpoint_dir_for
+
+    checkpoints = checkpoint_dir_for(target)
+    if not checkpoints.exists():
+        return "interrupted: no output was written"
+    return (f"interrupted: finished layers are saved in {checkpoints}.\n"
+            f"Resume with: {resume_command(recipe, target, set_, model)}")
 
 
 def default_output(recipe_path: Path) -> Path:
@@ -50,6 +78,8 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (nothing else on stdout).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run with the same recipe and --output from its last finished decoder layer.")] = False,
+    checkpoints: Annotated[bool, typer.Option("--checkpoints/--no-checkpoints", help="Save each finished decoder layer beside the output so an interrupted run can --resume.")] = True,
 ) -> None:
     """Run a compression recipe: baseline, passes, evaluation, report."""
     with exit_codes(verbose):
@@ -67,7 +97,16 @@ def run(
         from compress.runner import run_recipe  # heavy imports (transformers) only when running
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
-        report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter)
+        # A batch scheduler's SIGTERM (preemption, time limit) stops the run the way Ctrl-C does.
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter,
+                                resume=resume, checkpoints=checkpoints)
+        except KeyboardInterrupt:
+            err_console.print(interrupted_message(recipe, target, set_ or [], model), highlight=False, markup=False)
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         elif not quiet:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from compress.checkpoint import Checkpointer
 from compress.progress import SILENT, Reporter
 from compress.quant import QuantizedWeight, QuantSpec
 
@@ -31,6 +32,7 @@ class RunContext:
       written into the staging folder, so they appear only with a complete run.
     - `next_quantizer`: while a model-scope pass runs, the config of the first quantize pass after it (an
       allocation pass takes the group size, symmetry and ignore list its plan must fit from there).
+    - `checkpoint`: saves each finished decoder layer so an interrupted run can `--resume` (None: no checkpoints).
     """
 
     device: torch.device
@@ -47,3 +49,4 @@ class RunContext:
     report_sections: dict[str, Any] = field(default_factory=dict)
     run_files: dict[str, str] = field(default_factory=dict)
     next_quantizer: Any = None
+    checkpoint: Checkpointer | None = None

@@ -10,6 +10,7 @@ Only one decoder layer (plus the calibration activations) lives on the compute d
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -17,11 +18,15 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from compress.checkpoint import LayerState
 from compress.context import RunContext
+from compress.errors import UserError
+from compress.faults import check_finite_inputs, check_finite_outputs, check_finite_weights, split_batches
 from compress.model_io import ModelHandle
 from compress.modules import DEFAULT_IGNORE, find_linears, select
 
 OFFLOAD_DEVICE = torch.device("cpu")
+log = logging.getLogger("compress")
 
 
 class _StopForward(Exception):
@@ -134,10 +139,13 @@ def capture_layer_inputs(handle: ModelHandle, run: RunContext) -> list[LayerInpu
     layer0.to(run.device)
     hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with _outside_layers_on(handle, run.device):
-            for batch in run.calibration.split(run.calibration_batch_size):
+        batches = run.calibration.split(run.calibration_batch_size)
+        with _outside_layers_on(handle, run.device), \
+                run.reporter.task("calibration inputs", total=len(batches), unit="batch") as advance:
+            for batch in batches:
                 with contextlib.suppress(_StopForward):
                     handle.model(batch.to(run.device), use_cache=False)
+                advance(1)
     finally:
         hook.remove()
         layer0.to(OFFLOAD_DEVICE)
@@ -165,28 +173,98 @@ class SweepResult:
 
 
 def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> SweepResult:
-    """Apply consecutive layer passes decoder layer by decoder layer (see module docstring)."""
+    """Apply consecutive layer passes decoder layer by decoder layer (see module docstring).
+
+    With `run.checkpoint` set, every finished layer is checkpointed and a resumed run skips the layers
+    already done, continuing from their saved outputs (compress/checkpoint.py).
+    """
     needs_inputs = any(step.needs_calibration for step in steps)
     inputs = capture_layer_inputs(handle, run) if needs_inputs else None
+    if inputs is not None:
+        check_finite_inputs(inputs, f"{handle.layers_prefix}.0")
     modules: dict[str, dict[str, dict[str, Any]]] = {step.label: {} for step in steps}
     seconds = {step.label: 0.0 for step in steps}
     propagation = 0.0
     layers = handle.layers
-    with run.reporter.task(", ".join(s.label for s in steps), total=len(layers)) as advance:
-        for index, layer in enumerate(layers):
+    sweep = run.checkpoint.begin_sweep() if run.checkpoint is not None else None
+    first = 0
+    if sweep is not None and run.checkpoint is not None:
+        resumed = run.checkpoint.restore(sweep, layers, handle.layers_prefix, run)
+        first = resumed.next_layer
+        for state in resumed.layers:
+            _merge_layer_state(modules, seconds, state)
+        if inputs is not None and resumed.hidden is not None:  # kwargs (masks, rotary tables) never change
+            inputs = [LayerInput(hidden, item.kwargs) for hidden, item in zip(resumed.hidden, inputs)]
+        if first:
+            log.info("resuming at decoder layer %d of %d", first, len(layers))
+    with run.reporter.task(", ".join(s.label for s in steps), total=len(layers), unit="layer") as advance:
+        advance(first)
+        for index in range(first, len(layers)):
+            layer = layers[index]
+            fallbacks_before = len(run.fallbacks)
             layer.to(run.device)
             ctx = LayerContext(index, f"{handle.layers_prefix}.{index}", layer, inputs, run)
-            for step in steps:
-                start = time.perf_counter()
-                modules[step.label].update(step.apply(ctx, step.config))
-                seconds[step.label] += time.perf_counter() - start
+            check_finite_weights(layer, ctx.prefix, f"before {', '.join(step.label for step in steps)}")
+            state = apply_with_oom_fallback(ctx, steps)
+            _merge_layer_state(modules, seconds, state)
+            inputs = ctx.inputs  # smaller batches after an out-of-memory fallback
+            check_finite_weights(layer, ctx.prefix, f"after {', '.join(step.label for step in steps)}")
             if inputs is not None and index + 1 < len(layers):  # the last layer's outputs feed no pass
                 start = time.perf_counter()
-                inputs = [LayerInput(out, item.kwargs) for out, item in zip(ctx.forward(), inputs)]
+                outputs = ctx.forward()
+                check_finite_outputs(ctx, outputs)
+                inputs = [LayerInput(out, item.kwargs) for out, item in zip(outputs, inputs)]
                 propagation += time.perf_counter() - start
             layer.to(OFFLOAD_DEVICE)
+            if sweep is not None and run.checkpoint is not None:
+                run.checkpoint.save(sweep, index, layer, ctx.prefix, run, state, run.fallbacks[fallbacks_before:],
+                                    [item.hidden for item in inputs] if inputs is not None and index + 1 < len(layers) else None)
             advance(1)
     return SweepResult(modules, seconds, propagation)
+
+
+def _merge_layer_state(modules: dict[str, dict[str, dict[str, Any]]], seconds: dict[str, float], state: LayerState) -> None:
+    for label, results in state.modules.items():
+        modules[label].update(results)
+        seconds[label] += state.seconds[label]
+
+
+def _apply_steps(ctx: LayerContext, steps: list[SweepStep]) -> LayerState:
+    state = LayerState({}, {})
+    for step in steps:
+        start = time.perf_counter()
+        state.modules[step.label] = step.apply(ctx, step.config)
+        state.seconds[step.label] = time.perf_counter() - start
+    return state
+
+
+def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerState:
+    """Run the passes on one layer; on accelerator out-of-memory, halve the calibration batches and retry.
+
+    The layer's weights are restored before each retry so a pass that failed half-way is not applied twice.
+    Every retry is recorded in `run.fallbacks` and the log; batch size 1 running out of memory is an error.
+    """
+    if ctx.inputs is None:
+        return _apply_steps(ctx, steps)
+    snapshot = {k: v.detach().to(OFFLOAD_DEVICE, copy=True) for k, v in ctx.layer.state_dict().items()}
+    while True:
+        try:
+            return _apply_steps(ctx, steps)
+        except torch.OutOfMemoryError:
+            batch = ctx.inputs[0].hidden.shape[0]
+            if batch <= 1:
+                raise UserError(
+                    f"out of memory on {ctx.run.device} at {ctx.prefix} even with calibration batches of 1 window; "
+                    "lower calibration.seq_len, or run on a device with more memory"
+                ) from None
+            if ctx.run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            ctx.layer.load_state_dict(snapshot)
+            ctx.inputs = split_batches(ctx.inputs, max(1, batch // 2))
+            message = f"out of memory at {ctx.prefix}: retrying with calibration batches of {max(1, batch // 2)} windows"
+            ctx.run.reporter.note(message)  # printed unless --quiet, and always logged
+            ctx.run.fallbacks.append({"pass": "engine", "module": ctx.prefix, "fallback": "smaller calibration batches",
+                                      "reason": message})
 
 
 def input_groups(ctx: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:

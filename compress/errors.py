@@ -31,7 +31,15 @@ class RecipeIssue:
 
     def render(self, filename: str) -> str:
         where = f"{filename}:{self.line}" if self.line is not None else f"{filename} (--set)"
-        return f"{where} {self.path or '<root>'}: {self.message}"
+        return _one_line(f"{where} {self.path or '<root>'}: {self.message}")
+
+
+def _one_line(text: str) -> str:
+    """Keys and values from a recipe may hold line breaks; each problem stays on one line of the message."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+MAX_LISTED = 20
 
 
 class RecipeError(UserError):
@@ -40,6 +48,8 @@ class RecipeError(UserError):
     def __init__(self, filename: str, issues: list[RecipeIssue]):
         self.filename = filename
         self.issues = issues
-        lines = [issue.render(filename) for issue in issues]
+        lines = [issue.render(filename) for issue in issues[:MAX_LISTED]]
+        if len(issues) > MAX_LISTED:  # one screenful; the first problems usually explain the rest
+            lines.append(f"... and {len(issues) - MAX_LISTED} more")
         noun = "problem" if len(issues) == 1 else "problems"
         super().__init__(f"{len(issues)} {noun} in recipe:\n  " + "\n  ".join(lines))

@@ -65,7 +65,12 @@ def find_decoder_layers(model: nn.Module) -> str:
         if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
     ]
     if not candidates:
-        raise UserError(f"could not find the decoder layers of {type(model).__name__}: no ModuleList of blocks")
+        raise UserError(
+            f"{type(model).__name__} is not supported: no list of decoder layers found in it. compress walks causal "
+            f"LMs layer by layer and supports models whose decoder layers are an nn.ModuleList at one of "
+            f"{', '.join(KNOWN_LAYER_PATHS)} (Llama, Mistral, Qwen2, OPT, GPT-2, GPT-NeoX and similar), or any "
+            "model with a ModuleList of identical blocks"
+        )
     return max(candidates)[1]
 
 

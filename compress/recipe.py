@@ -139,13 +139,19 @@ def parse_recipe(
     model: str | None = None,
 ) -> Recipe:
     try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
+        data, root = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(filename, [RecipeIssue("", f"not valid YAML: {problem}", line)]) from None
+    except RecursionError:
+        raise RecipeError(filename, [RecipeIssue("", "nested too deeply to read; a recipe needs only a few levels", 1)]) from None
+    except ValueError as exc:  # PyYAML converts numbers with int(), which refuses more than 4300 digits
+        raise RecipeError(filename, [RecipeIssue("", f"a value could not be read: {exc}", 1)]) from None
+    problem = _too_large(data)
+    if problem:
+        raise RecipeError(filename, [RecipeIssue("", problem, 1)])
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -164,6 +170,54 @@ def parse_recipe(
         raise RecipeError(filename, checker.issues)
     assert recipe is not None
     return recipe
+
+
+MAX_VALUES = 100_000  # a real recipe has a few hundred; YAML aliases can make a small file expand exponentially
+MAX_DEPTH = 64
+
+
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The data (safe types only) and the node tree with line marks, from one parse."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        return (loader.construct_document(root) if root is not None else None), root
+    finally:
+        loader.dispose()
+
+
+def _too_large(data: Any) -> str | None:
+    """Why the parsed recipe is too big to validate (alias bombs, absurd nesting), or None.
+
+    Counts values the way a validator would visit them, with aliases expanded: each shared object is sized once
+    and counted as often as it is referenced, so a billion-laughs file costs microseconds, not a billion steps.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values when expanded, depth)
+
+    def measure(value: Any) -> tuple[int, int]:
+        if not isinstance(value, (dict, list)):
+            return 1, 0
+        if id(value) not in sizes:
+            children = [v for pair in value.items() for v in pair] if isinstance(value, dict) else value
+            measured = [measure(child) for child in children]
+            sizes[id(value)] = (1 + sum(m[0] for m in measured), 1 + max((m[1] for m in measured), default=0))
+        return sizes[id(value)]
+
+    count, depth = measure(data)
+    if depth > MAX_DEPTH:
+        return f"nested more than {MAX_DEPTH} levels deep; a recipe needs only a few levels"
+    if count > MAX_VALUES:
+        return f"more than {MAX_VALUES:,} values (YAML anchors and aliases expand); a recipe needs far fewer"
+    return None
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() for error messages: bounded in length, and safe for ints too long to print (Python's 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an integer of about {value.bit_length() * 0.30103:.0f} digits>" if isinstance(value, int) else "<value>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _split_key_path(key_path: str) -> list[str | int]:
@@ -275,7 +329,7 @@ def _describe_pydantic_error(error: Mapping[str, Any], model: type[BaseModel], l
     message = error["msg"]
     message = re.sub(r"^(Input|Value) should be", "expected", message)
     message = re.sub(r"^String should match pattern", "expected a string matching", message)
-    return f"{message[0].lower()}{message[1:]}, got {error.get('input')!r}"
+    return f"{message[0].lower()}{message[1:]}, got {short_repr(error.get('input'))}"
 
 
 class _Checker:
@@ -343,7 +397,9 @@ class _Checker:
     def resolve_path(self, ref: str, loc: Loc) -> str:
         if is_hub_dataset(ref):
             return ref
-        path = Path(ref).expanduser()
+        path = self.as_path(ref, loc)
+        if path is None:
+            return ref
         if not path.is_absolute():
             path = self.base_dir / path
         if not path.is_file():
@@ -358,11 +414,23 @@ class _Checker:
             if isinstance(value, str):
                 updates[field_name] = self.resolve_path(value, loc + (field_name,))
         return config.model_copy(update=updates) if updates else config
+    def as_path(self, ref: str, loc: Loc) -> Path | None:
+        """`ref` as a path with `~` expanded, or None (and an issue) when no file system could hold it."""
+        if "\x00" in ref:
+            self.add(loc, "a path cannot contain a NUL character")
+            return None
+        try:
+            return Path(ref).expanduser()
+        except RuntimeError:  # "~someone" with no such user
+            self.add(loc, f"cannot expand the home folder in {short_repr(ref)}")
+            return None
 
     def resolve_model(self, ref: str | None) -> str | None:
         if ref is None:
             return None  # the CLI asks for --model when it needs one
-        path = Path(ref).expanduser()
+        path = self.as_path(ref, ("model",))
+        if path is None:
+            return ref
         candidate = path if path.is_absolute() else self.base_dir / path
         if candidate.is_dir():
             return str(candidate.resolve())

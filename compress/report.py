@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import resource
 import sys
@@ -17,16 +18,34 @@ from compress.quant import QuantizedWeight
 REPORT_SCHEMA_VERSION = 1
 
 
-def versions() -> dict[str, str]:
-    import transformers
+VERSIONED_PACKAGES = ("transformers", "safetensors", "tokenizers", "accelerate", "pydantic", "numpy", "pyyaml")
 
-    return {
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {
         "compress": compress.__version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "cuda": str(torch.version.cuda),
         "platform": platform.platform(),
     }
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict (names and raw bytes): equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:

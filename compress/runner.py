@@ -11,15 +11,17 @@ from typing import Any, Iterator
 
 import torch
 
+from compress.checkpoint import Checkpointer, checkpoint_dir_for, recipe_fingerprint
 from compress.context import RunContext
 from compress.data import sample_windows, tokenize_text, load_text
 from compress.engine import SweepStep, run_sweep
 from compress.errors import UserError
 from compress.export import save_run_outputs
 from compress.model_io import ModelHandle, load_model
-from compress.output import atomic_output
+from compress.output import atomic_output, check_output_target, preflight_output
 from compress.progress import SILENT, Reporter
 from compress.recipe import EvalStep, PassStep, Recipe, dump_yaml
+from compress.html_report import write_html_report
 from compress.report import (
     REPORT_SCHEMA_VERSION,
     model_size,
@@ -27,6 +29,7 @@ from compress.report import (
     render_markdown,
     summarize_modules,
     versions,
+    weights_digest,
 )
 from evaluators.base import EvalResult
 
@@ -134,22 +137,32 @@ def run_recipe(
     allow_pickle: bool = False,
     overwrite: bool = False,
     reporter: Reporter = SILENT,
+    resume: bool = False,
+    checkpoints: bool = True,
 ) -> dict[str, Any]:
-    """Execute a recipe and write report.json, report.md, recipe.yaml and run.log into `output`.
+    """Execute a recipe and write report.json, report.md, report.html, recipe.yaml and run.log into `output`.
 
-    `output` appears only when everything succeeded (see `atomic_output`).
+    `output` appears only when everything succeeded (see `atomic_output`). With `checkpoints`, each finished
+    decoder layer is saved beside it (compress/checkpoint.py), so an interrupted run continues with `resume`.
     """
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
+    check_output_target(output, overwrite)
+    preflight_output(output, needed_bytes=_disk_needed(recipe.model, checkpoints))
+    checkpointer = (Checkpointer(checkpoint_dir_for(output), recipe_fingerprint(recipe.to_dict()), resume=resume)
+                    if checkpoints and recipe.passes else None)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with atomic_output(output, overwrite=overwrite) as staging, _log_to(staging / "run.log"):
-        log.info("recipe %s, model %s", recipe.source, recipe.model)
+    seed = recipe.calibration.seed if recipe.calibration is not None else 0
+    torch.manual_seed(seed)  # passes that draw random numbers repeat exactly, which --resume relies on
+    with _checkpoint_lifetime(checkpointer), atomic_output(output, overwrite=overwrite) as staging, \
+            _log_to(staging / "run.log"):
+        log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         t = time.perf_counter()
         with reporter.status(f"loading {recipe.model}"):
             handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
                                 trust_remote_code=recipe.trust_remote_code)
-            run = RunContext(device=handle.device, reporter=reporter)
+            run = RunContext(device=handle.device, reporter=reporter, checkpoint=checkpointer)
             run.calibration = calibration_windows(handle, recipe)
         if recipe.calibration is not None:
             run.calibration_batch_size = recipe.calibration.batch_size
@@ -178,6 +191,8 @@ def run_recipe(
         report = {
             "schema_version": REPORT_SCHEMA_VERSION,
             "status": "ok",
+            "seed": seed,
+            "resumed": resume,
             "recipe": recipe.to_dict(),
             "recipe_file": str(recipe.source) if recipe.source else None,
             "model": {
@@ -191,6 +206,7 @@ def run_recipe(
             "passes": passes,
             "metrics": merge_metrics(baseline, compressed),
             "size": model_size(handle.model, run.quantized, handle.checkpoint_dtype),
+            "weights_sha256": weights_digest(handle.model),
             **run.report_sections,
             "activation_quantization": run.activation_quant,
             "fallbacks": run.fallbacks,
@@ -209,4 +225,31 @@ def run_recipe(
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
         (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
+        try:
+            write_html_report(report, staging / "report.html")
+        except Exception as exc:  # a plotting problem must not throw away hours of compression
+            log.warning("report.html not written (%s: %s); run `compress report %s` to retry", type(exc).__name__, exc, output)
     return report
+
+
+@contextlib.contextmanager
+def _checkpoint_lifetime(checkpointer: Checkpointer | None) -> Iterator[None]:
+    """Keep layer checkpoints only for a run that was interrupted (Ctrl-C here; SIGKILL never gets this far).
+
+    A finished run needs them no more, and a run that failed will be run again with a changed recipe, which
+    could not resume from them anyway.
+    """
+    try:
+        yield
+    except Exception:
+        if checkpointer is not None:
+            checkpointer.remove()
+        raise
+    if checkpointer is not None:
+        checkpointer.remove()
+
+
+def _disk_needed(model: str, checkpoints: bool) -> int:
+    """Room a run needs beside its output: the report, plus about the model's weights when checkpointing."""
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) if Path(model).is_dir() else 0
+    return 16 * 2**20 + (weights if checkpoints else 0)

@@ -62,7 +62,7 @@ def perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch
     windows = contiguous_windows(token_ids, seq_len)
     if max_windows is not None:
         windows = windows[:max_windows]
-    with reporter.task(f"perplexity ({windows.shape[0]} windows)", total=windows.shape[0]) as advance:
+    with reporter.task(f"perplexity ({windows.shape[0]} windows)", total=windows.shape[0], unit="window") as advance:
         nll, tokens = window_nll(model, windows, batch_size, device, advance)
     return math.exp(nll / tokens), {"windows": windows.shape[0], "scored_tokens": tokens}
 

@@ -1,0 +1,217 @@
+"""Layer checkpoints, so a run killed at any point (SIGKILL included) resumes from its last finished layer.
+
+After each decoder layer of a sweep the engine saves, atomically (written into a temporary folder, then
+renamed):
+- the layer's compressed weights (its whole state dict, in its own dtype, so restoring is bit-exact);
+- the pass state that layer produced: `run.quantized` codes, `run.masks`, `run.bit_plan` and
+  `run.activation_quant` entries of its modules, the fallbacks it added, and its per-module report entries;
+- the *actual* inputs of the next layer. Recomputing them on resume would drift (auto-round measured a 20x
+  larger loss on the first resumed block), so they are stored, not recomputed. Only the newest layer keeps
+  them; older layers' inputs are deleted as soon as a newer layer is saved.
+
+Layout, beside the output folder (`out/run` -> `out/.run.resume/`):
+
+    manifest.json                    fingerprint of the resolved recipe + model, so a changed recipe is refused
+    sweep-0/layer-0003/weights.safetensors, state.json, inputs.safetensors
+
+The folder is removed when the run finishes; an interrupted run leaves it for `--resume`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compress.errors import UserError
+from compress.quant import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+
+MANIFEST = "manifest.json"
+# Test-only fault injection: "<k>:<SIGNAL>" sends SIGNAL to this process right after the k-th layer checkpoint
+# (0-based, counted over the whole run), to prove that a run killed there resumes bit-identically.
+FAULT_ENV = "COMPRESS_FAULT_AFTER_LAYER"
+
+
+def checkpoint_dir_for(output: Path) -> Path:
+    """Where the checkpoints of the run writing `output` live: a hidden sibling, never inside an old run."""
+    return output.parent / f".{output.name}.resume"
+
+
+def recipe_fingerprint(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _spec_from(described: dict[str, Any]) -> QuantSpec:
+    group = described.get("group_size")
+    return QuantSpec(int(described["bits"]), bool(described["symmetric"]), PerGroup(group) if group else PerChannel())
+
+
+def _contiguous_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage or are not contiguous; copies on the CPU avoid both.
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@dataclass
+class LayerState:
+    """What one finished layer left behind, as read back from its checkpoint."""
+
+    modules: dict[str, dict[str, Any]]  # step label -> module fqn -> report entry
+    seconds: dict[str, float]  # step label -> seconds spent on this layer
+
+
+@dataclass
+class Resumed:
+    """Where a sweep continues: the first layer still to do and, if the sweep has inputs, that layer's inputs."""
+
+    next_layer: int
+    hidden: list[torch.Tensor] | None
+    layers: list[LayerState] = field(default_factory=list)
+
+
+class Checkpointer:
+    """Saves every finished layer of every sweep; on resume, restores them and says where to continue."""
+
+    def __init__(self, folder: Path, fingerprint: str, *, resume: bool):
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.sweeps_started = 0
+        self.layers_saved = 0
+        self._open(resume)
+
+    def _open(self, resume: bool) -> None:
+        manifest = self.folder / MANIFEST
+        if self.folder.exists() and not resume:
+            raise UserError(
+                f"an interrupted run left checkpoints in {self.folder}: add --resume to continue it, "
+                f"or delete that folder to start over"
+            )
+        if resume and manifest.is_file():
+            saved = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint")
+            if saved != self.fingerprint:
+                raise UserError(
+                    f"cannot resume: the checkpoints in {self.folder} were made by a different recipe or model "
+                    f"(fingerprint {saved}, this run {self.fingerprint}); delete that folder to start over"
+                )
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(manifest, json.dumps({"fingerprint": self.fingerprint}) + "\n")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- one sweep ---------------------------------------------------------------------------------------
+
+    def begin_sweep(self) -> Path:
+        """The folder of the next sweep; sweeps are numbered in the (fixed) order the recipe runs them."""
+        folder = self.folder / f"sweep-{self.sweeps_started}"
+        self.sweeps_started += 1
+        return folder
+
+    def restore(self, sweep: Path, layers: nn.ModuleList, prefix: str, run: Any) -> Resumed:
+        """Load every consecutive finished layer of `sweep` into the model and `run`; say where to go on."""
+        states: list[LayerState] = []
+        index = 0
+        while (sweep / f"layer-{index:04d}" / "state.json").is_file():
+            states.append(self._restore_layer(sweep / f"layer-{index:04d}", layers[index], f"{prefix}.{index}", run))
+            index += 1
+        hidden = None
+        if index:
+            inputs_file = sweep / f"layer-{index - 1:04d}" / "inputs.safetensors"
+            if inputs_file.is_file():
+                saved = load_file(str(inputs_file))
+                hidden = [saved[f"batch.{b}"] for b in range(len(saved))]
+        return Resumed(index, hidden, states)
+
+    def _restore_layer(self, folder: Path, layer: nn.Module, prefix: str, run: Any) -> LayerState:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "weights.safetensors"))
+        layer.load_state_dict({k[len("layer."):]: v for k, v in tensors.items() if k.startswith("layer.")}, strict=True)
+        for fqn, described in state["quantized"].items():
+            run.quantized[fqn] = QuantizedWeight(
+                tensors[f"quantized.{fqn}.codes"], tensors[f"quantized.{fqn}.scale"], tensors[f"quantized.{fqn}.zero"],
+                _spec_from(described),
+            )
+        for fqn in state["masks"]:
+            run.masks[fqn] = tensors[f"mask.{fqn}"]
+        for fqn, described in state["bit_plan"].items():
+            run.bit_plan[fqn] = _spec_from(described)
+        self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
+        run.fallbacks.extend(state["fallbacks"])
+        return LayerState(state["modules"], state["seconds"])
+
+    @staticmethod
+    def _reinstall_activation_quant(layer: nn.Module, prefix: str, settings: dict[str, Any], run: Any) -> None:
+        # Activation quantization lives in forward hooks, which a state dict does not carry.
+        from compressors.base import ActivationQuantConfig, install_activation_quant
+
+        modules = dict(layer.named_modules(prefix=prefix))
+        for fqn, cfg in settings.items():
+            install_activation_quant(fqn, modules[fqn], ActivationQuantConfig(**cfg), run)
+
+    def save(
+        self,
+        sweep: Path,
+        index: int,
+        layer: nn.Module,
+        prefix: str,
+        run: Any,
+        layer_state: LayerState,
+        fallbacks: list[dict[str, Any]],
+        next_hidden: list[torch.Tensor] | None,
+    ) -> None:
+        """Write layer `index` of `sweep` atomically, then drop the previous layer's (now stale) inputs."""
+        final = sweep / f"layer-{index:04d}"
+        staging = sweep / f".layer-{index:04d}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        owned = f"{prefix}."
+        tensors = {f"layer.{k}": v for k, v in layer.state_dict().items()}
+        quantized = {fqn: q for fqn, q in run.quantized.items() if fqn.startswith(owned)}
+        for fqn, q in quantized.items():
+            tensors.update({f"quantized.{fqn}.codes": q.codes, f"quantized.{fqn}.scale": q.scale,
+                            f"quantized.{fqn}.zero": q.zero})
+        masks = [fqn for fqn in run.masks if fqn.startswith(owned)]
+        tensors.update({f"mask.{fqn}": run.masks[fqn] for fqn in masks})
+        save_file(_contiguous_copy(tensors), str(staging / "weights.safetensors"))
+        if next_hidden is not None:
+            save_file(_contiguous_copy({f"batch.{b}": h for b, h in enumerate(next_hidden)}),
+                      str(staging / "inputs.safetensors"))
+        state = {
+            "modules": layer_state.modules,
+            "seconds": layer_state.seconds,
+            "quantized": {fqn: q.spec.describe() for fqn, q in quantized.items()},
+            "masks": masks,
+            "bit_plan": {fqn: s.describe() for fqn, s in run.bit_plan.items() if fqn.startswith(owned)},
+            "activation_quant": {fqn: c for fqn, c in run.activation_quant.items() if fqn.startswith(owned)},
+            "fallbacks": fallbacks,
+        }
+        (staging / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # the layer counts as finished only once this rename happened
+        (sweep / f"layer-{index - 1:04d}" / "inputs.safetensors").unlink(missing_ok=True)
+        self.layers_saved += 1
+        _inject_fault(self.layers_saved - 1)
+
+
+def _inject_fault(layer_count: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at, _, name = spec.partition(":")
+    if int(at) == layer_count:
+        os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))

@@ -1,0 +1,286 @@
+"""report.html: one self-contained page per run (and one comparing runs), plots inline as base64 PNGs.
+
+Renders whatever report.json holds and skips what it does not: bits per module as a heatmap over
+decoder layers x module types, sparsity per module (pruning passes), sensitivities and the Pareto frontier
+(an `allocation` section), and perplexity against size when several runs are compared. No JavaScript and no
+external resources, so the page opens anywhere, offline, years later.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from compress.report import metric_rows
+
+_LAYER_MODULE = re.compile(r"\.(\d+)\.(.+)$")  # "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj")
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+.worse { color: #b00020; } .better { color: #1b7f3b; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.muted { color: #777; } td.text { text-align: left; }
+"""
+
+
+def module_field(report: dict[str, Any], key: str) -> dict[str, float]:
+    """`key` (e.g. "bits", "sparsity") of every module over all passes; a later pass overrides an earlier one."""
+    values: dict[str, float] = {}
+    for entry in report.get("passes", []):
+        for fqn, result in (entry.get("modules") or {}).items():
+            value = result.get(key) if isinstance(result, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[fqn] = float(value)
+    return values
+
+
+def layer_grid(values: dict[str, float]) -> tuple[list[int], list[str], list[list[float]]]:
+    """Arrange per-module values as rows = decoder layers, columns = module types (NaN where a module is absent)."""
+    cells: dict[tuple[int, str], float] = {}
+    for fqn, value in values.items():
+        match = _LAYER_MODULE.search(fqn)
+        if match:
+            cells[(int(match.group(1)), match.group(2))] = value
+    layers = sorted({layer for layer, _ in cells})
+    kinds = list(dict.fromkeys(kind for _, kind in sorted(cells, key=lambda c: c[0])))
+    grid = [[cells.get((layer, kind), float("nan")) for kind in kinds] for layer in layers]
+    return layers, kinds, grid
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmap(values: dict[str, float], title: str, colorbar: str) -> str | None:
+    layers, kinds, grid = layer_grid(values)
+    if not layers:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.35 * len(layers)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_ylabel("decoder layer")
+    ax.set_title(title)
+    if len(layers) * len(kinds) <= 400:  # numbers stay readable up to about 20 x 20 cells
+        for row, line in enumerate(grid):
+            for col, value in enumerate(line):
+                if value == value:
+                    ax.text(col, row, f"{value:.3g}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    return _png(fig)
+
+
+def _numeric_pairs(points: Any) -> list[tuple[float, float]]:
+    """Frontier points as (x, y): `[[x, y], ...]` or `[{...}, ...]` with the first two numeric fields."""
+    pairs = []
+    for point in points if isinstance(points, list) else []:
+        numbers = point if isinstance(point, (list, tuple)) else list(point.values()) if isinstance(point, dict) else []
+        numbers = [float(n) for n in numbers if isinstance(n, (int, float)) and not isinstance(n, bool)]
+        if len(numbers) >= 2:
+            pairs.append((numbers[0], numbers[1]))
+    return pairs
+
+
+def _axis_names(points: Any) -> tuple[str, str]:
+    if isinstance(points, list) and points and isinstance(points[0], dict):
+        names = [k for k, v in points[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(names) >= 2:
+            return names[0], names[1]
+    return "x", "y"
+
+
+def frontier_plot(allocation: dict[str, Any]) -> str | None:
+    frontier = allocation.get("frontier")
+    pairs = sorted(_numeric_pairs(frontier))
+    if not pairs:
+        return None
+    plt = _pyplot()
+    xlabel, ylabel = _axis_names(frontier)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-")
+    chosen = allocation.get("chosen") or allocation.get("selected")
+    chosen_pair = _numeric_pairs([chosen]) if chosen is not None else []
+    if chosen_pair:
+        ax.plot(*chosen_pair[0], "r*", markersize=14, label="chosen")
+        ax.legend()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("Pareto frontier")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def sensitivity_plot(allocation: dict[str, Any]) -> str | None:
+    """Sensitivities as `{module: number}` (a heatmap) or `{module: {bits: number}}` (one line per bit width)."""
+    sensitivities = allocation.get("sensitivities")
+    if not isinstance(sensitivities, dict) or not sensitivities:
+        return None
+    flat = {k: float(v) for k, v in sensitivities.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if flat:
+        return heatmap(flat, "sensitivity per module", "sensitivity")
+    per_bits: dict[str, list[float]] = {}
+    for per_module in sensitivities.values():
+        if isinstance(per_module, dict):
+            for bits, value in per_module.items():
+                if isinstance(value, (int, float)):
+                    per_bits.setdefault(str(bits), []).append(float(value))
+    if not per_bits:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for bits, values in per_bits.items():
+        ax.plot(range(len(values)), values, ".-", label=f"{bits} bits")
+    ax.set_yscale("log")
+    ax.set_xlabel("module (in model order)")
+    ax.set_ylabel("sensitivity")
+    ax.legend()
+    ax.set_title("sensitivity per module")
+    return _png(fig)
+
+
+def _table(header: list[str] | None, rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
+    head = f"<thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr></thead>" if header else ""
+    body = ""
+    for r, row in enumerate(rows):
+        cells = ""
+        for c, cell in enumerate(row):
+            css = classes[r][c] if classes else ""
+            cells += f'<td class="{css}">{html.escape(cell)}</td>' if css else f"<td>{html.escape(cell)}</td>"
+        body += f"<tr>{cells}</tr>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _figure(title: str, uri: str | None) -> str:
+    return f"<h2>{html.escape(title)}</h2><img alt=\"{html.escape(title)}\" src=\"{uri}\">" if uri else ""
+
+
+def _summary(report: dict[str, Any]) -> list[list[str]]:
+    model, size, timings = report.get("model", {}), report.get("size", {}), report.get("timings", {})
+    rows = [
+        ["model", f"{model.get('name')} ({model.get('architecture')}, {model.get('parameters', 0):,} parameters)"],
+        ["size", f"{size.get('bytes', 0) / 2**20:.2f} MiB vs {size.get('baseline_bytes', 0) / 2**20:.2f} MiB "
+                 f"({size.get('reference_dtype')})"],
+        ["bits per weight", f"{size.get('bits_per_weight')} overall, {size.get('quantized_bits_per_weight')} in quantized layers"],
+        ["passes", ", ".join(p.get("name", "?") for p in report.get("passes", [])) or "none"],
+        ["device / seed", f"{model.get('device')} / {report.get('seed')}"],
+        ["wall time", f"{timings.get('total', 0):.1f} s"],
+        ["peak memory", ", ".join(f"{k}: {v / 2**20:,.0f} MiB" for k, v in (report.get("peak_memory") or {}).items())],
+        ["fallbacks", str(len(report.get("fallbacks", [])))],
+    ]
+    return rows
+
+
+def render_html(report: dict[str, Any]) -> str:
+    title = f"compress run: {report.get('model', {}).get('name')}"
+    parts = [f"<h1>{html.escape(title)}</h1>", _table(None, _summary(report), [["", "text"]] * len(_summary(report))), "<h2>Metrics</h2>"]
+    rows = [list(row) for row in metric_rows(report)]
+    # For every metric we report today (perplexity), lower is better, so a rise is drawn as a loss.
+    classes = [["", "", "", "", "worse" if row[4].startswith("+") else "better" if row[4].startswith("-") else ""]
+               for row in rows]
+    parts.append(_table(["metric", "dataset", "baseline", "compressed", "change"], rows, classes) if rows
+                 else "<p class=\"muted\">no evaluations in this recipe</p>")
+    parts.append("<h2>Passes</h2>")
+    parts.append(_table(["pass", "seconds", "summary"], [
+        [p.get("name", "?"), f"{p.get('seconds', 0):.2f}", ", ".join(f"{k}={v}" for k, v in p.get("summary", {}).items())]
+        for p in report.get("passes", [])
+    ]))
+    parts.append(_figure("Bits per module", heatmap(module_field(report, "bits"), "bits per module", "bits")))
+    parts.append(_figure("Sparsity per module", heatmap(module_field(report, "sparsity"), "sparsity per module", "sparsity")))
+    found = report.get("allocation")
+    allocation: dict[str, Any] = found if isinstance(found, dict) else {}
+    parts.append(_figure("Sensitivities", sensitivity_plot(allocation)))
+    parts.append(_figure("Pareto frontier", frontier_plot(allocation)))
+    if report.get("fallbacks"):
+        parts.append("<h2>Fallbacks</h2><ul>" + "".join(f"<li>{html.escape(str(f))}</li>" for f in report["fallbacks"]) + "</ul>")
+    return _page(title, "\n".join(p for p in parts if p))
+
+
+def write_html_report(report: dict[str, Any], path: Path) -> None:
+    path.write_text(render_html(report), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several runs side by side
+
+
+def compare_rows(runs: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    """One row per run: size, bits per weight, every metric's compressed value (baseline in the header), time."""
+    metrics: list[tuple[str, str]] = []
+    for _, report in runs:
+        for metric, per_dataset in report.get("metrics", {}).items():
+            metrics += [(metric, label) for label in per_dataset if (metric, label) not in metrics]
+    header = ["run", "size MiB", "bits/weight"]
+    for metric, label in metrics:
+        baselines = {report["metrics"][metric][label].get("baseline") for _, report in runs
+                     if label in report.get("metrics", {}).get(metric, {})}
+        baseline = next(iter(baselines)) if len(baselines) == 1 else None
+        header.append(f"{metric}[{label}]" + (f" (baseline {baseline:.4f})" if isinstance(baseline, float) else ""))
+    header.append("time s")
+    rows = []
+    for name, report in runs:
+        size = report.get("size", {})
+        row = [name, f"{size.get('bytes', 0) / 2**20:.2f}", str(size.get("bits_per_weight"))]
+        for metric, label in metrics:
+            value = report.get("metrics", {}).get(metric, {}).get(label, {}).get("compressed")
+            row.append("—" if value is None else f"{value:.4f}")
+        row.append(f"{report.get('timings', {}).get('total', 0):.1f}")
+        rows.append(row)
+    return header, rows
+
+
+def size_metric_plot(runs: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """Perplexity (first dataset) against size in MiB, one labelled point per run."""
+    points = []
+    for name, report in runs:
+        per_dataset = report.get("metrics", {}).get("perplexity", {})
+        if per_dataset:
+            value = next(iter(per_dataset.values())).get("compressed")
+            if isinstance(value, (int, float)):
+                points.append((report.get("size", {}).get("bytes", 0) / 2**20, float(value), name))
+    if len(points) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    for x, y, name in points:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("size (MiB)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity against size")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def render_compare_html(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    header, rows = compare_rows(runs)
+    body = ["<h1>compress: runs compared</h1>", _table(header, rows),
+            _figure("Perplexity against size", size_metric_plot(runs))]
+    return _page("compress: runs compared", "\n".join(b for b in body if b))
