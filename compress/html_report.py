@@ -112,17 +112,29 @@ def _axis_names(points: Any) -> tuple[str, str]:
     return "x", "y"
 
 
-def frontier_plot(allocation: dict[str, Any]) -> str | None:
+def _frontier_points(allocation: dict[str, Any]) -> tuple[list[tuple[float, float]], list[tuple[float, float]], str, str]:
+    """The frontier and the chosen point. The allocate pass writes `{bits, avg_bits, cost}` points and the plan's
+    `used.avg_bits` / `cost`; any other list of numeric pairs is plotted as it is."""
     frontier = allocation.get("frontier")
-    pairs = sorted(_numeric_pairs(frontier))
+    if isinstance(frontier, list) and frontier and isinstance(frontier[0], dict) and {"avg_bits", "cost"} <= set(frontier[0]):
+        pairs = [(float(p["avg_bits"]), float(p["cost"])) for p in frontier]
+        used = allocation.get("used")
+        chosen = ([(float(used["avg_bits"]), float(allocation["cost"]))]
+                  if isinstance(used, dict) and "avg_bits" in used and "cost" in allocation else [])
+        return pairs, chosen, "bits per weight (scales and zero points included)", "summed sensitivity cost"
+    selected = allocation.get("chosen") or allocation.get("selected")
+    xlabel, ylabel = _axis_names(frontier)
+    return _numeric_pairs(frontier), _numeric_pairs([selected]) if selected is not None else [], xlabel, ylabel
+
+
+def frontier_plot(allocation: dict[str, Any]) -> str | None:
+    points, chosen_pair, xlabel, ylabel = _frontier_points(allocation)
+    pairs = sorted(points)
     if not pairs:
         return None
     plt = _pyplot()
-    xlabel, ylabel = _axis_names(frontier)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-")
-    chosen = allocation.get("chosen") or allocation.get("selected")
-    chosen_pair = _numeric_pairs([chosen]) if chosen is not None else []
     if chosen_pair:
         ax.plot(*chosen_pair[0], "r*", markersize=14, label="chosen")
         ax.legend()
@@ -135,7 +147,7 @@ def frontier_plot(allocation: dict[str, Any]) -> str | None:
 
 def sensitivity_plot(allocation: dict[str, Any]) -> str | None:
     """Sensitivities as `{module: number}` (a heatmap) or `{module: {bits: number}}` (one line per bit width)."""
-    sensitivities = allocation.get("sensitivities")
+    sensitivities = allocation.get("module_scores") or allocation.get("sensitivities")  # the allocate pass: module_scores
     if not isinstance(sensitivities, dict) or not sensitivities:
         return None
     flat = {k: float(v) for k, v in sensitivities.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

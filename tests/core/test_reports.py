@@ -43,9 +43,16 @@ def with_other_passes(report: dict) -> dict:
     modules = report["passes"][0]["modules"]
     report["passes"].append({"name": "wanda", "params": {}, "seconds": 0.1, "summary": {"modules": len(modules)},
                              "modules": {fqn: {"sparsity": 0.5} for fqn in modules}})
-    report["allocation"] = {
-        "sensitivities": {fqn: 1.0 / (i + 1) for i, fqn in enumerate(modules)},
-        "frontier": [{"bits_per_weight": b, "loss": 1.0 / b} for b in (2.5, 3.0, 3.5, 4.0)],
+    parameters = 1000 * len(modules)
+    report["allocation"] = {  # the shape compressors/allocate.py writes
+        "estimator": "hessian_trace", "solver": "ilp", "granularity": "module", "group_size": 32,
+        "parameters": parameters, "cost": 0.25,
+        "budget": {"avg_bits": 3.0, "bits": 3 * parameters, "bytes": 3 * parameters // 8},
+        "used": {"bits": 3 * parameters, "bytes": 3 * parameters // 8, "avg_bits": 3.0},
+        "plan": {fqn: 4 if i % 2 else 2 for i, fqn in enumerate(modules)},
+        "units": {fqn: {"modules": [fqn], "parameters": 1000, "bits": 4 if i % 2 else 2} for i, fqn in enumerate(modules)},
+        "module_scores": {fqn: 1.0 / (i + 1) for i, fqn in enumerate(modules)},
+        "frontier": [{"bits": b * parameters, "avg_bits": b, "cost": 1.0 / b} for b in (2.5, 3.0, 3.5, 4.0)],
     }
     return report
 
