@@ -44,6 +44,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from compress.context import RunContext
+from compress.data import DATA_DIR_ENV
 from compress.engine import model_on_device
 from compress.errors import UserError
 from compress.model_io import ModelHandle
@@ -55,7 +56,6 @@ from evaluators.tasks.generic import read_docs
 
 PROTOCOL = {"name": "lm_eval_loglikelihood", "version": 1, "num_fewshot": 0, "target_delimiter": " ",
             "acc_norm": "sum logprob / len(choice) in characters", "stderr": "sample std / sqrt(n)"}
-DATA_DIR_ENV = "COMPRESS_DATA_DIR"
 
 
 class ZeroShotConfig(StrictConfig):
