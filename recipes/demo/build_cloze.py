@@ -1,8 +1,8 @@
 """Build the demo cloze task `cloze.jsonl` from the held-out demo text `eval.txt`.
 
 Each document is a stretch of prose from eval.txt (up to three sentences of one paragraph) and four
-candidate next sentences: the true one and three distractors drawn from other paragraphs of the same text,
-of similar length (within a factor of 1.5, so the length of a choice gives nothing away). The model never saw
+candidate next sentences: the true one and three distractors drawn from far away in the same text
+(another page of the docs), of similar length (within a factor of 1.25, so the length of a choice gives nothing away). The model never saw
 eval.txt in training; a model that reads the context scores well above the 25% of chance.
 
 Format: the generic zero-shot JSONL `{"context": ..., "choices": [...], "gold": i}` that
@@ -23,38 +23,52 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SENTENCE_END = re.compile(r"(?<=[a-z0-9)`*][.!?])\s+(?=[A-Z])")
 MIN_CHARS, MAX_CHARS = 30, 220
+FAR_CHARS = 20_000
+LENGTH_RATIO = 1.25
+STEM_WORDS = 4
 
 
-def prose_paragraphs(text: str) -> list[list[str]]:
-    """Sentences of every prose paragraph (reST directives, code blocks, tables and headings left out)."""
+def prose_paragraphs(text: str) -> list[tuple[int, list[str]]]:
+    """(character offset, sentences) of every prose paragraph; reST directives, code, tables and headings are
+    left out."""
     paragraphs = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [line.strip() for line in block.strip("\n").split("\n")]
+    for match in re.finditer(r"(?:[^\n]+\n?)+", text):
+        lines = [line.strip() for line in match.group(0).strip("\n").split("\n")]
         if not lines or any(line.startswith(("..", ">>>", "+", "|", "=", "-", "*", "#")) or line.endswith("::") for line in lines):
             continue
-        flat = " ".join(lines)
-        sentences = [s for s in SENTENCE_END.split(flat) if MIN_CHARS <= len(s) <= MAX_CHARS]
+        sentences = [s for s in SENTENCE_END.split(" ".join(lines)) if MIN_CHARS <= len(s) <= MAX_CHARS]
         if len(sentences) >= 2 and all(s[0].isupper() for s in sentences):
-            paragraphs.append(sentences)
+            paragraphs.append((match.start(), sentences))
     return paragraphs
+
+
+def split_words(sentence: str) -> tuple[str, str]:
+    words = sentence.split(" ")
+    return " ".join(words[:STEM_WORDS]), " ".join(words[STEM_WORDS:])
 
 
 def build(text: str, count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     paragraphs = prose_paragraphs(text)
-    pool = [(index, s) for index, sentences in enumerate(paragraphs) for s in sentences]
-    candidates = [(p, i) for p, sentences in enumerate(paragraphs) for i in range(1, len(sentences))]
+    pool = [(offset, s) for offset, sentences in paragraphs for s in sentences]
+    candidates = [(p, i) for p, (_, sentences) in enumerate(paragraphs) for i in range(1, len(sentences))]
     rng.shuffle(candidates)
     docs = []
     for p, i in candidates:
-        true = paragraphs[p][i]
-        similar = [s for q, s in pool if q != p and 1 / 1.5 <= len(s) / len(true) <= 1.5 and s != true]
-        if len(similar) < 3:
+        offset, sentences = paragraphs[p]
+        true = sentences[i]
+        # Distractors come from far away in the text (another page of the docs, another topic), so the context
+        # decides; similar length keeps the length of a choice from giving the answer away.
+        similar = [s for o, s in pool if abs(o - offset) > FAR_CHARS and s.count(" ") > STEM_WORDS and 1 / LENGTH_RATIO <= len(s) / len(true) <= LENGTH_RATIO]
+        if len(similar) < 3 or true.count(" ") <= STEM_WORDS:
             continue
-        choices = rng.sample(similar, 3)
+        # The next sentence's first words stay in the context: a 4.5M-parameter model judges how a sentence
+        # goes on far better than which sentence comes next, and the distractors are cut at the same word.
+        stem, ending = split_words(true)
+        choices = [split_words(s)[1] for s in rng.sample(similar, 3)]
         gold = rng.randrange(4)
-        choices.insert(gold, true)
-        docs.append({"context": " ".join(paragraphs[p][max(0, i - 3) : i]), "choices": choices, "gold": gold})
+        choices.insert(gold, ending)
+        docs.append({"context": " ".join(sentences[max(0, i - 3) : i] + [stem]), "choices": choices, "gold": gold})
         if len(docs) == count:
             break
     return docs

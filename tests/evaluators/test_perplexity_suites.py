@@ -69,10 +69,10 @@ def test_protocol_versions_in_the_report(tiny, text_file):
 @requires_shared_data("wikitext2_raw", "wiki.test.raw")
 def test_wikitext2_from_a_local_copy_rebuilds_the_hub_rows():
     text = load_text("wikitext2", SHARED_DATA)
-    rows = text.split("\n\n")
-    # 4,358 hub rows joined with "\n\n"; text rows keep their "\n", blank rows are "".
-    assert text.startswith(" = Robert Boulter = \n\n\n\n Robert Boulter is an English film")
-    assert "\r" not in text and len(rows) > 4358 - 100
+    # Hub rows joined with "\n\n": "", " = Robert Boulter = \n", "", " Robert Boulter is ...\n", ...
+    assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
+    lines = (SHARED_DATA / "wikitext2_raw" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")[:-1]
+    assert "\r" not in text and len(lines) == 4358 and text.count("\n") == sum(1 for line in lines if line.strip()) + 2 * (len(lines) - 1)
 
 
 def test_local_copy_missing_is_named(tmp_path):
