@@ -72,6 +72,13 @@ def evaluate(
             except ValidationError as exc:
                 raise UserError(f"--{name.replace('_', '-')}: " + "; ".join(e["msg"] for e in exc.errors())) from None
 
+        for name, config in steps:  # a missing or malformed task file is reported before the model loads
+            if name == "zero_shot":
+                from evaluators.zero_shot import ZeroShotConfig, check_task_files
+
+                assert isinstance(config, ZeroShotConfig)
+                check_task_files(config)
+
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         with reporter.status(f"loading {model}"):
             handle = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

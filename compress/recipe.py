@@ -269,6 +269,7 @@ def _describe_pydantic_error(error: Mapping[str, Any], model: type[BaseModel], l
     if kind == "missing":
         return "missing required key"
     message = error["msg"]
+    message = re.sub(r"^Value error, ", "", message)  # a validator's own ValueError text is the message
     message = re.sub(r"^(Input|Value) should be", "expected", message)
     message = re.sub(r"^String should match pattern", "expected a string matching", message)
     return f"{message[0].lower()}{message[1:]}, got {error.get('input')!r}"

@@ -284,6 +284,21 @@ def score_task(model: nn.Module, tokenizer: Any, task: TaskDocs, *, batch_size: 
     return {name: (sum(values) / len(values), mean_stderr(values)) for name, values in metrics.items()}
 
 
+def check_task_files(cfg: ZeroShotConfig) -> None:
+    """Read every local task file once, so a missing or malformed one fails before a model is loaded."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    for ref in cfg.tasks:
+        if ref.endswith(".jsonl") or data_dir is not None:
+            load_task(ref, data_dir, cfg.limit)
+        else:
+            _read_hub_check_offline(registry()[ref])
+
+
+def _read_hub_check_offline(task: TaskDef) -> None:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        _read_hub(task)  # raises the offline error naming the local file to use instead
+
+
 @register_evaluator("zero_shot", ZeroShotConfig)
 def evaluate_zero_shot(handle: ModelHandle, cfg: ZeroShotConfig, run: RunContext) -> list[EvalResult]:
     """Zero-shot accuracy (acc, acc_norm, stderr) with lm-evaluation-harness semantics."""

@@ -47,9 +47,14 @@ def test_eval_zero_shot_and_perplexity_json(workdir, tiny_llama):
         ([], "nothing to evaluate"),
     ],
 )
-def test_eval_errors_exit_2_and_name_the_file(workdir, tiny_llama, args, message):
-    result = compress("eval", str(tiny_llama), *args, cwd=workdir)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+def test_eval_errors_exit_2_and_name_the_file(workdir, tiny_llama, args, message, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.chdir(workdir)  # in-process: these fail before any model is loaded
+    result = CliRunner().invoke(app, ["eval", str(tiny_llama), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_recipe_zero_shot_section_is_validated(workdir, tiny_llama):
