@@ -142,11 +142,12 @@ def evaluate_lm_eval(handle: ModelHandle, cfg: LmEvalConfig, run: RunContext) ->
         output = run_lm_eval(handle.model, handle.tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
                              num_fewshot=cfg.num_fewshot, data_dir=data_dir)
     original = {v: k for k, v in output["renamed"].items()}
+    version = getattr(require_lm_eval(), "__version__", None)
     results = []
     for task_name, metrics in output["results"].items():
         label = original.get(task_name, task_name)
         protocol = {"name": "lm_eval_harness", "version": str(output.get("versions", {}).get(task_name)),
-                    "lm_eval": require_lm_eval().__version__ if hasattr(require_lm_eval(), "__version__") else None,
+                    "lm_eval": version,
                     "task": task_name, "limit": cfg.limit}
         for key, value in metrics.items():
             metric, _, _filter = key.partition(",")

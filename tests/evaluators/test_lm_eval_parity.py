@@ -32,3 +32,21 @@ def test_acc_and_acc_norm_equal_lm_eval_on_the_demo_model():
         for metric in ("acc", "acc_norm"):
             assert ours[metric][0] == reference[f"{metric},none"], (name, metric, ours[metric], reference)
             assert ours[metric][1] == pytest.approx(reference[f"{metric}_stderr,none"], rel=1e-9)
+
+
+@pytest.mark.slow
+@requires_shared_data("winogrande", "winogrande.jsonl")
+def test_lm_eval_evaluator_on_the_in_memory_model(tiny_llama):
+    pytest.importorskip("lm_eval")
+    from compress.context import RunContext
+    from evaluators.lm_eval_adapter import LmEvalConfig, evaluate_lm_eval
+    from evaluators.zero_shot import ZeroShotConfig, evaluate_zero_shot
+
+    handle = load_model(str(tiny_llama), device="cpu")
+    run = RunContext(device=torch.device("cpu"))
+    theirs = evaluate_lm_eval(handle, LmEvalConfig(tasks=["winogrande"], limit=20, data_dir=str(SHARED_DATA)), run)
+    ours = evaluate_zero_shot(handle, ZeroShotConfig(tasks=["winogrande"], limit=20, data_dir=str(SHARED_DATA)), run)
+    by_metric = {r.metric: r for r in theirs}
+    assert {r.label for r in theirs} == {"winogrande"} and by_metric["lm_eval_acc"].details["name"] == "lm_eval_harness"
+    for result in ours:
+        assert by_metric[f"lm_eval_{result.metric}"].value == result.value
