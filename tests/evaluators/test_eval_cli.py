@@ -20,7 +20,7 @@ def compress(*args, cwd):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("eval-cli")
-    (root / "text.txt").write_text(synthetic_text())
+    (root / "text.txt").write_text(synthetic_text(600))  # a few windows: the CLI, not the model, is under test
     docs = [{"context": "the model", "choices": ["layer weight", "zero one"], "gold": i % 2} for i in range(4)]
     (root / "task.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (root / "bad.jsonl").write_text(json.dumps(docs[0]) + "\n" + '{"context": "x", "choices": ["a"], "gold": 3}\n')
@@ -58,8 +58,16 @@ def test_eval_errors_exit_2_and_name_the_file(workdir, tiny_llama, args, message
 
 
 def test_recipe_zero_shot_section_is_validated(workdir, tiny_llama):
+    from compress.errors import RecipeError
+    from compress.recipe import load_recipe
+
     recipe = workdir / "r.yaml"
-    recipe.write_text(f"model: {tiny_llama}\nevaluate:\n  zero_shot: {{tasks: [piqa, arc_esay, task.jsonl, nope.jsonl]}}\n")
-    result = compress("validate", "r.yaml", cwd=workdir)
-    assert result.returncode == 2
-    assert "r.yaml:3 evaluate.zero_shot.tasks: unknown task 'arc_esay'" in result.stderr and "Did you mean: arc_easy" in result.stderr
+    recipe.write_text(f"model: {tiny_llama}\nevaluate:\n  zero_shot: {{tasks: [piqa, arc_esay, task.jsonl]}}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:3 evaluate.zero_shot.tasks: unknown task 'arc_esay'.*Did you mean: arc_easy"):
+        load_recipe(recipe)
+    recipe.write_text("evaluate:\n  zero_shot: {tasks: [piqa, task.jsonl, nope.jsonl], data_dir: nodir}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    assert [issue.path for issue in error.value.issues] == ["evaluate.zero_shot.tasks[2]", "evaluate.zero_shot.data_dir"]
+    recipe.write_text("evaluate:\n  zero_shot: {tasks: [piqa, task.jsonl]}\n")
+    assert load_recipe(recipe).evaluations[0].config.tasks == ["piqa", str(workdir / "task.jsonl")]
