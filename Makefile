@@ -41,7 +41,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 bench:
 	@test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
 	@$(BENCH_PY) -c "import torch" 2>/dev/null || $(BENCH_PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BENCH_PY) -m pip install --disable-pip-version-check -q -e ".[dev,bench]"
+	$(BENCH_PY) -m pip install --disable-pip-version-check -q -e ".[bench,lm-eval]"
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/run.py --output bench/results/quantization.md
 	$(BENCH_PY) bench/assemble.py --output BENCHMARKS.md
 

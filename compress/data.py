@@ -36,10 +36,22 @@ def dataset_label(ref: str) -> str:
     return ref if is_hub_dataset(ref) else Path(ref).stem
 
 
-def load_text(ref: str) -> str:
-    """The full text of a dataset reference, documents joined as the papers do."""
+# Where a hub name's split lives in a local data folder laid out like ../shared/data (for offline use).
+LOCAL_LAYOUT = {
+    "wikitext2": "wikitext2_raw/wiki.test.raw",
+    "c4": "c4/c4-validation.00000-of-00008.json",
+}
+DATA_DIR_ENV = "COMPRESS_DATA_DIR"
+
+
+def load_text(ref: str, data_dir: str | Path | None = None) -> str:
+    """The full text of a dataset reference, documents joined as the papers do.
+
+    A hub name reads its local copy from `data_dir` (default $COMPRESS_DATA_DIR) when one is given.
+    """
     if is_hub_dataset(ref):
-        return _load_hub_text(ref)
+        folder = data_dir or os.environ.get(DATA_DIR_ENV)
+        return _load_local_hub_copy(ref, Path(folder)) if folder else _load_hub_text(ref)
     path = Path(ref)
     if not path.is_file():
         raise UserError(f"dataset file not found: {path}")
@@ -63,12 +75,28 @@ def _load_jsonl_text(path: Path) -> str:
     return "\n\n".join(texts)
 
 
+def _load_local_hub_copy(name: str, data_dir: Path) -> str:
+    """A hub data set from its local files, rebuilt into the same rows the hub gives, joined the same way."""
+    path = data_dir / LOCAL_LAYOUT[name]
+    if not path.is_file():
+        raise UserError(f"dataset '{name}': file not found: {path} (the data folder {data_dir} should hold {LOCAL_LAYOUT[name]})")
+    if name != "wikitext2":
+        return _load_jsonl_text(path)
+    # wiki.test.raw has one line per hub row; the hub keeps the newline on text rows and gives blank lines as "".
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    rows = [line + "\n" if line.strip() else "" for line in lines]
+    return HUB_DATASETS[name][3].join(rows)
+
+
 def _load_hub_text(name: str) -> str:
     args, kwargs, field, joiner = HUB_DATASETS[name]
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise UserError(
             f"dataset '{name}' is read from the Hugging Face hub, but offline mode is on (HF_HUB_OFFLINE=1). "
-            "Point the recipe at a local .txt or .jsonl file instead."
+            "Point the recipe at a local .txt or .jsonl file instead, or at a local copy of the data set "
+            f"(`data_dir:` / --data-dir / ${DATA_DIR_ENV} holding {LOCAL_LAYOUT[name]})."
         )
     try:
         import datasets

@@ -327,6 +327,7 @@ def _describe_pydantic_error(error: Mapping[str, Any], model: type[BaseModel], l
     if kind == "missing":
         return "missing required key"
     message = error["msg"]
+    message = re.sub(r"^Value error, ", "", message)  # a validator's own ValueError text is the message
     message = re.sub(r"^(Input|Value) should be", "expected", message)
     message = re.sub(r"^String should match pattern", "expected a string matching", message)
     return f"{message[0].lower()}{message[1:]}, got {short_repr(error.get('input'))}"
@@ -496,11 +497,27 @@ class _Checker:
                 config = self.validate(registry[name].config, params, loc)
                 if config is None:
                     continue
-                dataset = getattr(config, "dataset", None)
-                if isinstance(dataset, str):
-                    config = config.model_copy(update={"dataset": self.resolve_path(dataset, loc + ("dataset",))})
-                steps.append(EvalStep(name, registry[name], config))
+                steps.append(EvalStep(name, registry[name], self.resolve_eval_paths(config, loc)))
         return steps
+
+    def resolve_eval_paths(self, config: StrictConfig, loc: Loc) -> StrictConfig:
+        """An evaluator's `dataset` and `.jsonl` `tasks` files and its `data_dir` folder resolve against the recipe."""
+        updates: dict[str, Any] = {}
+        dataset = getattr(config, "dataset", None)
+        if isinstance(dataset, str):
+            updates["dataset"] = self.resolve_path(dataset, loc + ("dataset",))
+        tasks = getattr(config, "tasks", None)
+        if isinstance(tasks, list):
+            updates["tasks"] = [self.resolve_path(t, loc + ("tasks", i)) if t.endswith(".jsonl") else t
+                                for i, t in enumerate(tasks)]
+        data_dir = getattr(config, "data_dir", None)
+        if isinstance(data_dir, str):
+            folder = Path(data_dir).expanduser()
+            folder = folder if folder.is_absolute() else self.base_dir / folder
+            if not folder.is_dir():
+                self.add(loc + ("data_dir",), f"folder not found: {folder} (relative paths resolve against the recipe's folder)")
+            updates["data_dir"] = str(folder.resolve())
+        return config.model_copy(update=updates) if updates else config
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

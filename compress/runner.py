@@ -88,11 +88,12 @@ def _pass_entry(step: PassStep, seconds: float, modules: dict[str, Any]) -> dict
 
 
 def evaluate_all(handle: ModelHandle, steps: tuple[EvalStep, ...], run: RunContext) -> list[EvalResult]:
-    results = []
+    results: list[EvalResult] = []
     for step in steps:
-        result = step.definition.apply(handle, step.config, run)
-        log.info("%s[%s] = %.4f", result.metric, result.label, result.value)
-        results.append(result)
+        returned = step.definition.apply(handle, step.config, run)
+        for result in returned if isinstance(returned, list) else [returned]:  # a suite returns one per task/metric
+            log.info("%s[%s] = %.4f", result.metric, result.label, result.value)
+            results.append(result)
     return results
 
 

@@ -7,6 +7,14 @@ cold, without context from the previous one.
 
 Worked example: 1,050 tokens with seq_len=512 give 2 windows; 2 x 511 = 1,022 predictions are scored.
 This is not lm-eval's word-level document perplexity, which normalises by words and uses a rolling context.
+
+Protocol `token_ppl` version 2 (chosen by setting `stride`): sliding windows of `seq_len` tokens that start
+every `stride` tokens; each window scores only the tokens no earlier window scored, so every token but the
+first is predicted once, with at least seq_len - stride tokens of context (except inside the first window).
+The last window ends at the end of the text (nothing is dropped).
+
+Worked example: 1,050 tokens, seq_len=512, stride=256: windows [0,512) [256,768) [512,1024) [768,1050) score
+511 + 256 + 256 + 26 = 1,049 predictions. Smaller strides cost seq_len/stride times the compute of v1.
 """
 
 from __future__ import annotations
@@ -15,18 +23,21 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import RunContext
 from compress.data import contiguous_windows, dataset_label, load_text, tokenize_text
 from compress.engine import model_on_device
+from compress.errors import UserError
 from compress.model_io import ModelHandle
 from compress.progress import SILENT, Advance, Reporter, no_progress
 from compress.registry import StrictConfig, register_evaluator
 from evaluators.base import EvalResult
 
 PROTOCOL = {"name": "token_ppl", "version": 1, "stride": "seq_len", "joined": "\\n\\n"}
+SLIDING_PROTOCOL = {"name": "token_ppl", "version": 2, "joined": "\\n\\n",
+                    "windows": "seq_len tokens every stride tokens; each token scored once; tail kept"}
 
 
 class PerplexityConfig(StrictConfig):
@@ -40,6 +51,14 @@ class PerplexityConfig(StrictConfig):
     seq_len: int = Field(512, ge=8)
     batch_size: int = Field(8, ge=1)
     max_windows: int | None = Field(None, ge=1, description="score only the first N windows (quick checks)")
+    stride: int | None = Field(None, ge=1, description="sliding windows (token_ppl v2); unset: disjoint windows (v1)")
+    data_dir: str | None = Field(None, description="local copies of hub names, laid out like ../shared/data")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> "PerplexityConfig":
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len}): tokens would be skipped")
+        return self
 
 
 @torch.no_grad()
@@ -67,15 +86,56 @@ def perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch
     return math.exp(nll / tokens), {"windows": windows.shape[0], "scored_tokens": tokens}
 
 
+def sliding_windows(total_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) of each token_ppl v2 window: positions [first_scored, end) are scored."""
+    windows, scored_until, begin = [], 1, 0
+    while True:
+        end = min(begin + seq_len, total_tokens)
+        windows.append((begin, end, max(scored_until, begin + 1)))
+        scored_until = end
+        if end == total_tokens:
+            return windows
+        begin += stride
+
+
+@torch.no_grad()
+def sliding_perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, stride: int, batch_size: int,
+                          device: torch.device, max_windows: int | None = None,
+                          reporter: Reporter = SILENT) -> tuple[float, dict[str, int]]:
+    if token_ids.numel() < 2:
+        raise UserError(f"evaluation text has {token_ids.numel()} tokens; perplexity needs at least 2")
+    windows = sliding_windows(token_ids.numel(), seq_len, stride)[:max_windows]
+    total_nll, total_tokens = 0.0, 0
+    with reporter.task(f"perplexity ({len(windows)} sliding windows)", total=len(windows)) as advance:
+        for start in range(0, len(windows), batch_size):
+            group = windows[start : start + batch_size]
+            for length in sorted({end - begin for begin, end, _ in group}):  # the tail window is shorter
+                same = [w for w in group if w[1] - w[0] == length]
+                batch = torch.stack([token_ids[b:e] for b, e, _ in same]).to(device)  # (B, length)
+                logprobs = F.log_softmax(model(batch, use_cache=False).logits[:, :-1].float(), dim=-1)  # (B, length-1, vocab)
+                for row, (begin, end, first) in enumerate(same):
+                    targets = batch[row, first - begin :]
+                    picked = logprobs[row, first - begin - 1 :].gather(1, targets[:, None])
+                    total_nll -= picked.sum().item()
+                    total_tokens += targets.numel()
+            advance(len(group))
+    return math.exp(total_nll / total_tokens), {"windows": len(windows), "scored_tokens": total_tokens}
+
+
 @register_evaluator("perplexity", PerplexityConfig)
 def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunContext) -> EvalResult:
     """Token perplexity on a text, non-overlapping windows (GPTQ/SparseGPT/AWQ protocol)."""
     key = ("token_ids", cfg.dataset)
     if key not in run.cache:  # the baseline and the compressed evaluation read the same text
-        run.cache[key] = tokenize_text(handle.tokenizer, load_text(cfg.dataset))
+        run.cache[key] = tokenize_text(handle.tokenizer, load_text(cfg.dataset, cfg.data_dir))
     token_ids = run.cache[key]
     with model_on_device(handle, handle.device):
-        value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device,
-                                      cfg.max_windows, run.reporter)
-    details = {**PROTOCOL, "seq_len": cfg.seq_len, "dataset": cfg.dataset, **counts}
+        if cfg.stride is None:
+            value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device,
+                                          cfg.max_windows, run.reporter)
+        else:
+            value, counts = sliding_perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.stride, cfg.batch_size,
+                                                  handle.device, cfg.max_windows, run.reporter)
+    protocol = PROTOCOL if cfg.stride is None else {**SLIDING_PROTOCOL, "stride": cfg.stride}
+    details = {**protocol, "seq_len": cfg.seq_len, "dataset": cfg.dataset, **counts}
     return EvalResult("perplexity", dataset_label(cfg.dataset), value, details)

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 from tests.tiny_models import save_tiny_model, synthetic_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared/data beside the repo; COMPRESS_SHARED_DATA points a checkout elsewhere (a git worktree) at it.
+SHARED_DATA = Path(os.environ.get("COMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEMO_DIR = REPO / "recipes" / "demo"
 DEMO_MODEL = DEMO_DIR / "model"
 

@@ -1,0 +1,321 @@
+"""Zero-shot accuracy with the semantics of lm-evaluation-harness (`lm_eval_loglikelihood` v1).
+
+For each document and each choice, score log P(continuation | context) as lm-eval's HF backend does:
+
+- tokenization: trailing spaces of the context move to the continuation; the pair is encoded as
+  tok(context + continuation) with the context part tok(context) (tokenizer defaults, so a Llama BOS is
+  kept); an empty context becomes the BOS (else EOS) token;
+- the model reads (context + continuation)[-(max_length + 1):][:-1] and the continuation's tokens are
+  scored from the last len(continuation) positions (left truncation past the model's context length);
+- acc = argmax of the summed log-probabilities is the gold choice; acc_norm = argmax of the sum divided by
+  the choice's length in characters (lm-eval's `acc_norm`; equal to its byte length for ASCII text, and
+  lm-eval's own `acc_bytes` is the byte variant); the first index wins ties, as with numpy.argmax;
+- stderr = sample standard deviation / sqrt(n) (lm-eval's `mean_stderr`);
+- lambada_openai: acc = the greedy (argmax) tokens reproduce the last word, perplexity =
+  exp(-mean log-likelihood of the word), stderr by bootstrap (1,000 resamples, seed 0).
+
+Worked example (PIQA): context "Question: How do I open a jar?\\nAnswer:", continuations " Twist the lid."
+and " Hit it with a hammer."; with sums -12.0 and -15.0 over 15 and 22 characters acc picks choice 0
+and acc_norm compares -0.800 with -0.682, picking choice 1.
+
+Speed: identical model inputs are computed once (a multiple-choice document whose choices are one token
+each, like BoolQ's " no"/" yes", costs one forward for all its choices: the shared context), the unique
+inputs are sorted longest first (so padding is small and the first batch shows the peak memory), padded on
+the right and run `batch_size` at a time.
+
+Recipe example:
+
+    evaluate:
+      zero_shot: {tasks: [piqa, arc_easy, hellaswag, winogrande, boolq, demo_cloze.jsonl], limit: 200}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from compress.context import RunContext
+from compress.data import DATA_DIR_ENV
+from compress.engine import model_on_device
+from compress.errors import UserError
+from compress.model_io import ModelHandle
+from compress.progress import SILENT, Advance, Reporter, no_progress
+from compress.registry import StrictConfig, did_you_mean, register_evaluator
+from evaluators.base import EvalResult
+from evaluators.tasks import Doc, TaskDef, registry
+from evaluators.tasks.generic import read_docs
+
+PROTOCOL = {"name": "lm_eval_loglikelihood", "version": 1, "num_fewshot": 0, "target_delimiter": " ",
+            "acc_norm": "sum logprob / len(choice) in characters", "stderr": "sample std / sqrt(n)"}
+
+
+class ZeroShotConfig(StrictConfig):
+    """Recipe example:
+
+        evaluate:
+          zero_shot: {tasks: [piqa, arc_easy, my_task.jsonl], limit: 200, batch_size: 32, data_dir: ../data}
+
+    `tasks`: built-in names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, lambada_openai)
+    or paths to JSONL files of `{context, choices, gold}`. `data_dir`: a folder laid out like
+    ../shared/data (piqa/valid.jsonl, arc_easy/arc_easy.jsonl, ...) to read the built-in tasks from
+    instead of the hub; defaults to $COMPRESS_DATA_DIR.
+    """
+
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(None, ge=1, description="score only the first N documents of each task")
+    batch_size: int = Field(32, ge=1, description="model inputs per forward pass")
+    data_dir: str | None = None
+    max_length: int | None = Field(None, ge=2, description="context length; default: the model's (as lm-eval)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        known = registry()
+        for task in tasks:
+            if task not in known and not task.endswith(".jsonl"):
+                raise ValueError(f"unknown task '{task}' (or give a .jsonl file).{did_you_mean(task, list(known))}")
+        return tasks
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading documents
+
+
+@dataclass(frozen=True)
+class TaskDocs:
+    name: str
+    output: str
+    version: str
+    source: str  # the file read, or "hub:<path>/<name>:<split>"
+    docs: list[Doc]
+
+
+def resolve_data_dir(data_dir: str | None) -> Path | None:
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV)
+    return Path(chosen).expanduser() if chosen else None
+
+
+def load_task(ref: str, data_dir: Path | None, limit: int | None = None) -> TaskDocs:
+    """The documents of one task: a JSONL of `{context, choices, gold}`, or a built-in task read from
+    `data_dir` when given, else from the hub."""
+    if ref.endswith(".jsonl"):
+        path = Path(ref)
+        docs = read_docs(path)
+        return TaskDocs(path.stem, "multiple_choice", "generic-1", str(path), docs[:limit])
+    task = registry()[ref]
+    if data_dir is not None:
+        path = data_dir / task.local_file
+        if not path.is_file():
+            raise UserError(f"task '{ref}': file not found: {path} (data_dir {data_dir} should hold {task.local_file})")
+        native, source = task.read_local(path), str(path)
+    else:
+        native, source = _read_hub(task), f"hub:{task.hub}"
+    return TaskDocs(task.name, task.output, task.version, source, [task.to_doc(d) for d in native[:limit]])
+
+
+def _read_hub(task: TaskDef) -> list[dict[str, Any]]:
+    if task.hub is None or os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(
+            f"task '{task.name}' is read from the Hugging Face hub, but offline mode is on (HF_HUB_OFFLINE=1). "
+            f"Give a data folder with {task.local_file} (data_dir / --data-dir / ${DATA_DIR_ENV})."
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"task '{task.name}' needs the `datasets` package: pip install 'compress[hub]'") from None
+    try:
+        rows = datasets.load_dataset(task.hub.path, task.hub.name, split=task.hub.split)
+    except Exception as exc:  # network, auth and missing-config errors all mean the same to the user
+        raise UserError(f"could not load task '{task.name}' from the hub ({task.hub.path}): {exc}") from exc
+    return [task.process_hub(dict(row)) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Loglikelihood:
+    logprob: float  # summed over the continuation's tokens
+    is_greedy: bool  # argmax at every continuation position reproduces it
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """lm-eval's tok_encode: the tokenizer's default special tokens, unless the text already starts with BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text))
+
+
+def encode_request(tokenizer: Any, context: str, continuation: str) -> TokenRequest:
+    """Token ids of one (context, continuation) pair, split the way lm-eval splits them."""
+    if context == "":
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        cont = list(tokenizer.encode(continuation, add_special_tokens=False))
+        if cont and cont[0] == prefix:
+            return TokenRequest(tuple(cont[:1]), tuple(cont[1:]))
+        return TokenRequest((prefix,), tuple(cont))
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = _encode(tokenizer, context + continuation)
+    context_ids = _encode(tokenizer, context)
+    return TokenRequest(tuple(context_ids), tuple(whole[len(context_ids):]))
+
+
+def model_max_length(model: nn.Module, tokenizer: Any) -> int:
+    """lm-eval's choice: the config's n_positions / max_position_embeddings / n_ctx, then the tokenizer's, then 2048."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    from_tokenizer = getattr(tokenizer, "model_max_length", None)
+    return int(from_tokenizer) if from_tokenizer is not None and from_tokenizer < 10**12 else 2048
+
+
+def _model_input(request: TokenRequest, max_length: int) -> tuple[int, ...]:
+    if not request.continuation:
+        raise UserError("a continuation encodes to no tokens; every choice must be non-empty text")
+    if len(request.continuation) > max_length:
+        raise UserError(f"a continuation of {len(request.continuation)} tokens exceeds the context length {max_length}")
+    return (request.context + request.continuation)[-(max_length + 1):][:-1]
+
+
+@torch.no_grad()
+def score_requests(model: nn.Module, requests: list[TokenRequest], *, batch_size: int, max_length: int,
+                   device: torch.device, advance: Advance = no_progress) -> list[Loglikelihood]:
+    """log P(continuation | context) for every request, one forward per distinct model input."""
+    inputs = [_model_input(r, max_length) for r in requests]
+    # Longest first: each batch pads to its first row, and a memory problem shows in the first batch.
+    unique = sorted(set(inputs), key=lambda ids: (-len(ids), ids))
+    log_probs: dict[tuple[int, ...], torch.Tensor] = {}
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start : start + batch_size]
+        padded = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right padding cannot reach the rows
+        for row, ids in enumerate(batch):
+            padded[row, : len(ids)] = torch.tensor(ids)
+        logits = model(padded.to(device)).logits  # (B, T, vocab)
+        for row, ids in enumerate(batch):
+            log_probs[ids] = F.log_softmax(logits[row, : len(ids)], dim=-1).cpu()  # (T, vocab)
+        advance(len(batch))
+    results = []
+    for request, ids in zip(requests, inputs):
+        cont = torch.tensor(request.continuation)
+        rows = log_probs[ids][len(ids) - len(cont):]  # (len(cont), vocab)
+        greedy = bool((rows.argmax(dim=-1) == cont).all())
+        results.append(Loglikelihood(float(rows.gather(1, cont[:, None]).sum()), greedy))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def first_argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def mean_stderr(values: list[float]) -> float:
+    """Standard error of a mean: sample std (n - 1) / sqrt(n), as lm-eval reports for acc."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def multiple_choice_metrics(docs: list[Doc], scores: list[list[Loglikelihood]]) -> dict[str, list[float]]:
+    """Per-document acc and acc_norm (1.0 or 0.0)."""
+    acc, acc_norm = [], []
+    for doc, doc_scores in zip(docs, scores):
+        sums = [s.logprob for s in doc_scores]
+        acc.append(float(first_argmax(sums) == doc.gold))
+        normed = [total / len(text) for total, text in zip(sums, doc.norm_texts)]
+        acc_norm.append(float(first_argmax(normed) == doc.gold))
+    return {"acc": acc, "acc_norm": acc_norm}
+
+
+def last_word_metrics(scores: list[list[Loglikelihood]]) -> tuple[float, float, float, float]:
+    """(acc, acc stderr, perplexity, perplexity stderr by bootstrap) for lambada-style tasks."""
+    greedy = [float(s[0].is_greedy) for s in scores]
+    lls = [s[0].logprob for s in scores]
+    ppl = math.exp(-sum(lls) / len(lls))
+    rng = random.Random(0)
+    resampled = [math.exp(-sum(rng.choices(lls, k=len(lls))) / len(lls)) for _ in range(1000)]
+    mean = sum(resampled) / len(resampled)
+    ppl_stderr = math.sqrt(sum((r - mean) ** 2 for r in resampled) / (len(resampled) - 1))
+    return sum(greedy) / len(greedy), mean_stderr(greedy), ppl, ppl_stderr
+
+
+def score_task(model: nn.Module, tokenizer: Any, task: TaskDocs, *, batch_size: int, max_length: int,
+               device: torch.device, reporter: Reporter = SILENT) -> dict[str, tuple[float, float]]:
+    """{metric: (value, stderr)} for one task's documents."""
+    flat = [encode_request(tokenizer, ctx, cont) for doc in task.docs for ctx, cont in doc.requests]
+    forwards = len({_model_input(r, max_length) for r in flat})
+    with reporter.task(f"{task.name}: {len(task.docs)} docs, {forwards} inputs", total=forwards) as advance:
+        results = score_requests(model, flat, batch_size=batch_size, max_length=max_length, device=device,
+                                 advance=advance)
+    per_doc, position = [], 0
+    for doc in task.docs:
+        per_doc.append(results[position : position + len(doc.requests)])
+        position += len(doc.requests)
+    if task.output == "last_word":
+        acc, acc_err, ppl, ppl_err = last_word_metrics(per_doc)
+        return {"acc": (acc, acc_err), "perplexity": (ppl, ppl_err)}
+    metrics = multiple_choice_metrics(task.docs, per_doc)
+    return {name: (sum(values) / len(values), mean_stderr(values)) for name, values in metrics.items()}
+
+
+def check_task_files(cfg: ZeroShotConfig) -> None:
+    """Read every local task file once, so a missing or malformed one fails before a model is loaded."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    for ref in cfg.tasks:
+        if ref.endswith(".jsonl") or data_dir is not None:
+            load_task(ref, data_dir, cfg.limit)
+        else:
+            _read_hub_check_offline(registry()[ref])
+
+
+def _read_hub_check_offline(task: TaskDef) -> None:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        _read_hub(task)  # raises the offline error naming the local file to use instead
+
+
+@register_evaluator("zero_shot", ZeroShotConfig)
+def evaluate_zero_shot(handle: ModelHandle, cfg: ZeroShotConfig, run: RunContext) -> list[EvalResult]:
+    """Zero-shot accuracy (acc, acc_norm, stderr) with lm-evaluation-harness semantics."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    max_length = cfg.max_length or model_max_length(handle.model, handle.tokenizer)
+    results = []
+    for ref in cfg.tasks:
+        key = ("zero_shot_docs", ref, str(data_dir), cfg.limit)
+        if key not in run.cache:  # the baseline and the compressed evaluation score the same documents
+            run.cache[key] = load_task(ref, data_dir, cfg.limit)
+        task: TaskDocs = run.cache[key]
+        with model_on_device(handle, handle.device):
+            metrics = score_task(handle.model, handle.tokenizer, task, batch_size=cfg.batch_size,
+                                 max_length=max_length, device=handle.device, reporter=run.reporter)
+        details = {**PROTOCOL, "task": task.name, "task_version": task.version, "source": task.source,
+                   "docs": len(task.docs), "max_length": max_length}
+        for metric, (value, stderr) in metrics.items():
+            name = "last_word_perplexity" if metric == "perplexity" else metric
+            results.append(EvalResult(name, task.name, value, {**details, "stderr": stderr}))
+    return results
