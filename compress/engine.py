@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch import nn
@@ -130,18 +130,34 @@ def capture_layer_inputs(handle: ModelHandle, run: RunContext) -> list[LayerInpu
         captured.append(LayerInput(hidden.detach(), kwargs))
         raise _StopForward
 
-    layer0 = handle.layers[0]
-    layer0.to(run.device)
+    layer0 = bring_in(handle, 0, run.device)
     hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with _outside_layers_on(handle, run.device):
+        outside = handle.lazy.outside_on(handle, run.device) if handle.lazy else _outside_layers_on(handle, run.device)
+        with outside:
             for batch in run.calibration.split(run.calibration_batch_size):
                 with contextlib.suppress(_StopForward):
                     handle.model(batch.to(run.device), use_cache=False)
     finally:
         hook.remove()
-        layer0.to(OFFLOAD_DEVICE)
+        put_away(handle, 0, save=False)
     return captured
+
+
+def bring_in(handle: ModelHandle, index: int, device: torch.device) -> nn.Module:
+    """Decoder layer `index` on `device`: moved there, or read from the shards when the model is lazy."""
+    if handle.lazy is not None:
+        return handle.lazy.load_layer(handle, index, device)
+    layer = cast(nn.Module, handle.layers[index])
+    return layer.to(device)
+
+
+def put_away(handle: ModelHandle, index: int, *, save: bool) -> None:
+    """Back to the CPU, or (lazy model) written to the output shards when `save` and freed."""
+    if handle.lazy is not None:
+        handle.lazy.unload_layer(handle, index, save=save)
+    else:
+        handle.layers[index].to(OFFLOAD_DEVICE)
 
 
 LayerApply = Callable[[LayerContext, Any], dict[str, Any]]
@@ -173,8 +189,8 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
     propagation = 0.0
     layers = handle.layers
     with run.reporter.task(", ".join(s.label for s in steps), total=len(layers)) as advance:
-        for index, layer in enumerate(layers):
-            layer.to(run.device)
+        for index in range(len(layers)):
+            layer = bring_in(handle, index, run.device)
             ctx = LayerContext(index, f"{handle.layers_prefix}.{index}", layer, inputs, run)
             for step in steps:
                 start = time.perf_counter()
@@ -184,9 +200,23 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
                 start = time.perf_counter()
                 inputs = [LayerInput(out, item.kwargs) for out, item in zip(ctx.forward(), inputs)]
                 propagation += time.perf_counter() - start
-            layer.to(OFFLOAD_DEVICE)
+            put_away(handle, index, save=True)
+            if handle.lazy is not None:  # the layer is on disk now; keep only what the size report needs
+                shed_records(run, f"{handle.layers_prefix}.{index}.")
             advance(1)
     return SweepResult(modules, seconds, propagation)
+
+
+def shed_records(run: RunContext, prefix: str) -> None:
+    """Replace the integer codes kept for modules under `prefix` by shape-only (meta) tensors.
+
+    A lazy model must not collect the codes of every layer in host memory (1 byte per weight); the report's
+    size accounting needs only their shapes.
+    """
+    for fqn, record in list(run.quantized.items()):
+        if fqn.startswith(prefix):
+            run.quantized[fqn] = type(record)(record.codes.to("meta"), record.scale.to("meta"),
+                                              record.zero.to("meta"), record.spec)
 
 
 def input_groups(ctx: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -249,6 +279,10 @@ def model_on_device(handle: ModelHandle, device: torch.device) -> Iterator[None]
     If it fits, it is moved at once; otherwise each decoder layer is moved in just before its forward and
     out right after, so peak GPU memory follows one layer, as during compression.
     """
+    if handle.lazy is not None:
+        with handle.lazy.streaming(handle, device):
+            yield
+        return
     if device == OFFLOAD_DEVICE:
         yield
         return

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compress.errors import UserError
+
+if TYPE_CHECKING:
+    from compress.lazy import LazyWeights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,6 +32,7 @@ class ModelHandle:
     layers_prefix: str  # fully qualified name of the decoder-layer ModuleList, e.g. "model.layers"
     device: torch.device  # where the layer being processed (and evaluation) runs
     checkpoint_dtype: torch.dtype  # precision the weights are stored in, which may differ from the compute dtype
+    lazy: LazyWeights | None = None  # set by compress.lazy.load_lazy: parameters live on `meta` until a layer is needed
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -57,6 +57,8 @@ class RecipeFile(StrictConfig):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     trust_remote_code: bool = False
+    lazy: bool = Field(False, description="build the model on `meta`, read one decoder layer at a time from the "
+                       "shards and write each compressed layer to <output>/model as it finishes (compress/lazy.py)")
     calibration: CalibrationConfig | None = None
     passes: list[Any] = Field(default_factory=list)
     evaluate: dict[str, Any] = Field(default_factory=dict)
@@ -91,6 +93,7 @@ class Recipe:
     calibration: CalibrationConfig | None
     passes: tuple[PassStep, ...]
     evaluations: tuple[EvalStep, ...]
+    lazy: bool = False
 
     @property
     def needs_calibration(self) -> bool:
@@ -106,6 +109,7 @@ class Recipe:
             "dtype": self.dtype,
             "device": self.device,
             "trust_remote_code": self.trust_remote_code,
+            "lazy": self.lazy,
             "calibration": self.calibration.model_dump(mode="json") if self.calibration else None,
             "passes": [{s.name: s.config.model_dump(mode="json")} for s in self.passes],
             "evaluate": evaluate,
@@ -309,6 +313,7 @@ class _Checker:
         assert isinstance(top, RecipeFile)
         calibration = self.check_calibration(top.calibration)
         steps = self.check_passes(top.passes, calibration)
+        self.check_lazy(top, steps)
         evaluations = self.check_evaluate(top.evaluate)
         model = self.resolve_model(top.model)
         if self.issues:
@@ -322,6 +327,7 @@ class _Checker:
             calibration=calibration,
             passes=tuple(steps),
             evaluations=tuple(evaluations),
+            lazy=top.lazy,
         )
 
     def resolve_path(self, ref: str, loc: Loc) -> str:
@@ -370,6 +376,12 @@ class _Checker:
                 steps.append(PassStep(index, name, definition, config))
         self.check_chain(steps, calibration)
         return steps
+
+    def check_lazy(self, top: RecipeFile, steps: list[PassStep]) -> None:
+        for step in steps:
+            if top.lazy and step.definition.scope == "model":
+                self.add(("passes", step.index, step.name), f"'{step.name}' needs the whole model in memory, "
+                         "which `lazy: true` never loads; run it without lazy loading")
 
     def check_chain(self, steps: list[PassStep], calibration: CalibrationConfig | None) -> None:
         for position, step in enumerate(steps):

@@ -144,8 +144,14 @@ def run_recipe(
         log.info("recipe %s, model %s", recipe.source, recipe.model)
         t = time.perf_counter()
         with reporter.status(f"loading {recipe.model}"):
-            handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
-                                trust_remote_code=recipe.trust_remote_code)
+            if recipe.lazy:
+                from compress.lazy import load_lazy
+
+                handle = load_lazy(recipe.model, dtype=recipe.dtype, device=recipe.device,
+                                   trust_remote_code=recipe.trust_remote_code, save_to=staging / "model")
+            else:
+                handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
+                                    trust_remote_code=recipe.trust_remote_code)
             run = RunContext(device=handle.device, reporter=reporter)
             run.calibration = calibration_windows(handle, recipe)
         if recipe.calibration is not None:
@@ -163,6 +169,11 @@ def run_recipe(
         timings["passes"] = time.perf_counter() - t
         passes_cuda_peak = torch.cuda.max_memory_allocated(handle.device) if handle.device.type == "cuda" else None
         timings["propagation"] = propagation
+
+        if handle.lazy is not None:
+            t = time.perf_counter()
+            handle.lazy.finish(handle)  # the layers are written already; this adds embeddings, config and index
+            timings["save"] = time.perf_counter() - t
 
         t = time.perf_counter()
         compressed = evaluate_all(handle, recipe.evaluations, run)
