@@ -133,7 +133,8 @@ def capture_layer_inputs(handle: ModelHandle, run: RunContext) -> list[LayerInpu
     layer0 = bring_in(handle, 0, run.device)
     hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        outside = handle.lazy.outside_on(handle, run.device) if handle.lazy else _outside_layers_on(handle, run.device)
+        outside = (handle.lazy.outside_on(handle, run.device, with_head=False) if handle.lazy
+                   else _outside_layers_on(handle, run.device))
         with outside:
             for batch in run.calibration.split(run.calibration_batch_size):
                 with contextlib.suppress(_StopForward):

@@ -145,9 +145,17 @@ class LazyWeights:
     # --- everything outside the decoder layers -----------------------------------------------------
 
     @contextlib.contextmanager
-    def outside_on(self, handle: ModelHandle, device: torch.device) -> Iterator[None]:
-        """Materialise the parameters outside the decoder layers on `device` for the duration of the block."""
+    def outside_on(self, handle: ModelHandle, device: torch.device, *, with_head: bool = True) -> Iterator[None]:
+        """Materialise the parameters outside the decoder layers on `device` for the duration of the block.
+
+        with_head=False leaves an untied lm_head on `meta`: capturing layer 0's inputs never reaches it, and for
+        a 128k vocabulary it is 2 GB in float32.
+        """
         groups = _tied_groups(handle.model, skip_prefix=handle.layers_prefix)
+        if not with_head:
+            head = _output_embedding_prefix(handle.model)
+            if head is not None:
+                groups = [g for g in groups if not all(n.startswith(head + ".") for n in g)]
         self.materialize(handle.model, "", device, groups)
         try:
             yield
@@ -244,6 +252,12 @@ def load_lazy(
     handle = ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored)
     handle.lazy = lazy
     return handle
+
+
+def _output_embedding_prefix(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
 
 
 def _check_names(model: nn.Module, source: dict[str, Any]) -> None:
