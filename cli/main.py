@@ -7,6 +7,7 @@ import typer
 from cli import eval as eval_cmd
 from cli import recipes as recipes_cmd
 from cli import run as run_cmd
+from cli import sweep as sweep_cmd
 
 app = typer.Typer(
     name="compress",
@@ -26,6 +27,7 @@ app.command("run", epilog=run_cmd.EPILOG)(run_cmd.run)
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.evaluate)
 app.command("validate", epilog=recipes_cmd.VALIDATE_EPILOG)(recipes_cmd.validate)
 app.add_typer(recipes_cmd.app, name="recipes")
+app.command("sweep", epilog=sweep_cmd.EPILOG)(sweep_cmd.sweep)
 
 
 def main() -> None:
