@@ -105,8 +105,8 @@ def expand_trials(config: SweepFile, base_dir: Path) -> list[Trial]:
     """The cartesian product of models x grid values, in a stable order with readable ids."""
     models: list[str | None] = list(config.models) if config.models else [None]
     keys = list(config.grid)
-    trials = []
-    for model_index, model in enumerate(models):
+    trials: list[Trial] = []
+    for model in models:
         if model is not None and not Path(model).is_absolute() and (base_dir / model).exists():
             model = str((base_dir / model).resolve())
         for values in itertools.product(*(config.grid[k] for k in keys)):
@@ -195,8 +195,10 @@ def run_ray(sweep: Sweep, address: str | None) -> list[dict[str, Any]]:
                  runtime_env={"env_vars": {"PYTHONPATH": ":".join(p for p in sys.path if p)}})
     try:
         res = sweep.config.resources
-        remote = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus,
-                            memory=int(res.memory_gb * 2**30) if res.memory_gb else None)(run_trial)
+        request: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus}
+        if res.memory_gb:
+            request["memory"] = int(res.memory_gb * 2**30)
+        remote = ray.remote(**request)(run_trial)
         refs = [remote.remote(str(sweep.source), str(sweep.output), t.index) for t in todo]
         return list(ray.get(refs))
     finally:
