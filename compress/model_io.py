@@ -111,6 +111,9 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{ref}': {exc}") from exc
     stored_dtype = _stored_dtype(model)  # read before anything rewrites config.dtype
+    from compress.moe import unfuse_experts
+
+    unfuse_experts(model)  # fused MoE experts become nn.Linears, so quantizers do not skip them silently
     model.eval()
     model.config.use_cache = False
     return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored_dtype)

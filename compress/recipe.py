@@ -48,6 +48,9 @@ class CalibrationConfig(StrictConfig):
     seq_len: int = Field(512, ge=8, le=1_000_000)
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="windows per forward pass while calibrating")
+    route_all_experts: bool = Field(False, description="MoE: feed every calibration token to every expert's linears "
+                                    "(outputs still combine only the routed experts)")
+    min_expert_tokens: int = Field(32, ge=0, description="MoE: flag experts calibrated on fewer tokens than this")
 
 
 class RecipeFile(StrictConfig):

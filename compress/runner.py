@@ -112,6 +112,26 @@ def calibration_windows(handle: ModelHandle, recipe: Recipe) -> torch.Tensor | N
 
 
 @contextlib.contextmanager
+def _expert_accounting(handle: ModelHandle, recipe: Recipe, run: RunContext) -> Iterator[None]:
+    """MoE models: route calibration tokens to all experts when asked; report tokens per expert, flag rare ones."""
+    from compress import moe
+
+    cal = recipe.calibration
+    if run.calibration is None or cal is None:
+        yield
+        return
+    batches = -(-run.calibration.shape[0] // run.calibration_batch_size)
+    with moe.calibrating(handle.model, route_all=cal.route_all_experts, batches=batches) as stats:
+        yield
+    if stats.modules:
+        section, flagged = moe.expert_report(
+            stats, route_all=cal.route_all_experts, calibration_tokens=run.calibration.numel(),
+            top_k=getattr(handle.model.config, "num_experts_per_tok", None), min_tokens=cal.min_expert_tokens)
+        run.report_sections["experts"] = section
+        run.fallbacks.extend(flagged)
+
+
+@contextlib.contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -165,7 +185,8 @@ def run_recipe(
         t = time.perf_counter()
         if handle.device.type == "cuda":  # so the report can show that compression peaks at one layer, not the model
             torch.cuda.reset_peak_memory_stats(handle.device)
-        passes, propagation = run_passes(handle, recipe.passes, run)
+        with _expert_accounting(handle, recipe, run):
+            passes, propagation = run_passes(handle, recipe.passes, run)
         timings["passes"] = time.perf_counter() - t
         passes_cuda_peak = torch.cuda.max_memory_allocated(handle.device) if handle.device.type == "cuda" else None
         timings["propagation"] = propagation
