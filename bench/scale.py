@@ -88,7 +88,8 @@ def generate_checkpoint(folder: Path, name: str, seed: int = 0) -> dict:
     return {"parameters": params, "bf16_bytes": params * 2, "fp32_bytes": params * 4}
 
 
-def run_compress(model: Path, method: str, work: Path, samples: int, seq_len: int) -> dict:
+def run_compress(model: Path, method: str, work: Path, samples: int, seq_len: int,
+                 time_limit: float | None = None) -> dict:
     recipe = work / f"{method}.yaml"
     recipe.write_text(
         f"model: {model}\nlazy: true\ndtype: float32\ndevice: cpu\n"
@@ -99,26 +100,68 @@ def run_compress(model: Path, method: str, work: Path, samples: int, seq_len: in
     out = work / f"out-{method}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", str(recipe), "--output", str(out), "--quiet"],
-                          env=env, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(recipe), "--output", str(out), "--quiet"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    polled_peak = 0  # VmHWM from /proc while it runs: the peak so far even if the time limit stops it
+    while proc.poll() is None:
+        polled_peak = max(polled_peak, _vm_hwm(proc.pid))
+        if time_limit and time.time() - start > time_limit:
+            layers_done = len(list(work.glob(f".out-{method}.partial-*/model/model-layer-*.safetensors")))
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(out, ignore_errors=True)
+            for partial in work.glob(f".out-{method}.partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            return {"method": method, "finished": False, "wall_s": round(time.time() - start, 1),
+                    "peak_rss_bytes": polled_peak, "layers_done": layers_done}
+        time.sleep(2)
     wall = time.time() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"compress run {method} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"compress run {method} failed ({proc.returncode}):\n{(proc.stderr.read() if proc.stderr else '')[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     shards = sum(f.stat().st_size for f in (out / "model").glob("*.safetensors"))
     result = {
         "method": method,
+        "finished": True,
         "wall_s": round(wall, 1),
-        "peak_rss_bytes": report["peak_memory"]["cpu_rss_bytes"],  # the run's own ru_maxrss, taken at its very end
+        "peak_rss_bytes": max(polled_peak, report["peak_memory"]["cpu_rss_bytes"]),  # ru_maxrss, from report.json
         "timings": report["timings"],
         "quantized_modules": report["passes"][0]["summary"]["modules"],
         "mean_weight_rel_error": report["passes"][0]["summary"].get("mean_weight_rel_error"),
         "bits_per_weight": report["size"]["bits_per_weight"],
         "output_shard_bytes": shards,
-        "decoder_layers": report["model"]["decoder_layers"],
+        "layers_done": report["model"]["decoder_layers"],
     }
     shutil.rmtree(out)
     return result
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _count_params(model: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in model.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                total += _prod(handle.get_slice(key).get_shape())
+    return total
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
 
 
 def gib(n: float) -> str:
@@ -148,12 +191,17 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
     ]
     for name, entry in results.items():
         size = entry["size"]
+        layers = CONFIGS[name]["num_hidden_layers"]
         for run in entry["runs"]:
+            finished = run.get("finished", True)
+            done = f"{run.get('layers_done', run.get('decoder_layers'))} of {layers}"
+            done += "" if finished else " (stopped at the time limit)"
+            shards = gib(run["output_shard_bytes"]) if finished else "—"
             lines.append(
                 f"| {name} | {size['parameters'] / 1e9:.2f} B | {gib(size['bf16_bytes'])} | {gib(size['fp32_bytes'])} "
-                f"| {run['method']} w4 g128 | {run['decoder_layers']} | {run['wall_s'] / 60:.1f} min "
+                f"| {run['method']} w4 g128 | {done} | {run['wall_s'] / 60:.1f} min "
                 f"| {gib(run['peak_rss_bytes'])} | {run['peak_rss_bytes'] / size['bf16_bytes']:.3f} "
-                f"| {run['peak_rss_bytes'] / size['fp32_bytes']:.3f} | {gib(run['output_shard_bytes'])} |"
+                f"| {run['peak_rss_bytes'] / size['fp32_bytes']:.3f} | {shards} |"
             )
     lines += ["", "No GPU was available to this run, so GPU memory per layer is not reported (the report's "
               "`peak_memory.cuda_passes_bytes` carries it when one is).", ""]
@@ -168,23 +216,35 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/compress-bench-scale"))
     parser.add_argument("--output", type=Path, default=REPO / "bench/results/scale.md")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="reuse a checkpoint generated earlier for the (single) config instead of generating it")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds per run; report the layers done")
+    parser.add_argument("--merge", action="store_true", help="keep the runs already in the results JSON")
     args = parser.parse_args()
-    results: dict[str, dict] = {}
     partial = args.output.with_suffix(".json")
+    results: dict[str, dict] = json.loads(partial.read_text()) if args.merge and partial.is_file() else {}
     for name in args.configs.split(","):
         work = args.workdir / name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
-            t = time.time()
-            size = generate_checkpoint(work / "model", name)
-            print(f"{name}: generated {size['parameters'] / 1e9:.2f} B parameters in {time.time() - t:.0f} s", flush=True)
-            results[name] = {"size": size, "runs": []}
+            if args.model_dir is not None:
+                model = args.model_dir
+                config = json.loads((model / "config.json").read_text())
+                params = _count_params(model)
+                size = {"parameters": params, "bf16_bytes": params * 2, "fp32_bytes": params * 4}
+                assert config["num_hidden_layers"] == CONFIGS[name]["num_hidden_layers"]
+            else:
+                t = time.time()
+                model = work / "model"
+                size = generate_checkpoint(model, name)
+                print(f"{name}: generated {size['parameters'] / 1e9:.2f} B parameters in {time.time() - t:.0f} s", flush=True)
+            entry = results.setdefault(name, {"size": size, "runs": []})
             methods = args.methods.split(",") if args.methods else DEFAULT_METHODS[name]
             for method in methods:
-                run = run_compress(work / "model", method, work, args.samples, args.seq_len)
+                run = run_compress(model, method, work, args.samples, args.seq_len, args.time_limit)
                 print(f"{name} {method}: {json.dumps(run)}", flush=True)
-                results[name]["runs"].append(run)
+                entry["runs"] = [r for r in entry["runs"] if r["method"] != method] + [run]
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 partial.write_text(json.dumps(results, indent=2) + "\n")
         finally:

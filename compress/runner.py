@@ -151,6 +151,7 @@ def run_recipe(
     allow_pickle: bool = False,
     overwrite: bool = False,
     reporter: Reporter = SILENT,
+    _worker: bool = False,
 ) -> dict[str, Any]:
     """Execute a recipe and write report.json, report.md, recipe.yaml and run.log into `output`.
 
@@ -158,6 +159,18 @@ def run_recipe(
     """
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
+    from compress import distributed
+
+    if not _worker and distributed.init_from_env() and distributed.rank() != 0:
+        # torchrun: every rank calibrates on its share of the windows; only rank 0 keeps a run folder
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"compress-rank{distributed.rank()}-"))
+        try:
+            return run_recipe(recipe, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with atomic_output(output, overwrite=overwrite) as staging, _log_to(staging / "run.log"):
@@ -174,6 +187,8 @@ def run_recipe(
                                     trust_remote_code=recipe.trust_remote_code)
             run = RunContext(device=handle.device, reporter=reporter)
             run.calibration = calibration_windows(handle, recipe)
+            if run.calibration is not None:
+                run.calibration = distributed.shard_windows(run.calibration)  # all windows when not distributed
         if recipe.calibration is not None:
             run.calibration_batch_size = recipe.calibration.batch_size
         timings["load"] = time.perf_counter() - t
