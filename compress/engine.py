@@ -265,6 +265,29 @@ def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+def evaluation_device_map(handle: ModelHandle) -> dict[str, Any]:
+    """accelerate's placement of the model under `handle.max_memory`, never splitting a decoder layer."""
+    from accelerate import infer_auto_device_map
+
+    budget: dict[int | str, str] = {int(k) if k.isdigit() else k: v for k, v in (handle.max_memory or {}).items()}
+    layer_class = type(handle.layers[0]).__name__
+    return dict(infer_auto_device_map(handle.model, max_memory=budget, no_split_module_classes=[layer_class]))
+
+
+@contextlib.contextmanager
+def dispatched(handle: ModelHandle) -> Iterator[None]:
+    """Spread the model over the devices of `max_memory` (accelerate hooks move activations between them)."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import remove_hook_from_module
+
+    dispatch_model(handle.model, device_map=evaluation_device_map(handle))
+    try:
+        yield
+    finally:
+        remove_hook_from_module(handle.model, recurse=True)
+        handle.model.to(OFFLOAD_DEVICE)
+
+
 def _fits_on(model: nn.Module, device: torch.device) -> bool:
     if device.type != "cuda":
         return True
@@ -282,6 +305,10 @@ def model_on_device(handle: ModelHandle, device: torch.device) -> Iterator[None]
     """
     if handle.lazy is not None:
         with handle.lazy.streaming(handle, device):
+            yield
+        return
+    if handle.max_memory:
+        with dispatched(handle):
             yield
         return
     if device == OFFLOAD_DEVICE:

@@ -33,6 +33,7 @@ class ModelHandle:
     device: torch.device  # where the layer being processed (and evaluation) runs
     checkpoint_dtype: torch.dtype  # precision the weights are stored in, which may differ from the compute dtype
     lazy: LazyWeights | None = None  # set by compress.lazy.load_lazy: parameters live on `meta` until a layer is needed
+    max_memory: dict[str, str] | None = None  # evaluation: accelerate device map budget per device ("0", "cpu")
 
     @property
     def layers(self) -> nn.ModuleList:

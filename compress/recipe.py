@@ -62,6 +62,8 @@ class RecipeFile(StrictConfig):
     trust_remote_code: bool = False
     lazy: bool = Field(False, description="build the model on `meta`, read one decoder layer at a time from the "
                        "shards and write each compressed layer to <output>/model as it finishes (compress/lazy.py)")
+    max_memory: dict[str, str] | None = Field(None, description="evaluation: spread the model over devices with "
+                                              "accelerate, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}")
     calibration: CalibrationConfig | None = None
     passes: list[Any] = Field(default_factory=list)
     evaluate: dict[str, Any] = Field(default_factory=dict)
@@ -97,6 +99,7 @@ class Recipe:
     passes: tuple[PassStep, ...]
     evaluations: tuple[EvalStep, ...]
     lazy: bool = False
+    max_memory: dict[str, str] | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -113,6 +116,7 @@ class Recipe:
             "device": self.device,
             "trust_remote_code": self.trust_remote_code,
             "lazy": self.lazy,
+            "max_memory": self.max_memory,
             "calibration": self.calibration.model_dump(mode="json") if self.calibration else None,
             "passes": [{s.name: s.config.model_dump(mode="json")} for s in self.passes],
             "evaluate": evaluate,
@@ -331,6 +335,7 @@ class _Checker:
             passes=tuple(steps),
             evaluations=tuple(evaluations),
             lazy=top.lazy,
+            max_memory={str(k): str(v) for k, v in top.max_memory.items()} if top.max_memory else None,
         )
 
     def resolve_path(self, ref: str, loc: Loc) -> str:

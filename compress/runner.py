@@ -185,6 +185,7 @@ def run_recipe(
             else:
                 handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
                                     trust_remote_code=recipe.trust_remote_code)
+            handle.max_memory = recipe.max_memory
             run = RunContext(device=handle.device, reporter=reporter)
             run.calibration = calibration_windows(handle, recipe)
             if run.calibration is not None:
