@@ -62,7 +62,7 @@ class RecipeFile(StrictConfig):
     trust_remote_code: bool = False
     lazy: bool = Field(False, description="build the model on `meta`, read one decoder layer at a time from the "
                        "shards and write each compressed layer to <output>/model as it finishes (compress/lazy.py)")
-    max_memory: dict[str, str] | None = Field(None, description="evaluation: spread the model over devices with "
+    max_memory: dict[int | str, str] | None = Field(None, description="evaluation: spread the model over devices with "
                                               "accelerate, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}")
     calibration: CalibrationConfig | None = None
     passes: list[Any] = Field(default_factory=list)

@@ -89,3 +89,12 @@ def test_lazy_refuses_unmatched_checkpoint_names(sharded, tmp_path):
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="down_proj"):
         load_lazy(str(broken))
+
+
+def test_recipe_keys_for_scale():
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe("model: org/model\nlazy: true\nmax_memory: {0: 70GiB, cpu: 200GiB}\npasses: [rtn]\n")
+    assert recipe.lazy and recipe.max_memory == {"0": "70GiB", "cpu": "200GiB"}
+    assert recipe.to_dict()["lazy"] is True
+    assert not parse_recipe("model: org/model\npasses: [rtn]\n").lazy
