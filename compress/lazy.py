@@ -84,7 +84,7 @@ class LazyWeights:
 
     # --- reading and freeing ---------------------------------------------------------------------
 
-    def read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], device: torch.device, *, convert: bool = True) -> dict[str, torch.Tensor]:
         """Read tensors from their shards (one open per file), converted to the compute dtype on `device`.
 
         Each file is opened and closed per call so the memory map does not keep pages resident afterwards.
@@ -99,7 +99,9 @@ class LazyWeights:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in file_names:
                     raw = handle.get_tensor(name)
-                    tensors[name] = raw.to(device, self.compute_dtype if raw.is_floating_point() else raw.dtype)
+                    if convert:
+                        raw = raw.to(device, self.compute_dtype if raw.is_floating_point() else raw.dtype)
+                    tensors[name] = raw
         return tensors
 
     def materialize(self, root: nn.Module, prefix: str, device: torch.device,
@@ -186,9 +188,13 @@ class LazyWeights:
             return None
         groups = _tied_groups(handle.model, skip_prefix=handle.layers_prefix)
         names = [n for g in groups for n in g if n in self.source]
-        tensors = {name: t.to(self.save_dtype) for name, t in self.read(names, torch.device("cpu")).items()}
-        self.writer.write(OUTSIDE_SHARD, tensors)
-        del tensors
+        # One shard per tensor, copied in its stored dtype: a 128k-vocabulary embedding is 1 GB in bf16 but
+        # 2 GB in float32, and embeddings plus lm_head at once would be the run's peak.
+        for number, name in enumerate(names):
+            tensor = self.read([name], torch.device("cpu"), convert=False)[name]
+            self.writer.write(OUTSIDE_SHARD.replace(".safetensors", f"-{number:03d}.safetensors"),
+                              {name: tensor.to(self.save_dtype)})
+            del tensor
         config: Any = handle.model.config
         config.dtype = self.save_dtype
         config.save_pretrained(self.writer.folder)
