@@ -345,7 +345,7 @@ def quantize_module(
             f"gptq: {fqn} gets group_size {spec.group_size} from the bit plan; act_order then needs static_groups: true"
         )
     extra: dict[str, Any] = {"hessian_samples": hessian.samples}
-    if hessian.samples == 0:  # no calibration input reached it (an MoE expert no token was routed to)
+    if hessian.samples == 0 and not hessian.hessian.any():  # no input reached it (an MoE expert nobody was routed to)
         qweight = keep_pruned_zeros(quantize_rtn(weight if mask is None else weight * mask.to(weight.device), spec), mask)
         run.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
         return {**write_back(fqn, module, qweight, run), **extra, "fallback": "rtn"}
