@@ -1,6 +1,7 @@
 # make demo   set up .venv if needed, then compress the shipped demo model offline and print the report path
 # make test   set up .venv if needed, then run the test suite (what CI runs)
 # make bench  benchmarks against the peer (llm-compressor); not part of make test
+# make sweep  a 2 x 2 sweep of RTN variants of the demo model (SWEEP=file, SWEEP_FLAGS='--backend ray')
 #
 # On a GPU box, keep your CUDA torch: `make test VENV=/path/to/env-with-torch` (torch is installed only
 # if missing), or `make test VENV_FLAGS=--system-site-packages` to see a system-wide torch.
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compress-installed
 DEMO_OUT ?= compress-out/demo
 
-.PHONY: venv demo test test-fast typecheck bench clean
+.PHONY: venv demo test test-fast typecheck bench sweep clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -25,6 +26,11 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/compress run recipes/demo.yaml --output $(DEMO_OUT) --overwrite
+
+SWEEP ?= scripts/sweep-demo.yaml
+SWEEP_FLAGS ?=
+sweep: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/compress sweep $(SWEEP) $(SWEEP_FLAGS)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy compress cli compressors evaluators recipes

@@ -11,6 +11,7 @@ from cli import recipes as recipes_cmd
 from cli import report as report_cmd
 from cli import run as run_cmd
 from cli import sensitivity as sensitivity_cmd
+from cli import sweep as sweep_cmd
 
 app = typer.Typer(
     name="compress",
@@ -35,6 +36,7 @@ app.command("sensitivity", epilog=sensitivity_cmd.EPILOG)(sensitivity_cmd.sensit
 app.command("report", epilog=report_cmd.REPORT_EPILOG)(report_cmd.report)
 app.command("compare", epilog=report_cmd.COMPARE_EPILOG)(report_cmd.compare)
 app.add_typer(recipes_cmd.app, name="recipes")
+app.command("sweep", epilog=sweep_cmd.EPILOG)(sweep_cmd.sweep)
 
 
 def main() -> None:

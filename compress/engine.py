@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch import nn
@@ -135,21 +135,37 @@ def capture_layer_inputs(handle: ModelHandle, run: RunContext) -> list[LayerInpu
         captured.append(LayerInput(hidden.detach(), kwargs))
         raise _StopForward
 
-    layer0 = handle.layers[0]
-    layer0.to(run.device)
+    layer0 = bring_in(handle, 0, run.device)
     hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         batches = run.calibration.split(run.calibration_batch_size)
-        with _outside_layers_on(handle, run.device), \
-                run.reporter.task("calibration inputs", total=len(batches), unit="batch") as advance:
+        outside = (handle.lazy.outside_on(handle, run.device, with_head=False) if handle.lazy
+                   else _outside_layers_on(handle, run.device))
+        with outside, run.reporter.task("calibration inputs", total=len(batches), unit="batch") as advance:
             for batch in batches:
                 with contextlib.suppress(_StopForward):
                     handle.model(batch.to(run.device), use_cache=False)
                 advance(1)
     finally:
         hook.remove()
-        layer0.to(OFFLOAD_DEVICE)
+        put_away(handle, 0, save=False)
     return captured
+
+
+def bring_in(handle: ModelHandle, index: int, device: torch.device) -> nn.Module:
+    """Decoder layer `index` on `device`: moved there, or read from the shards when the model is lazy."""
+    if handle.lazy is not None:
+        return handle.lazy.load_layer(handle, index, device)
+    layer = cast(nn.Module, handle.layers[index])
+    return layer.to(device)
+
+
+def put_away(handle: ModelHandle, index: int, *, save: bool) -> None:
+    """Back to the CPU, or (lazy model) written to the output shards when `save` and freed."""
+    if handle.lazy is not None:
+        handle.lazy.unload_layer(handle, index, save=save)
+    else:
+        handle.layers[index].to(OFFLOAD_DEVICE)
 
 
 LayerApply = Callable[[LayerContext, Any], dict[str, Any]]
@@ -200,9 +216,8 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
     with run.reporter.task(", ".join(s.label for s in steps), total=len(layers), unit="layer") as advance:
         advance(first)
         for index in range(first, len(layers)):
-            layer = layers[index]
             fallbacks_before = len(run.fallbacks)
-            layer.to(run.device)
+            layer = bring_in(handle, index, run.device)
             ctx = LayerContext(index, f"{handle.layers_prefix}.{index}", layer, inputs, run)
             check_finite_weights(layer, ctx.prefix, f"before {', '.join(step.label for step in steps)}")
             state = apply_with_oom_fallback(ctx, steps)
@@ -215,10 +230,13 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
                 check_finite_outputs(ctx, outputs)
                 inputs = [LayerInput(out, item.kwargs) for out, item in zip(outputs, inputs)]
                 propagation += time.perf_counter() - start
-            layer.to(OFFLOAD_DEVICE)
             if sweep is not None and run.checkpoint is not None:
+                layer.to(OFFLOAD_DEVICE)  # the checkpoint stores CPU tensors; a lazy layer is still in memory here
                 run.checkpoint.save(sweep, index, layer, ctx.prefix, run, state, run.fallbacks[fallbacks_before:],
                                     [item.hidden for item in inputs] if inputs is not None and index + 1 < len(layers) else None)
+            put_away(handle, index, save=True)
+            if handle.lazy is not None:  # the layer is on disk now; keep only what the size report needs
+                shed_records(run, f"{handle.layers_prefix}.{index}.")
             advance(1)
     return SweepResult(modules, seconds, propagation)
 
@@ -267,6 +285,18 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
                                       "reason": message})
 
 
+def shed_records(run: RunContext, prefix: str) -> None:
+    """Replace the integer codes kept for modules under `prefix` by shape-only (meta) tensors.
+
+    A lazy model must not collect the codes of every layer in host memory (1 byte per weight); the report's
+    size accounting needs only their shapes.
+    """
+    for fqn, record in list(run.quantized.items()):
+        if fqn.startswith(prefix):
+            run.quantized[fqn] = type(record)(record.codes.to("meta"), record.scale.to("meta"),
+                                              record.zero.to("meta"), record.spec)
+
+
 def input_groups(ctx: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:
     """Group the modules that read the very same input tensor, in execution order.
 
@@ -312,6 +342,29 @@ def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+def evaluation_device_map(handle: ModelHandle) -> dict[str, Any]:
+    """accelerate's placement of the model under `handle.max_memory`, never splitting a decoder layer."""
+    from accelerate import infer_auto_device_map
+
+    budget: dict[int | str, str] = {int(k) if k.isdigit() else k: v for k, v in (handle.max_memory or {}).items()}
+    layer_class = type(handle.layers[0]).__name__
+    return dict(infer_auto_device_map(handle.model, max_memory=budget, no_split_module_classes=[layer_class]))
+
+
+@contextlib.contextmanager
+def dispatched(handle: ModelHandle) -> Iterator[None]:
+    """Spread the model over the devices of `max_memory` (accelerate hooks move activations between them)."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import remove_hook_from_module
+
+    dispatch_model(handle.model, device_map=evaluation_device_map(handle))
+    try:
+        yield
+    finally:
+        remove_hook_from_module(handle.model, recurse=True)
+        handle.model.to(OFFLOAD_DEVICE)
+
+
 def _fits_on(model: nn.Module, device: torch.device) -> bool:
     if device.type != "cuda":
         return True
@@ -327,6 +380,14 @@ def model_on_device(handle: ModelHandle, device: torch.device) -> Iterator[None]
     If it fits, it is moved at once; otherwise each decoder layer is moved in just before its forward and
     out right after, so peak GPU memory follows one layer, as during compression.
     """
+    if handle.lazy is not None:
+        with handle.lazy.streaming(handle, device):
+            yield
+        return
+    if handle.max_memory:
+        with dispatched(handle):
+            yield
+        return
     if device == OFFLOAD_DEVICE:
         yield
         return

@@ -49,6 +49,9 @@ class CalibrationConfig(StrictConfig):
     seq_len: int = Field(512, ge=8, le=1_000_000)
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="windows per forward pass while calibrating")
+    route_all_experts: bool = Field(False, description="MoE: feed every calibration token to every expert's linears "
+                                    "(outputs still combine only the routed experts)")
+    min_expert_tokens: int = Field(32, ge=0, description="MoE: flag experts calibrated on fewer tokens than this")
 
 
 class RecipeFile(StrictConfig):
@@ -58,6 +61,10 @@ class RecipeFile(StrictConfig):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     trust_remote_code: bool = False
+    lazy: bool = Field(False, description="build the model on `meta`, read one decoder layer at a time from the "
+                       "shards and write each compressed layer to <output>/model as it finishes (compress/lazy.py)")
+    max_memory: dict[int | str, str] | None = Field(None, description="evaluation: spread the model over devices with "
+                                              "accelerate, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}")
     calibration: CalibrationConfig | None = None
     passes: list[Any] = Field(default_factory=list)
     evaluate: dict[str, Any] = Field(default_factory=dict)
@@ -94,6 +101,8 @@ class Recipe:
     passes: tuple[PassStep, ...]
     evaluations: tuple[EvalStep, ...]
     export: ExportConfig | None = None
+    lazy: bool = False
+    max_memory: dict[str, str] | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -109,6 +118,8 @@ class Recipe:
             "dtype": self.dtype,
             "device": self.device,
             "trust_remote_code": self.trust_remote_code,
+            "lazy": self.lazy,
+            "max_memory": self.max_memory,
             "calibration": self.calibration.model_dump(mode="json") if self.calibration else None,
             "passes": [{s.name: s.config.model_dump(mode="json")} for s in self.passes],
             "evaluate": evaluate,
@@ -368,6 +379,7 @@ class _Checker:
         assert isinstance(top, RecipeFile)
         calibration = self.check_calibration(top.calibration)
         steps = self.check_passes(top.passes, calibration)
+        self.check_lazy(top, steps)
         evaluations = self.check_evaluate(top.evaluate)
         model = self.resolve_model(top.model)
         export = self.check_export(top.export, steps)
@@ -383,6 +395,8 @@ class _Checker:
             passes=tuple(steps),
             evaluations=tuple(evaluations),
             export=export,
+            lazy=top.lazy,
+            max_memory={str(k): str(v) for k, v in top.max_memory.items()} if top.max_memory else None,
         )
 
     def check_export(self, export: ExportConfig | None, steps: list[PassStep]) -> ExportConfig | None:
@@ -465,6 +479,12 @@ class _Checker:
                 steps.append(PassStep(index, name, definition, config))
         self.check_chain(steps, calibration)
         return steps
+
+    def check_lazy(self, top: RecipeFile, steps: list[PassStep]) -> None:
+        for step in steps:
+            if top.lazy and step.definition.scope == "model":
+                self.add(("passes", step.index, step.name), f"'{step.name}' needs the whole model in memory, "
+                         "which `lazy: true` never loads; run it without lazy loading")
 
     def check_chain(self, steps: list[PassStep], calibration: CalibrationConfig | None) -> None:
         for position, step in enumerate(steps):

@@ -119,6 +119,26 @@ def calibration_windows(handle: ModelHandle, recipe: Recipe) -> torch.Tensor | N
 
 
 @contextlib.contextmanager
+def _expert_accounting(handle: ModelHandle, recipe: Recipe, run: RunContext) -> Iterator[None]:
+    """MoE models: route calibration tokens to all experts when asked; report tokens per expert, flag rare ones."""
+    from compress import moe
+
+    cal = recipe.calibration
+    if run.calibration is None or cal is None:
+        yield
+        return
+    batches = -(-run.calibration.shape[0] // run.calibration_batch_size)
+    with moe.calibrating(handle.model, route_all=cal.route_all_experts, batches=batches) as stats:
+        yield
+    if stats.modules:
+        section, flagged = moe.expert_report(
+            stats, route_all=cal.route_all_experts, calibration_tokens=run.calibration.numel(),
+            top_k=getattr(handle.model.config, "num_experts_per_tok", None), min_tokens=cal.min_expert_tokens)
+        run.report_sections["experts"] = section
+        run.fallbacks.extend(flagged)
+
+
+@contextlib.contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -140,6 +160,7 @@ def run_recipe(
     reporter: Reporter = SILENT,
     resume: bool = False,
     checkpoints: bool = True,
+    _worker: bool = False,
 ) -> dict[str, Any]:
     """Execute a recipe and write report.json, report.md, report.html, recipe.yaml and run.log into `output`.
 
@@ -148,10 +169,23 @@ def run_recipe(
     """
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
+    from compress import distributed
+
+    if not _worker and distributed.init_from_env() and distributed.rank() != 0:
+        # torchrun: every rank calibrates on its share of the windows; only rank 0 keeps a run folder
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"compress-rank{distributed.rank()}-"))
+        try:
+            return run_recipe(recipe, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     check_output_target(output, overwrite)
     preflight_output(output, needed_bytes=_disk_needed(recipe.model, checkpoints))
+    # A lazy model's finished layers go straight to the output shards; layer checkpoints (and --resume) cover eager runs.
     checkpointer = (Checkpointer(checkpoint_dir_for(output), recipe_fingerprint(recipe.to_dict()), resume=resume)
-                    if checkpoints and recipe.passes else None)
+                    if checkpoints and recipe.passes and not recipe.lazy else None)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     seed = recipe.calibration.seed if recipe.calibration is not None else 0
@@ -161,10 +195,19 @@ def run_recipe(
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         t = time.perf_counter()
         with reporter.status(f"loading {recipe.model}"):
-            handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
-                                trust_remote_code=recipe.trust_remote_code)
+            if recipe.lazy:
+                from compress.lazy import load_lazy
+
+                handle = load_lazy(recipe.model, dtype=recipe.dtype, device=recipe.device,
+                                   trust_remote_code=recipe.trust_remote_code, save_to=staging / "model")
+            else:
+                handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
+                                    trust_remote_code=recipe.trust_remote_code)
+            handle.max_memory = recipe.max_memory
             run = RunContext(device=handle.device, reporter=reporter, checkpoint=checkpointer)
             run.calibration = calibration_windows(handle, recipe)
+            if run.calibration is not None:
+                run.calibration = distributed.shard_windows(run.calibration)  # all windows when not distributed
         if recipe.calibration is not None:
             run.calibration_batch_size = recipe.calibration.batch_size
         timings["load"] = time.perf_counter() - t
@@ -176,10 +219,16 @@ def run_recipe(
         t = time.perf_counter()
         if handle.device.type == "cuda":  # so the report can show that compression peaks at one layer, not the model
             torch.cuda.reset_peak_memory_stats(handle.device)
-        passes, propagation = run_passes(handle, recipe.passes, run)
+        with _expert_accounting(handle, recipe, run):
+            passes, propagation = run_passes(handle, recipe.passes, run)
         timings["passes"] = time.perf_counter() - t
         passes_cuda_peak = torch.cuda.max_memory_allocated(handle.device) if handle.device.type == "cuda" else None
         timings["propagation"] = propagation
+
+        if handle.lazy is not None:
+            t = time.perf_counter()
+            handle.lazy.finish(handle)  # the layers are written already; this adds embeddings, config and index
+            timings["save"] = time.perf_counter() - t
 
         t = time.perf_counter()
         compressed = evaluate_all(handle, recipe.evaluations, run)

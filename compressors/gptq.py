@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import RunContext
+from compress.distributed import all_reduce_mean
 from compress.engine import LayerContext, input_groups
 from compress.errors import UserError
 from compress.modules import weight_matrix
@@ -252,6 +253,12 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
         install_activation_quant(fqn, module, cfg.activations, layer.run)
     # true_sequential re-captures inputs per group so each sees the quantized sublayers before it.
     stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+    # Modules the probe batch never reached (MoE experts no token was routed to) are still quantized, each
+    # with its own Hessian from all batches (RTN, recorded, if no calibration token reached it at all).
+    grouped = {name for g in groups for name in g}
+    unreached = [[name] for name in modules if name not in grouped]
+    if unreached:
+        stages.append(unreached)
     results: dict[str, Any] = {}
     for stage in stages:
         # Modules of a group read the very same tensor, so they share one Hessian.
@@ -274,6 +281,10 @@ def quantize_module(
             f"gptq: {fqn} gets group_size {spec.group_size} from the bit plan; act_order then needs static_groups: true"
         )
     extra: dict[str, Any] = {"hessian_samples": hessian.samples}
+    if hessian.samples == 0 and not hessian.hessian.any():  # no input reached it (an MoE expert nobody was routed to)
+        qweight = keep_pruned_zeros(quantize_rtn(weight if mask is None else weight * mask.to(weight.device), spec), mask)
+        run.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
+        return {**write_back(fqn, module, qweight, run), **extra, "fallback": "rtn"}
     try:
         result = gptq_quantize(
             weight, hessian.hessian, spec, block_size=cfg.block_size, dampening_frac=cfg.damp,

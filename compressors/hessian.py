@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.distributed import all_reduce_mean
 from compress.engine import LayerContext
 from compress.modules import weight_matrix
 
@@ -53,6 +54,8 @@ def collect_hessians(layer: LayerContext, modules: dict[str, nn.Module]) -> dict
         name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device) for name, m in modules.items()
     }
     layer.observe(modules, lambda name, inputs: hessians[name].add(inputs), stop_early=True)
+    for accumulator in hessians.values():  # data-parallel calibration: sum the ranks' shares (no-op alone)
+        accumulator.hessian, accumulator.samples = all_reduce_mean(accumulator.hessian, accumulator.samples)
     return hessians
 
 

@@ -1,0 +1,277 @@
+"""Models larger than host memory: build on the `meta` device, materialise one decoder layer at a time.
+
+`load_lazy` builds the model skeleton with accelerate's `init_empty_weights` (parameters on `meta`, no memory)
+and keeps a map from each tensor name to the safetensors shard that holds it. The engine then asks for one
+decoder layer at a time (`load_layer`): its tensors are read from the memory-mapped shards, converted to the
+compute dtype and placed on the compute device; when the layer's passes are done, `unload_layer` writes it to
+the output shards (see compress/shards.py) and puts it back on `meta`. The tensors outside the decoder layers
+(embeddings, final norm, lm_head) are materialised only while a forward pass needs them.
+
+Peak host memory is therefore one layer (in the compute dtype) plus the embeddings while inputs are captured
+plus the calibration activations, never the model. Evaluation streams the layers the same way.
+
+Scope: the checkpoint's tensor names must be the model's own parameter names (true for Llama, Mistral, Qwen2,
+OPT, GPT-2 and most dense decoders); checkpoints that need transformers' load-time key conversion are refused
+up front, and only layer passes (no whole-model passes) can run on a lazy model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator, cast
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+from compress.model_io import DTYPES, ModelHandle, find_decoder_layers, pick_device, pick_dtype
+from compress.shards import INDEX_NAME, ShardWriter
+
+OUTSIDE_SHARD = "model-outside.safetensors"
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index when there is one, else from every shard's header."""
+    from safetensors import safe_open
+
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    found: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            found.update({name: file for name in handle.keys()})
+    if not found:
+        raise UserError(f"{folder} holds no safetensors weights; lazy loading reads safetensors shards only")
+    return found
+
+
+def _tied_groups(module: nn.Module, skip_prefix: str | None = None) -> list[list[str]]:
+    """Parameter names grouped by the tensor they share (tied embeddings give one group of two names).
+
+    skip_prefix: leave out parameters under this module name (the decoder layers, when only the rest is wanted).
+    """
+    groups: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if skip_prefix is not None and name.startswith(skip_prefix + "."):
+            continue
+        groups.setdefault(id(param), []).append(name)
+    return list(groups.values())
+
+
+def _assign(root: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
+    """Make every name in `names` one shared parameter holding `tensor` (tied names stay tied)."""
+    param = nn.Parameter(tensor, requires_grad=False)
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        (root.get_submodule(owner_name) if owner_name else root)._parameters[attr] = param
+
+
+class LazyWeights:
+    """Where each tensor of a meta-device model currently lives on disk, and the writer for finished layers."""
+
+    def __init__(self, source: dict[str, Path], compute_dtype: torch.dtype, save_dtype: torch.dtype,
+                 writer: ShardWriter | None):
+        self.source = source  # tensor name -> shard; a layer's entries move to the output once it is written
+        self.compute_dtype = compute_dtype
+        self.save_dtype = save_dtype
+        self.writer = writer
+        self.loaded_bytes_peak = 0  # largest set of tensors materialised at once (for the report)
+
+    # --- reading and freeing ---------------------------------------------------------------------
+
+    def read(self, names: list[str], device: torch.device, *, convert: bool = True) -> dict[str, torch.Tensor]:
+        """Read tensors from their shards (one open per file), converted to the compute dtype on `device`.
+
+        Each file is opened and closed per call so the memory map does not keep pages resident afterwards.
+        """
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.source[name]].append(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in file_names:
+                    raw = handle.get_tensor(name)
+                    if convert:
+                        raw = raw.to(device, self.compute_dtype if raw.is_floating_point() else raw.dtype)
+                    tensors[name] = raw
+        return tensors
+
+    def materialize(self, root: nn.Module, prefix: str, device: torch.device,
+                    groups: list[list[str]] | None = None) -> None:
+        """Give the parameters of `root` (named `prefix.*` in the checkpoint) their real values on `device`."""
+        groups = _tied_groups(root) if groups is None else groups
+        stored = [next((n for n in g if self._key(prefix, n) in self.source), None) for g in groups]
+        missing = [g[0] for g, name in zip(groups, stored) if name is None]
+        if missing:
+            raise UserError(f"lazy loading: no tensor for {self._key(prefix, missing[0])} in the checkpoint")
+        tensors = self.read([self._key(prefix, cast(str, n)) for n in stored], device)
+        self.loaded_bytes_peak = max(self.loaded_bytes_peak, sum(t.numel() * t.element_size() for t in tensors.values()))
+        for group, name in zip(groups, stored):
+            _assign(root, group, tensors.pop(self._key(prefix, cast(str, name))))
+
+    @staticmethod
+    def free(root: nn.Module, groups: list[list[str]] | None = None) -> None:
+        """Put the parameters back on `meta`, releasing their memory (shapes and dtypes stay)."""
+        for group in _tied_groups(root) if groups is None else groups:
+            _assign(root, group, torch.empty_like(root.get_parameter(group[0]), device="meta"))
+
+    @staticmethod
+    def _key(prefix: str, name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    # --- decoder layers ----------------------------------------------------------------------------
+
+    def load_layer(self, handle: ModelHandle, index: int, device: torch.device) -> nn.Module:
+        layer = cast(nn.Module, handle.layers[index])
+        self.materialize(layer, f"{handle.layers_prefix}.{index}", device)
+        return layer
+
+    def unload_layer(self, handle: ModelHandle, index: int, *, save: bool) -> None:
+        """Free layer `index`; with `save`, first write it to the output shards and read it from there from now on."""
+        layer = cast(nn.Module, handle.layers[index])
+        if save and self.writer is not None:
+            prefix = f"{handle.layers_prefix}.{index}"
+            tensors = {f"{prefix}.{name}": p.data.to(self.save_dtype) for name, p in layer.named_parameters()}
+            path = self.writer.write(f"model-layer-{index:05d}.safetensors", tensors)
+            self.source.update({name: path for name in tensors})
+        self.free(layer)
+
+    # --- everything outside the decoder layers -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def outside_on(self, handle: ModelHandle, device: torch.device, *, with_head: bool = True) -> Iterator[None]:
+        """Materialise the parameters outside the decoder layers on `device` for the duration of the block.
+
+        with_head=False leaves an untied lm_head on `meta`: capturing layer 0's inputs never reaches it, and for
+        a 128k vocabulary it is 2 GB in float32.
+        """
+        groups = _tied_groups(handle.model, skip_prefix=handle.layers_prefix)
+        if not with_head:
+            head = _output_embedding_prefix(handle.model)
+            if head is not None:
+                groups = [g for g in groups if not all(n.startswith(head + ".") for n in g)]
+        self.materialize(handle.model, "", device, groups)
+        try:
+            yield
+        finally:
+            self.free(handle.model, groups)
+
+    @contextlib.contextmanager
+    def streaming(self, handle: ModelHandle, device: torch.device) -> Iterator[None]:
+        """Make the whole model runnable for evaluation: each layer is read just before its forward and freed after."""
+        prefix = handle.layers_prefix
+        hooks = []
+        for index, layer in enumerate(handle.layers):
+            hooks.append(layer.register_forward_pre_hook(
+                lambda module, _args, index=index: self.materialize(module, f"{prefix}.{index}", device)))
+            hooks.append(layer.register_forward_hook(lambda module, _args, _out: self.free(module)))
+        try:
+            with self.outside_on(handle, device):
+                yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for layer in handle.layers:  # an exception mid-forward may leave one layer loaded
+                self.free(layer)
+
+    def finish(self, handle: ModelHandle) -> Path | None:
+        """Write the tensors outside the layers, the config and the tokenizer, then the index: a loadable folder."""
+        if self.writer is None:
+            return None
+        groups = _tied_groups(handle.model, skip_prefix=handle.layers_prefix)
+        names = [n for g in groups for n in g if n in self.source]
+        # One shard per tensor, copied in its stored dtype: a 128k-vocabulary embedding is 1 GB in bf16 but
+        # 2 GB in float32, and embeddings plus lm_head at once would be the run's peak.
+        for number, name in enumerate(names):
+            tensor = self.read([name], torch.device("cpu"), convert=False)[name]
+            self.writer.write(OUTSIDE_SHARD.replace(".safetensors", f"-{number:03d}.safetensors"),
+                              {name: tensor.to(self.save_dtype)})
+            del tensor
+        config: Any = handle.model.config
+        config.dtype = self.save_dtype
+        config.save_pretrained(self.writer.folder)
+        generation = getattr(handle.model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(self.writer.folder)
+        save_tokenizer = getattr(handle.tokenizer, "save_pretrained", None)
+        if save_tokenizer is not None:
+            save_tokenizer(self.writer.folder)
+        return self.writer.finish()
+
+
+def resolve_local(ref: str) -> Path:
+    """A local folder, or the cached snapshot of a hub id (downloaded when online)."""
+    local = Path(ref)
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # offline, missing repo, auth: all mean "not available" to the user
+        raise UserError(f"lazy loading needs the checkpoint on disk: could not find '{ref}' ({exc})") from exc
+
+
+def load_lazy(
+    ref: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    save_to: Path | None = None,
+) -> ModelHandle:
+    """Build the model on `meta` and return a handle whose `lazy` reads layers from the shards on demand.
+
+    save_to: the folder the compressed layers are written to as they finish (see compress/shards.py).
+    """
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    folder = resolve_local(ref)
+    compute_device = pick_device(device)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load model '{ref}': {exc}") from exc
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = DTYPES.get(str(declared).replace("torch.", ""), torch.float32)
+    picked = pick_dtype(dtype, compute_device)
+    compute_dtype = stored if picked == "auto" else cast(torch.dtype, picked)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.config.use_cache = False
+    source = checkpoint_files(folder)
+    _check_names(model, source)
+    lazy = LazyWeights(source, compute_dtype, stored, ShardWriter(save_to) if save_to is not None else None)
+    handle = ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored)
+    handle.lazy = lazy
+    return handle
+
+
+def _output_embedding_prefix(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
+
+
+def _check_names(model: nn.Module, source: dict[str, Any]) -> None:
+    """Every parameter (or one name of each tied group) must be stored under its own name."""
+    missing = [g[0] for g in _tied_groups(model) if not any(n in source for n in g)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(
+            f"lazy loading needs checkpoint tensor names that match the model's parameters; missing {shown}. "
+            "This checkpoint needs transformers' key conversion: load it without `lazy`."
+        )
