@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compress-installed
 DEMO_OUT ?= compress-out/demo
 
-.PHONY: venv demo test test-fast typecheck bench sweep clean
+.PHONY: venv demo test test-fast typecheck bench bench-scale sweep clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -49,7 +49,16 @@ bench:
 	@$(BENCH_PY) -c "import torch" 2>/dev/null || $(BENCH_PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
 	$(BENCH_PY) -m pip install --disable-pip-version-check -q -e ".[bench,lm-eval]"
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/run.py --output bench/results/quantization.md
+	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/pruning.py
+	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/allocation.py
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/zero_shot.py
+	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/robust.py
 	$(BENCH_PY) bench/assemble.py --output BENCHMARKS.md
+
+# Hours on a 2-core CPU: writes a random 8B-parameter checkpoint under /tmp and compresses it lazily.
+bench-scale: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/scale.py
+	$(PY) bench/assemble.py --output BENCHMARKS.md
 
 clean:
 	rm -rf compress-out .pytest_cache
