@@ -5,7 +5,7 @@ passes (which the peer does not have) with their parameter counts and forward ti
     python bench/pruning.py                       # writes bench/results/pruning.md
     python bench/pruning.py --quick               # 16 samples, 8 eval windows
 
-Run it with the bench venv (`/work/main/.venv-bench/bin/python`, llm-compressor installed, our package on
+Run it with the bench venv (`.venv-bench/bin/python`, llm-compressor installed, our package on
 PYTHONPATH) to get the peer's columns; without llm-compressor those cells say so. Seconds are wall time of the
 compression call only (our `run_passes`, the peer's `oneshot`), one run each.
 """

@@ -1,6 +1,6 @@
 """What surviving a kill costs and saves: layer checkpoints, `--resume`, against llm-compressor (which has no resume).
 
-    /work/main/.venv-bench/bin/python bench/robust.py            # writes bench/results/robust.md
+    .venv-bench/bin/python bench/robust.py            # writes bench/results/robust.md
 
 Ours runs as the CLI does (a subprocess per run, GPTQ W4 g128 on the demo model, matched settings as in
 bench/schemes.py): without checkpoints, with checkpoints, and killed with SIGKILL after 2 of the 4 decoder layers
