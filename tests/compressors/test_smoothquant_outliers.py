@@ -28,7 +28,7 @@ W8A8 = "{rtn: {bits: 8, group_size: null, activations: {bits: 8, per: token}}}"
 
 
 @torch.no_grad()
-def inject_outlier_channels(model: torch.nn.Module) -> None:
+def inject_outlier_channels(model: torch.nn.Module, channels: tuple[int, ...] = OUTLIER_CHANNELS) -> None:
     """Function-preserving: norm gain x factor on a few channels, consumer input columns / factor."""
     for layer in model.model.layers:
         attention = layer.self_attn
@@ -37,20 +37,20 @@ def inject_outlier_channels(model: torch.nn.Module) -> None:
             (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)),
         )
         for norm, consumers in groups:
-            for channel in OUTLIER_CHANNELS:
+            for channel in channels:
                 norm.weight[channel] *= OUTLIER_FACTOR
                 for linear in consumers:
                     linear.weight[:, channel] /= OUTLIER_FACTOR
 
 
-def perplexity_with(passes: str, inject: bool = True) -> float:
+def perplexity_with(passes: str, inject: bool = True, channels: tuple[int, ...] = OUTLIER_CHANNELS) -> float:
     recipe = parse_recipe(
         f"model: model\ncalibration: {{dataset: calib.txt, samples: 32, seq_len: 512}}\npasses: {passes}\n",
         base_dir=DEMO_DIR,
     )
     handle = load_model(recipe.model)
     if inject:
-        inject_outlier_channels(handle.model)
+        inject_outlier_channels(handle.model, channels)
     run = RunContext(device=handle.device, calibration=calibration_windows(handle, recipe))
     run_passes(handle, recipe.passes, run)
     token_ids = tokenize_text(handle.tokenizer, Path(DEMO_DIR / "eval.txt").read_text(encoding="utf-8"))
