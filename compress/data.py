@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -60,16 +61,27 @@ def load_text(ref: str, data_dir: str | Path | None = None) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def jsonl_records(path: Path, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; a malformed line is an error naming the file and line."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
 def _load_jsonl_text(path: Path) -> str:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for number, record in jsonl_records(path):
+        if not isinstance(record.get("text"), str):
             raise UserError(f"{path}:{number}: expected an object with a string 'text' field")
         texts.append(record["text"])
     return "\n\n".join(texts)

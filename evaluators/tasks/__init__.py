@@ -10,11 +10,11 @@ very same documents to lm-eval itself.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from compress import data
 from compress.errors import UserError
 
 TaskOutput = Literal["multiple_choice", "last_word"]
@@ -62,20 +62,8 @@ def multiple_choice(context: str, choices: list[str], gold: int, delimiter: str 
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; malformed lines name the file and line."""
-    if not path.is_file():
-        raise UserError(f"task file not found: {path}")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+    """(line number, object) for every non-blank line of a task file; malformed lines name the file and line."""
+    return data.jsonl_records(path, what="task file")
 
 
 def require(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
