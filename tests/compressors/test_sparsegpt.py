@@ -11,15 +11,9 @@ from compressors.magnitude import magnitude_mask
 from compressors.sparsegpt import sparsegpt_prune
 from compressors.sparsity import NM, is_nm
 from compressors.wanda import wanda_mask
+from tests.compressors.test_gptq import correlated_inputs
 
 DAMP = 0.01
-
-
-def correlated_inputs(tokens=256, columns=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, columns, generator=g)
-    x[:, 1::2] = 0.8 * x[:, 0::2] + 0.2 * x[:, 1::2]
-    return x * torch.linspace(0.2, 3.0, columns)
 
 
 def hessian_of(x):
