@@ -1,9 +1,14 @@
 """Data-parallel calibration: each process (GPU) sees a share of the calibration windows; Hessians are summed.
 
 GPTQ's Hessian is a mean over samples, H = 2/n sum_i x_i x_i^T, so it splits exactly across processes: rank r
-accumulates H_r over its n_r windows, and the full Hessian is sum_r n_r H_r / sum_r n_r. Every rank then runs
-the very same (deterministic) solve on the very same H, so all ranks hold identical quantized weights and can
-propagate their own windows to the next layer without any further communication.
+sums x_i x_i^T over its n_r windows (in float64, compressors/hessian.py), the ranks add their sums and counts,
+and each divides. Every rank then runs the very same (deterministic) solve on the very same H, so all ranks
+hold identical quantized weights and can propagate their own windows to the next layer without any further
+communication.
+
+Each rank gets a contiguous share of the windows (rank 0 the first ones), cut so that shares are whole
+calibration batches where possible: a rank then forms exactly the batches one process would, and the per-batch
+products, their float64 sum and hence the Hessian and the codes equal a single process's bit for bit.
 
 Launch one process per device with torchrun (NCCL on GPUs, gloo on CPU):
 
@@ -21,9 +26,15 @@ import os
 import torch
 import torch.distributed as dist
 
+from compress.errors import UserError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
@@ -42,28 +53,37 @@ def init_from_env() -> bool:
     return True
 
 
-def shard_windows(windows: torch.Tensor) -> torch.Tensor:
-    """This rank's calibration windows: every world_size-th one, starting at its rank (all windows when alone)."""
-    if not is_distributed():
-        return windows
-    share = windows[dist.get_rank() :: dist.get_world_size()]
-    if share.shape[0] == 0:
-        raise ValueError(f"{windows.shape[0]} calibration windows cannot feed {dist.get_world_size()} processes")
-    return share
+def shard_windows(windows: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+    """This rank's calibration windows: a contiguous share, in whole batches of `batch_size` where possible.
 
-
-def all_reduce_mean(matrix: torch.Tensor, samples: int) -> tuple[torch.Tensor, int]:
-    """Combine per-rank means over `samples` each into the mean over all samples (in place); returns it and the total.
-
-    Sums n_r * H_r and n_r in float64 on the wire (gloo and NCCL both reduce in the tensor's dtype), so the result
-    matches a single process to float32 rounding however the samples were split.
+    All windows when alone. Batches are dealt out as evenly as possible (the first ranks get one more when they
+    do not divide), so every rank's batches are the ones a single process would form.
     """
     if not is_distributed():
-        return matrix, samples
-    weighted = matrix.to(torch.float64) * samples
-    count = torch.tensor([float(samples)], dtype=torch.float64, device=matrix.device)
-    dist.all_reduce(weighted)
+        return windows
+    world, me = dist.get_world_size(), dist.get_rank()
+    batches = torch.arange(windows.shape[0]).split(batch_size)
+    if len(batches) < world:
+        raise UserError(
+            f"{windows.shape[0]} calibration windows in batches of {batch_size} cannot feed {world} processes; "
+            f"use more samples or a smaller calibration.batch_size"
+        )
+    mine = torch.tensor_split(torch.arange(len(batches)), world)[me]
+    return windows[torch.cat([batches[i] for i in mine.tolist()])]
+
+
+def all_reduce_sum(total: torch.Tensor, samples: int) -> int:
+    """Add every rank's `total` into each rank's (in place) and return the summed sample count.
+
+    The wire carries float64 (gloo and NCCL reduce in the tensor's dtype): a float64 sum is left as it is, and a
+    float32 one is widened for the reduction so the ranks' partial sums add without further rounding.
+    """
+    if not is_distributed():
+        return samples
+    wide = total if total.dtype == torch.float64 else total.to(torch.float64)
+    count = torch.tensor([float(samples)], dtype=torch.float64, device=total.device)
+    dist.all_reduce(wide)
     dist.all_reduce(count)
-    total = int(count.item())
-    matrix.copy_(weighted / max(total, 1))
-    return matrix, total
+    if wide is not total:
+        total.copy_(wide)
+    return int(count.item())

@@ -43,6 +43,9 @@ class PassDef:
     scope: Scope
     needs_calibration: bool
     kind: str  # "quantize" | "prune" | "allocate" | "transform": used by recipe-level checks
+    # Calibrates correctly when each torchrun rank sees only its share of the windows (its statistics are summed
+    # across ranks); a calibrated pass without it would quietly calibrate on a fraction of the data.
+    data_parallel: bool = False
 
     @property
     def summary(self) -> str:
@@ -76,11 +79,12 @@ def register_pass(
     scope: Scope,
     kind: str,
     needs_calibration: bool = False,
+    data_parallel: bool = False,
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
     def decorate(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         if name in _PASSES:
             raise ValueError(f"pass {name!r} is registered twice ({_PASSES[name].apply.__module__} and {fn.__module__})")
-        _PASSES[name] = PassDef(name, config, fn, scope, needs_calibration, kind)
+        _PASSES[name] = PassDef(name, config, fn, scope, needs_calibration, kind, data_parallel)
         return fn
 
     return decorate

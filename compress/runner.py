@@ -151,6 +151,20 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+def _check_data_parallel(recipe: Recipe) -> None:
+    """Under torchrun every rank calibrates on its own share of the windows; only some passes sum across ranks."""
+    alone = [step.label for step in recipe.passes if step.definition.needs_calibration and not step.definition.data_parallel]
+    if alone:
+        from compress import distributed
+        from compress.registry import available_passes
+
+        supported = sorted(name for name, d in available_passes().items() if d.needs_calibration and d.data_parallel)
+        raise UserError(
+            f"{', '.join(alone)} cannot calibrate data-parallel (each of the {distributed.world_size()} processes "
+            f"would see only its share of the windows); run it in one process, or use {', '.join(supported)}"
+        )
+
+
 def run_recipe(
     recipe: Recipe,
     output: Path,
@@ -181,6 +195,8 @@ def run_recipe(
             return run_recipe(recipe, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    if distributed.is_distributed():
+        _check_data_parallel(recipe)
     check_output_target(output, overwrite)
     preflight_output(output, needed_bytes=_disk_needed(recipe.model, checkpoints))
     # A lazy model's finished layers go straight to the output shards; layer checkpoints (and --resume) cover eager runs.
@@ -206,10 +222,10 @@ def run_recipe(
             handle.max_memory = recipe.max_memory
             run = RunContext(device=handle.device, reporter=reporter, checkpoint=checkpointer)
             run.calibration = calibration_windows(handle, recipe)
-            if run.calibration is not None:
-                run.calibration = distributed.shard_windows(run.calibration)  # all windows when not distributed
         if recipe.calibration is not None:
             run.calibration_batch_size = recipe.calibration.batch_size
+        if run.calibration is not None:  # all windows when not distributed
+            run.calibration = distributed.shard_windows(run.calibration, run.calibration_batch_size)
         timings["load"] = time.perf_counter() - t
 
         t = time.perf_counter()

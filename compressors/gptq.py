@@ -27,7 +27,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import RunContext
-from compress.distributed import all_reduce_mean
 from compress.engine import LayerContext, input_groups
 from compress.errors import UserError
 from compress.modules import weight_matrix
@@ -46,6 +45,7 @@ from compressors.base import WeightQuantConfig, install_activation_quant, keep_p
 from compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
     HessianAccumulator,
     HessianNotPositiveDefinite,
+    HessianOptions,
     collect_hessians,
     inverse_hessian_factor,
     mark_dead_columns,
@@ -205,7 +205,7 @@ def _current_group(
 # The pass
 
 
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(WeightQuantConfig, HessianOptions):
     """GPTQ weight quantization (Frantar et al. 2022), calibrated layer by layer.
 
     damp: dampening added to the Hessian diagonal, as a fraction of its mean (raised automatically when the
@@ -243,7 +243,7 @@ class GPTQConfig(WeightQuantConfig):
         return self.act_order if self.static_groups is None else self.static_groups
 
 
-@register_pass("gptq", GPTQConfig, scope="layer", kind="quantize", needs_calibration=True)
+@register_pass("gptq", GPTQConfig, scope="layer", kind="quantize", needs_calibration=True, data_parallel=True)
 def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     """GPTQ: quantize with second-order error compensation from calibration inputs (Frantar et al. 2022)."""
     modules = layer.linears(cfg.ignore)
@@ -262,7 +262,7 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for stage in stages:
         # Modules of a group read the very same tensor, so they share one Hessian.
-        hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in stage})
+        hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in stage}, cfg.hessian_torch_dtype)
         for names in stage:
             for fqn in names:
                 results[fqn] = quantize_module(fqn, modules[fqn], hessians[names[0]], cfg, layer.run)

@@ -7,12 +7,16 @@ and gives the upper Cholesky factor of the damped inverse that both kernels walk
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from compress.distributed import all_reduce_mean
+from compress.distributed import all_reduce_sum
 from compress.engine import LayerContext
 from compress.modules import weight_matrix
+from compress.registry import StrictConfig
 
 # When the damped Hessian is still not positive definite, retry with the dampening multiplied by this factor,
 # at most this many times, before the caller degrades (GPTQ falls back to RTN, SparseGPT to magnitude).
@@ -25,37 +29,74 @@ class HessianNotPositiveDefinite(RuntimeError):
 
 
 class HessianAccumulator:
-    """H = 2/n * sum_samples X X^T over calibration inputs, as a running mean in fp32 (no per-sample storage).
+    """H = 2/n * sum_samples X X^T over calibration inputs, with no per-sample storage.
 
     `n` counts sequences, not tokens, exactly like the reference `add_batch`, so `loss` values compare with it.
+
+    The sum is kept in float64 by default. Each batch's X^T X is a float32 matmul, and float64 adds those float32
+    terms exactly in practice (53 bits hold a few float32 terms of similar size without rounding), so the sum,
+    and the float32 H read from it, do not depend on the order the batches arrive in. Data-parallel
+    calibration (compress/distributed.py) relies on this: ranks that each sum a share of the batches then add
+    their sums reproduce the single-process Hessian bit for bit, so GPTQ gives the very same codes.
+    `dtype=torch.float32` halves the accumulator's memory (d^2 x 4 bytes instead of 8) at the cost of that.
     """
 
-    def __init__(self, columns: int, device: torch.device):
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+    def __init__(self, columns: int, device: torch.device, dtype: torch.dtype = torch.float64):
+        self.total: torch.Tensor | None = torch.zeros(columns, columns, dtype=dtype, device=device)
         self.samples = 0
+        self._hessian: torch.Tensor | None = None
 
     def add(self, inputs: torch.Tensor) -> None:
         """Fold in one batch of inputs (..., columns); every leading dim but the last token dim counts as samples."""
+        if self.total is None:
+            raise RuntimeError("this Hessian was already read; accumulate into a new HessianAccumulator")
         batch = inputs.shape[0] if inputs.dim() > 2 else 1
         x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, columns)
-        total = self.samples + batch
-        # Running mean: H <- H * n/(n+b) + (2/(n+b)) X^T X, one fused matmul.
-        self.hessian.addmm_(x.t(), x, beta=self.samples / total, alpha=2.0 / total)
-        self.samples = total
+        if self.total.dtype == torch.float32:
+            self.total.addmm_(x.t(), x)
+        else:
+            self.total.add_(x.t() @ x)  # float32 product, float64 sum (see the class docstring)
+        self.samples += batch
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The float32 Hessian 2/n * sum X X^T (zeros when no sample arrived). Reading it frees the float64 sum."""
+        if self._hessian is None:
+            assert self.total is not None
+            scale = 2.0 / self.samples if self.samples else 0.0
+            self._hessian = (self.total * scale).to(torch.float32)
+            self.total = None
+        return self._hessian
 
 
-def collect_hessians(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[str, HessianAccumulator]:
+class HessianOptions(StrictConfig):
+    """Config keys of the passes that solve with a layer Hessian (GPTQ, SparseGPT)."""
+
+    hessian_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="precision of the running Hessian sum: float64 makes it independent of batch order "
+        "and of the data-parallel split; float32 halves its memory (columns^2 x 4 bytes instead of 8)")
+
+    @property
+    def hessian_torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.hessian_dtype == "float64" else torch.float32
+
+
+def collect_hessians(
+    layer: LayerContext, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64
+) -> dict[str, HessianAccumulator]:
     """One Hessian per module from every calibration batch.
 
     Each forward stops once all modules saw their input: q/k/v only need the input norm, not the attention and
     MLP, so re-capturing per group (true_sequential) costs about two layer forwards instead of four.
     """
     hessians = {
-        name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device) for name, m in modules.items()
+        name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device, dtype)
+        for name, m in modules.items()
     }
     layer.observe(modules, lambda name, inputs: hessians[name].add(inputs), stop_early=True)
-    for accumulator in hessians.values():  # data-parallel calibration: sum the ranks' shares (no-op alone)
-        accumulator.hessian, accumulator.samples = all_reduce_mean(accumulator.hessian, accumulator.samples)
+    for accumulator in hessians.values():  # data-parallel calibration: add the ranks' sums (no-op alone)
+        assert accumulator.total is not None
+        accumulator.samples = all_reduce_sum(accumulator.total, accumulator.samples)
     return hessians
 
 

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compress.context import RunContext
+from compress.distributed import all_reduce_sum
 from compress.engine import LayerContext
 from compress.errors import UserError
 from compress.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
@@ -129,10 +130,14 @@ def apply_mask(fqn: str, module: nn.Module, keep: torch.Tensor, new_weight: torc
 
 def input_sq_norms(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Per module, the squared L2 norm of each input feature over every calibration token: ||X_j||^2, (in_features,)."""
-    norms = {name: torch.zeros(weight_matrix(m).shape[1], device=weight_matrix(m).device) for name, m in modules.items()}
+    # float64 sums of float32 per-batch terms: independent of batch order and of the data-parallel split
+    norms = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64, device=weight_matrix(m).device)
+             for name, m in modules.items()}
 
     def add(name: str, x: torch.Tensor) -> None:
         norms[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
 
     layer.observe(modules, add, stop_early=True)
-    return norms
+    for total in norms.values():
+        all_reduce_sum(total, 0)  # data-parallel calibration: add the ranks' shares (no-op alone)
+    return {name: total.to(torch.float32) for name, total in norms.items()}

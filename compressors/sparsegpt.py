@@ -24,6 +24,7 @@ from compress.modules import weight_matrix
 from compress.registry import register_pass
 from compressors.hessian import (
     HessianAccumulator,
+    HessianOptions,
     HessianNotPositiveDefinite,
     collect_hessians,
     inverse_hessian_factor,
@@ -106,7 +107,7 @@ def _prune_columns(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, nm: NM 
     return keep, float(loss)
 
 
-class SparseGPTConfig(PruneConfig):
+class SparseGPTConfig(PruneConfig, HessianOptions):
     """SparseGPT pruning with OBS weight reconstruction, calibrated layer by layer.
 
     damp: dampening added to the Hessian diagonal as a fraction of its mean (raised automatically when needed;
@@ -125,13 +126,13 @@ class SparseGPTConfig(PruneConfig):
     block_size: int = Field(128, ge=1)
 
 
-@register_pass("sparsegpt", SparseGPTConfig, scope="layer", kind="prune", needs_calibration=True)
+@register_pass("sparsegpt", SparseGPTConfig, scope="layer", kind="prune", needs_calibration=True, data_parallel=True)
 def run_sparsegpt(layer: LayerContext, cfg: SparseGPTConfig) -> dict[str, Any]:
     """SparseGPT: prune with second-order weight reconstruction from calibration inputs (Frantar & Alistarh 2023)."""
     modules = prunable(layer, cfg)
     groups = input_groups(layer, modules)
     # Modules of a group ([q, k, v], [gate, up]) read the very same tensor, so they share one Hessian.
-    hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in groups})
+    hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in groups}, cfg.hessian_torch_dtype)
     target = cfg.sparsity_for(layer)
     return {fqn: prune_module(fqn, modules[fqn], hessians[names[0]], target, cfg, layer.run)
             for names in groups for fqn in names}

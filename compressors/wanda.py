@@ -39,7 +39,7 @@ class WandaConfig(PruneConfig):
     """
 
 
-@register_pass("wanda", WandaConfig, scope="layer", kind="prune", needs_calibration=True)
+@register_pass("wanda", WandaConfig, scope="layer", kind="prune", needs_calibration=True, data_parallel=True)
 def run_wanda(layer: LayerContext, cfg: WandaConfig) -> dict[str, Any]:
     """Wanda: prune by |weight| x input-activation norm per output row (Sun et al. 2023)."""
     modules = prunable(layer, cfg)

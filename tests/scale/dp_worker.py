@@ -17,7 +17,7 @@ def gptq_on_share(model_dir: str, windows: torch.Tensor, out_dir: str) -> dict[s
     from compressors.gptq import GPTQConfig, collect_hessians, run_gptq
 
     handle = load_model(model_dir)
-    run = RunContext(device=handle.device, calibration=shard_windows(windows), calibration_batch_size=2)
+    run = RunContext(device=handle.device, calibration=shard_windows(windows, 2), calibration_batch_size=2)
     inputs = capture_layer_inputs(handle, run)
     ctx = LayerContext(0, f"{handle.layers_prefix}.0", handle.layers[0], inputs, run)
     q_name = next(n for n in ctx.linears() if n.endswith("q_proj"))
