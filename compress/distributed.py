@@ -22,11 +22,14 @@ torch.distributed is not initialised: a single process is world size 1.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from compress.errors import UserError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -87,3 +90,24 @@ def all_reduce_sum(total: torch.Tensor, samples: int) -> int:
     if wide is not total:
         total.copy_(wide)
     return int(count.item())
+
+
+def sum_over_ranks(count: int) -> int:
+    """An integer summed over the ranks (itself when alone): token counts for the report."""
+    if not is_distributed():
+        return count
+    return all_reduce_sum(torch.zeros(0, dtype=torch.float64), count)
+
+
+def from_rank_zero(value: T) -> T:
+    """Rank 0's `value` on every rank (itself when alone).
+
+    For decisions each rank makes from its own data that must nonetheless agree because the ranks' collective
+    calls follow from them: which sublayers share an input is found on a probe batch, and an MoE rank whose
+    probe reached different experts would otherwise call a different sequence of all-reduces and hang.
+    """
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

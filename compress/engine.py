@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, cast
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.checkpoint import LayerState
 from compress.context import RunContext
 from compress.errors import UserError
@@ -327,7 +328,8 @@ def input_groups(ctx: LayerContext, modules: dict[str, nn.Module]) -> list[list[
     finally:
         for handle in handles:
             handle.remove()
-    return [first_seen[key] for key in order]
+    # under torchrun every rank must walk the same groups (their Hessians are all-reduced group by group)
+    return distributed.from_rank_zero([first_seen[key] for key in order])
 
 
 def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:

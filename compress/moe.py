@@ -23,6 +23,8 @@ from typing import Any, Iterator, cast
 import torch
 from torch import nn
 
+from compress import distributed
+
 
 class ExpertMLP(nn.Module):
     """One expert: down(act(gate(x)) * up(x)), as the fused implementation computes it."""
@@ -143,9 +145,11 @@ def expert_report(stats: ExpertStats, *, route_all: bool, calibration_tokens: in
     layers: dict[str, Any] = {}
     flagged: list[dict[str, Any]] = []
     for name, counter in stats.counters.items():
-        routed = [int(c) for c in counter.routed.tolist()] if counter.routed is not None else None
-        if routed is None:  # the layer never ran on calibration data (a data-free pass such as rtn)
+        if counter.routed is None:  # the layer never ran on calibration data (a data-free pass such as rtn)
             continue
+        summed = counter.routed.to(torch.float64)
+        distributed.all_reduce_sum(summed, 0)  # torchrun: every rank's share of the tokens
+        routed = [int(c) for c in summed.tolist()]
         seen = [calibration_tokens] * len(routed) if route_all else routed
         under = [e for e, n in enumerate(seen) if n < min_tokens]
         layers[name] = {"routed_tokens": routed, "calibration_tokens": seen, "under_threshold": under}

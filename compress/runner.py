@@ -121,7 +121,7 @@ def calibration_windows(handle: ModelHandle, recipe: Recipe) -> torch.Tensor | N
 @contextlib.contextmanager
 def _expert_accounting(handle: ModelHandle, recipe: Recipe, run: RunContext) -> Iterator[None]:
     """MoE models: route calibration tokens to all experts when asked; report tokens per expert, flag rare ones."""
-    from compress import moe
+    from compress import distributed, moe
 
     cal = recipe.calibration
     if run.calibration is None or cal is None:
@@ -132,7 +132,7 @@ def _expert_accounting(handle: ModelHandle, recipe: Recipe, run: RunContext) -> 
         yield
     if stats.modules:
         section, flagged = moe.expert_report(
-            stats, route_all=cal.route_all_experts, calibration_tokens=run.calibration.numel(),
+            stats, route_all=cal.route_all_experts, calibration_tokens=distributed.sum_over_ranks(run.calibration.numel()),
             top_k=getattr(handle.model.config, "num_experts_per_tok", None), min_tokens=cal.min_expert_tokens)
         run.report_sections["experts"] = section
         run.fallbacks.extend(flagged)

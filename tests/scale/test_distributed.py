@@ -3,6 +3,8 @@ same quantized weights as one process with all of them, bit for bit, in every la
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -23,15 +25,44 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_two_gloo_processes_match_one(tiny_llama, tmp_path, one_thread):
-    windows = torch.randint(2, 300, (8, 24), generator=torch.Generator().manual_seed(3))
-    single = gptq_on_share(str(tiny_llama), windows, str(tmp_path))
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
 
-    mp.spawn(worker, args=(2, str(tiny_llama), windows, str(tmp_path)), nprocs=2, join=True)
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    from tests.scale.test_moe import moe_config
+    from tests.tiny_models import save_tokenizer
+
+    folder = tmp_path_factory.mktemp("mixtral")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config("mixtral")).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+def spawn_two(model_dir, windows, out_dir, deadline_s: float = 300.0) -> list[dict[str, torch.Tensor]]:
+    """Run the two gloo ranks; a hang (ranks calling different collectives) fails the test instead of blocking it."""
+    context = mp.spawn(worker, args=(2, str(model_dir), windows, str(out_dir)), nprocs=2, join=False)
+    start = time.monotonic()
+    while not context.join(timeout=5):
+        if time.monotonic() - start > deadline_s:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two ranks did not finish within {deadline_s:.0f} s (mismatched collectives?)")
+    return [load_file(str(out_dir / f"rank{r}.safetensors")) for r in range(2)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_two_gloo_processes_match_one(family, tiny_llama, tiny_mixtral, tmp_path, one_thread):
+    """Mixtral without route_all_experts: each rank's probe batch reaches different experts, and its experts see
+    different token counts, yet the ranks walk the same sublayer groups and sum the same Hessians."""
+    model_dir = tiny_llama if family == "llama" else tiny_mixtral
+    # Mixtral: 3-token windows, so a probe row routes 6 tokens among 8 experts and misses some, differently per rank
+    windows = torch.randint(2, 300, (8, 24 if family == "llama" else 3), generator=torch.Generator().manual_seed(3))
+    single = gptq_on_share(str(model_dir), windows, str(tmp_path))
+    ranks = spawn_two(model_dir, windows, tmp_path)
 
     code_keys = [k for k in single if k.startswith("codes/")]
-    assert len(code_keys) == 2 * 7
+    assert len(code_keys) == 2 * (7 if family == "llama" else 4 + 8 * 3)
     for got in ranks:
         assert int(got["samples"]) == int(single["samples"]) == 8  # counts were summed, not averaged
         # float64 sums of the same per-batch products: the split cannot change a bit (compressors/hessian.py)
