@@ -481,6 +481,10 @@ class _Checker:
         return steps
 
     def check_lazy(self, top: RecipeFile, steps: list[PassStep]) -> None:
+        if top.lazy and top.export is not None:
+            self.add(("export",), "`lazy: true` writes each compressed layer straight to <output>/model (weights "
+                     "dequantized, in the checkpoint's dtype) and keeps no codes for a packed export; drop `export:` "
+                     "or run without lazy loading")
         for step in steps:
             if top.lazy and step.definition.scope == "model":
                 self.add(("passes", step.index, step.name), f"'{step.name}' needs the whole model in memory, "

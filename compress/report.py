@@ -6,6 +6,7 @@ import hashlib
 import platform
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,26 @@ def weights_digest(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def shards_digest(files: list[Path]) -> str:
+    """`weights_digest` of a model written to safetensors shards (a lazy run's output), one tensor in memory at a time.
+
+    Tensors are taken in name order, so the digest does not depend on how they were spread over the shards.
+    """
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            where.update({name: file for name in handle.keys()})
+    digest = hashlib.sha256()
+    for name in sorted(where):
+        with safe_open(str(where[name]), framework="pt", device="cpu") as handle:
+            tensor = handle.get_tensor(name)
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -28,6 +28,7 @@ from compress.report import (
     peak_memory,
     render_markdown,
     summarize_modules,
+    shards_digest,
     versions,
     weights_digest,
 )
@@ -241,9 +242,11 @@ def run_recipe(
         passes_cuda_peak = torch.cuda.max_memory_allocated(handle.device) if handle.device.type == "cuda" else None
         timings["propagation"] = propagation
 
+        lazy_model_dir: Path | None = None
         if handle.lazy is not None:
             t = time.perf_counter()
-            handle.lazy.finish(handle)  # the layers are written already; this adds embeddings, config and index
+            index = handle.lazy.finish(handle)  # the layers are written already; this adds embeddings, config and index
+            lazy_model_dir = index.parent if index is not None else None
             timings["save"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -272,7 +275,9 @@ def run_recipe(
             "passes": passes,
             "metrics": merge_metrics(baseline, compressed),
             "size": model_size(handle.model, run.quantized, handle.checkpoint_dtype),
-            "weights_sha256": weights_digest(handle.model),
+            # a lazy model is on `meta` by now: digest what was written, one tensor at a time
+            "weights_sha256": (weights_digest(handle.model) if lazy_model_dir is None
+                               else shards_digest(sorted(lazy_model_dir.glob("*.safetensors")))),
             **run.report_sections,
             "activation_quantization": run.activation_quant,
             "fallbacks": run.fallbacks,
@@ -282,9 +287,10 @@ def run_recipe(
             "versions": versions(),
             "output": str(output.resolve()),
         }
-        export = save_run_outputs(handle, run, recipe.export, report, staging, output)
-        if export is not None:
-            report["export"] = export
+        if handle.lazy is None:  # a lazy run's layers are in <output>/model already and its codes were not kept
+            export = save_run_outputs(handle, run, recipe.export, report, staging, output)
+            if export is not None:
+                report["export"] = export
         for name, text in run.run_files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_text(text, encoding="utf-8")
