@@ -21,7 +21,7 @@ import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch import nn
@@ -81,6 +81,8 @@ class LazyWeights:
         self.save_dtype = save_dtype
         self.writer = writer
         self.loaded_bytes_peak = 0  # largest set of tensors materialised at once (for the report)
+        # called with (index, prefix, layer) for each finished layer before it is freed: a streaming export
+        self.on_layer_written: Callable[[int, str, nn.Module], None] | None = None
 
     # --- reading and freeing ---------------------------------------------------------------------
 
@@ -142,6 +144,8 @@ class LazyWeights:
             tensors = {f"{prefix}.{name}": p.data.to(self.save_dtype) for name, p in layer.named_parameters()}
             path = self.writer.write(f"model-layer-{index:05d}.safetensors", tensors)
             self.source.update({name: path for name in tensors})
+            if self.on_layer_written is not None:
+                self.on_layer_written(index, prefix, layer)
         self.free(layer)
 
     # --- everything outside the decoder layers -----------------------------------------------------
@@ -181,6 +185,14 @@ class LazyWeights:
                 hook.remove()
             for layer in handle.layers:  # an exception mid-forward may leave one layer loaded
                 self.free(layer)
+
+    def outside_tensors(self, handle: ModelHandle) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors outside the decoder layers, one at a time in their stored dtype; tied ones once, by the
+        name the model lists first (as `unique_state_dict` keeps them)."""
+        for group in _tied_groups(handle.model, skip_prefix=handle.layers_prefix):
+            stored = next((name for name in group if name in self.source), None)
+            if stored is not None:
+                yield group[0], self.read([stored], torch.device("cpu"), convert=False)[stored]
 
     def finish(self, handle: ModelHandle) -> Path | None:
         """Write the tensors outside the layers, the config and the tokenizer, then the index: a loadable folder."""

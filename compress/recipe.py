@@ -481,10 +481,10 @@ class _Checker:
         return steps
 
     def check_lazy(self, top: RecipeFile, steps: list[PassStep]) -> None:
-        if top.lazy and top.export is not None:
-            self.add(("export",), "`lazy: true` writes each compressed layer straight to <output>/model (weights "
-                     "dequantized, in the checkpoint's dtype) and keeps no codes for a packed export; drop `export:` "
-                     "or run without lazy loading")
+        if top.lazy and top.export is not None and top.export.format != "compressed-tensors":
+            self.add(("export", "format"), f"`lazy: true` packs each layer as it finishes, which is written for "
+                     f"compressed-tensors only (got {top.export.format!r}); <output>/model holds the dequantized "
+                     "weights in any case")
         for step in steps:
             if top.lazy and step.definition.scope == "model":
                 self.add(("passes", step.index, step.name), f"'{step.name}' needs the whole model in memory, "

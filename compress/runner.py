@@ -16,7 +16,8 @@ from compress.context import RunContext
 from compress.data import sample_windows, tokenize_text, load_text
 from compress.engine import SweepStep, run_sweep
 from compress.errors import UserError
-from compress.export import save_run_outputs
+from compress.export import finish_streamed_export, save_run_outputs
+from compress.export.streaming import StreamingCompressedTensors
 from compress.model_io import ModelHandle, load_model
 from compress.output import atomic_output, check_output_target, preflight_output
 from compress.progress import SILENT, Reporter
@@ -152,6 +153,22 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+def _streaming_export(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: Path,
+                      scope: contextlib.ExitStack) -> StreamingCompressedTensors | None:
+    """A lazy run with `export:` packs each layer as it finishes (compress/export/streaming.py); the export folder
+    appears, like the run folder, only when the whole run succeeds."""
+    if handle.lazy is None or recipe.export is None:
+        return None
+    from compress.model_io import DTYPES
+
+    target = Path(recipe.export.path) if recipe.export.path else staging / f"export-{recipe.export.format}"
+    folder = scope.enter_context(atomic_output(target))
+    dtype = handle.checkpoint_dtype if recipe.export.dtype == "auto" else DTYPES[recipe.export.dtype]
+    streaming = StreamingCompressedTensors(folder, dtype, run)
+    handle.lazy.on_layer_written = streaming.write_layer
+    return streaming
+
+
 def _check_data_parallel(recipe: Recipe) -> None:
     """Under torchrun every rank calibrates on its own share of the windows; only some passes sum across ranks."""
     alone = [step.label for step in recipe.passes if step.definition.needs_calibration and not step.definition.data_parallel]
@@ -208,7 +225,7 @@ def run_recipe(
     seed = recipe.calibration.seed if recipe.calibration is not None else 0
     torch.manual_seed(seed)  # passes that draw random numbers repeat exactly, which --resume relies on
     with _checkpoint_lifetime(checkpointer), atomic_output(output, overwrite=overwrite) as staging, \
-            _log_to(staging / "run.log"):
+            _log_to(staging / "run.log"), contextlib.ExitStack() as export_scope:
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         t = time.perf_counter()
         with reporter.status(f"loading {recipe.model}"):
@@ -229,6 +246,8 @@ def run_recipe(
             run.calibration = distributed.shard_windows(run.calibration, run.calibration_batch_size)
         timings["load"] = time.perf_counter() - t
 
+        streaming = _streaming_export(handle, recipe, run, staging, export_scope)
+
         t = time.perf_counter()
         baseline = evaluate_all(handle, recipe.evaluations, run)
         timings["baseline_eval"] = time.perf_counter() - t
@@ -243,10 +262,13 @@ def run_recipe(
         timings["propagation"] = propagation
 
         lazy_model_dir: Path | None = None
+        streaming_details: dict[str, Any] = {}
         if handle.lazy is not None:
             t = time.perf_counter()
             index = handle.lazy.finish(handle)  # the layers are written already; this adds embeddings, config and index
             lazy_model_dir = index.parent if index is not None else None
+            if streaming is not None:
+                streaming_details = streaming.finish(handle, handle.lazy.outside_tensors(handle))
             timings["save"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -289,8 +311,11 @@ def run_recipe(
         }
         if handle.lazy is None:  # a lazy run's layers are in <output>/model already and its codes were not kept
             export = save_run_outputs(handle, run, recipe.export, report, staging, output)
-            if export is not None:
-                report["export"] = export
+        else:
+            export = (finish_streamed_export(streaming.writer.folder, recipe.export, report, streaming_details, output)
+                      if streaming is not None and recipe.export is not None else None)
+        if export is not None:
+            report["export"] = export
         for name, text in run.run_files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_text(text, encoding="utf-8")

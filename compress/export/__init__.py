@@ -85,12 +85,29 @@ def save_run_outputs(handle: Any, run: Any, export: ExportConfig | None, report:
     return summary
 
 
+def finish_streamed_export(folder: Path, export: ExportConfig, report: dict[str, Any], details: dict[str, Any],
+                           output: Path) -> dict[str, Any]:
+    """Model card and summary for a checkpoint a lazy run wrote layer by layer into `folder` (still staging)."""
+    from compress.export.card import model_card
+
+    target = Path(export.path) if export.path else output / f"export-{export.format}"
+    (folder / "README.md").write_text(model_card(export.format, str(target), report, details), encoding="utf-8")
+    (folder / "compress_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return {"format": export.format, "path": str(target.resolve()), "bytes": sum(p.stat().st_size for p in files),
+            "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"), **details}
+
+
 def export_run(run_dir: Path, fmt: str, target: Path, *, dtype: str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """`compress export RUN_DIR`: write a checkpoint from the state a finished run kept."""
     state = run_dir / STATE_DIR
+    report_path = run_dir / "report.json"
+    if not state.is_dir() and report_path.is_file() and json.loads(report_path.read_text(encoding="utf-8")).get(
+            "recipe", {}).get("lazy"):
+        raise UserError(f"{run_dir} is a `lazy: true` run: it keeps no codes to export afterwards; add "
+                        "`export: {format: compressed-tensors}` to the recipe, which packs each layer as it finishes")
     if not state.is_dir():
         raise UserError(f"{run_dir} has no {STATE_DIR}/ folder: export works on a finished `compress run` output "
                         "folder (runs keep their compressed state there)")
-    report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
     return export_checkpoint(load_state(state), fmt, target, dtype=dtype, report=report, overwrite=overwrite)

@@ -78,8 +78,11 @@ def build_scheme(record: QuantizedWeight, activations: dict[str, Any] | None, ta
                               format=_module_format(record, activations))
 
 
-def quantization_config(compressed: CompressedModel) -> dict[str, Any]:
-    """`quantization_config` for config.json, built with compressed-tensors' own QuantizationConfig."""
+def quantization_config(compressed: CompressedModel, sparsity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`quantization_config` for config.json, built with compressed-tensors' own QuantizationConfig.
+
+    Needs only the records' specs, not their codes; `sparsity` replaces the config computed from the masks.
+    """
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -101,7 +104,7 @@ def quantization_config(compressed: CompressedModel) -> dict[str, Any]:
     return {
         "version": compressed_tensors.__version__,  # the usual reason a runtime refuses a checkpoint is version skew
         "quant_method": "compressed-tensors",
-        "sparsity_config": sparsity_config(compressed.masks),
+        "sparsity_config": sparsity_config(compressed.masks) if sparsity is None else sparsity,
         "transform_config": {},
         **config.model_dump(exclude={"quant_method"}, mode="json"),
     }
@@ -115,35 +118,56 @@ def is_n_m(mask: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return bool((mask.reshape(rows, columns // m, m).sum(dim=-1) <= n).all())
 
 
+def mask_summary(mask: torch.Tensor) -> tuple[int, int, bool]:
+    """What the sparsity config needs from one mask: weights kept, weights in all, and whether it is 2:4."""
+    return int(mask.sum()), mask.numel(), is_n_m(mask)
+
+
 def sparsity_config(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    if not masks:
+    return sparsity_config_of({fqn: mask_summary(mask) for fqn, mask in masks.items()})
+
+
+def sparsity_config_of(summaries: dict[str, tuple[int, int, bool]]) -> dict[str, Any]:
+    """The `sparsity_config` from per-module `mask_summary`s (a lazy export keeps only those, not the masks)."""
+    if not summaries:
         return {}
-    kept = sum(int(mask.sum()) for mask in masks.values())
-    total = sum(mask.numel() for mask in masks.values())
-    structure = "2:4" if all(is_n_m(mask) for mask in masks.values()) else "unstructured"
+    kept = sum(s[0] for s in summaries.values())
+    total = sum(s[1] for s in summaries.values())
+    structure = "2:4" if all(s[2] for s in summaries.values()) else "unstructured"
     return {
         "format": "dense",  # weights stay in the quantized layout; the metadata tells kernels what they may skip
         "sparsity_structure": structure,
         "global_sparsity": round(1 - kept / total, 6),
-        "targets": sorted(masks),
+        "targets": sorted(summaries),
         "ignore": [],
         "registry_requires_subclass": False,
     }
+
+
+def module_tensors(fqn: str, module: nn.Module, record: QuantizedWeight, dtype: torch.dtype,
+                   activations: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The stored tensors that replace `fqn.weight`, by full name."""
+    if not isinstance(module, nn.Linear):
+        raise UserError(f"{fqn} is not an nn.Linear (GPT-2's Conv1D?); compressed-tensors packs Linear weights "
+                        "only: export with --format dense")
+    packed = pack_weight(record, dtype, _module_format(record, activations))
+    return {f"{fqn}.{name}": tensor for name, tensor in packed.items()}
 
 
 def write_compressed_tensors(compressed: CompressedModel, folder: Path, dtype_name: str) -> dict[str, Any]:
     dtype = export_dtype(dtype_name, compressed)
     tensors = plain_tensors(compressed, dtype, skip_weights_of=set(compressed.quantized))
     for fqn, record in compressed.quantized.items():
-        if not isinstance(compressed.model.get_submodule(fqn), nn.Linear):
-            raise UserError(f"{fqn} is not an nn.Linear (GPT-2's Conv1D?); compressed-tensors packs Linear weights "
-                            "only: export with --format dense")
-        fmt = _module_format(record, compressed.activation_quant.get(fqn))
-        for name, tensor in pack_weight(record, dtype, fmt).items():
-            tensors[f"{fqn}.{name}"] = tensor
+        tensors.update(module_tensors(fqn, compressed.model.get_submodule(fqn), record, dtype,
+                                      compressed.activation_quant.get(fqn)))
     config = quantization_config(compressed)
     write_weights(tensors, folder)
     write_config(compressed, folder, dtype, {"quantization_config": config})
+    return config_details(config)
+
+
+def config_details(config: dict[str, Any]) -> dict[str, Any]:
+    """The export summary the report and model card show."""
     return {"compressed_tensors_version": config["version"], "format": config["format"],
             "config_groups": len(config["config_groups"]),
             "sparsity_structure": config["sparsity_config"].get("sparsity_structure")}

@@ -100,42 +100,61 @@ def test_recipe_keys_for_scale():
     assert not parse_recipe("model: org/model\npasses: [rtn]\n").lazy
 
 
-def test_compress_run_lazy_end_to_end(sharded, text_file, tmp_path):
-    """The whole `compress run` on a lazy model: passes, streamed evaluation, report, and a loadable folder."""
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_compress_run_lazy_end_to_end(sharded, text_file, tmp_path, prune):
+    """The whole `compress run` on a lazy model: passes, streamed evaluation, report, a loadable folder, and a
+    compressed-tensors export packed layer by layer that equals the eager run's export tensor for tensor."""
     import json
 
-    from safetensors.torch import load_file
     from typer.testing import CliRunner
 
     from cli.main import app
     from compress.report import shards_digest
 
+    passes = ("  - sparsegpt: {pattern: \"2:4\"}\n" if prune else "") + "  - gptq: {bits: 3, group_size: 32}\n"
     recipe = tmp_path / "lazy.yaml"
-    recipe.write_text(
-        f"model: {sharded}\nlazy: true\n"
-        f"calibration: {{dataset: {text_file}, samples: 4, seq_len: 24, batch_size: 2}}\n"
-        "passes:\n  - gptq: {bits: 3, group_size: 32}\n"
-        f"evaluate:\n  perplexity:\n    - {{dataset: {text_file}, seq_len: 32, max_windows: 4}}\n", encoding="utf-8")
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "ok" and report["passes"][0]["summary"]["modules"] == 3 * 7
-    # the same recipe on the eagerly loaded model scores the same, before and after compression
-    recipe.write_text(recipe.read_text().replace("lazy: true", "lazy: false"), encoding="utf-8")
-    assert CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "eager"), "--quiet"]).exit_code == 0
-    eager = json.loads((tmp_path / "eager" / "report.json").read_text())
-    for key in ("baseline", "compressed"):
+    runs = {}
+    for lazy in (True, False):
+        recipe.write_text(
+            f"model: {sharded}\nlazy: {str(lazy).lower()}\n"
+            f"calibration: {{dataset: {text_file}, samples: 4, seq_len: 24, batch_size: 2}}\n"
+            f"passes:\n{passes}"
+            f"evaluate:\n  perplexity:\n    - {{dataset: {text_file}, seq_len: 32, max_windows: 4}}\n"
+            "export: {format: compressed-tensors}\n", encoding="utf-8")
+        out = tmp_path / ("lazy" if lazy else "eager")
+        result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        runs[lazy] = (out, json.loads((out / "report.json").read_text()))
+
+    (out, report), (eager_out, eager) = runs[True], runs[False]
+    assert report["status"] == "ok" and report["passes"][-1]["summary"]["modules"] == 3 * 7
+    for key in ("baseline", "compressed"):  # streamed evaluation scores what the eager model scores
         lazy_ppl, eager_ppl = (next(iter(r["metrics"]["perplexity"].values()))[key] for r in (report, eager))
         assert lazy_ppl == pytest.approx(eager_ppl, rel=1e-4), key
-    shards = sorted((out / "model").glob("*.safetensors"))
-    assert report["weights_sha256"] == shards_digest(shards)
-    # the digest covers every tensor, whichever shard holds it
-    merged = {k: v for f in shards for k, v in load_file(str(f)).items()}
-    assert len(merged) == len(load_file(str(shards[0]))) * 3 + 3  # 3 layers + embed, norm, lm_head
+    assert report["weights_sha256"] == shards_digest(sorted((out / "model").glob("*.safetensors")))
 
-    # no packed export from a lazy run (its codes were never kept): the recipe says so up front
-    recipe.write_text(recipe.read_text().replace("lazy: false", "lazy: true") + "export: {format: compressed-tensors}\n",
-                      encoding="utf-8")
-    refused = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "again")])
-    assert refused.exit_code == 2 and "lazy.yaml:" in refused.output and "export" in refused.output
+    streamed, whole = _tensors(out / "export-compressed-tensors"), _tensors(eager_out / "export-compressed-tensors")
+    assert set(streamed) == set(whole) and any(k.endswith("weight_packed") for k in whole)
+    for name, tensor in whole.items():
+        assert torch.equal(streamed[name], tensor), name
+    configs = [json.loads((o / "export-compressed-tensors" / "config.json").read_text())["quantization_config"]
+               for o in (out, eager_out)]
+    assert configs[0] == configs[1]
+    assert (configs[0]["sparsity_config"] or {}).get("sparsity_structure") == ("2:4" if prune else None)
+    # afterwards there is nothing to export from (no codes were kept), and the error says what to do instead
+    again = CliRunner().invoke(app, ["export", str(out), "--format", "gptq", "--output", str(tmp_path / "gptq")])
+    assert again.exit_code == 2 and "lazy: true" in again.output and "export: {format: compressed-tensors}" in again.output
+
+
+def test_lazy_export_formats_other_than_compressed_tensors_are_refused(sharded, tmp_path):
+    from compress.errors import RecipeError
+    from compress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=r"<recipe>:3 export\.format: .*compressed-tensors only"):
+        parse_recipe(f"model: {sharded}\nlazy: true\nexport: {{format: gptq}}\npasses: [rtn]\n")
