@@ -1,7 +1,7 @@
 # make demo   set up .venv if needed, then compress the shipped demo model offline and print the report path
 # make test   set up .venv if needed, then run the test suite (what CI runs)
 # make bench  benchmarks against the peer (llm-compressor); not part of make test
-# make sweep  a 2 x 2 sweep of RTN variants of the demo model (SWEEP=file, SWEEP_FLAGS='--backend ray')
+# make sweep  a 2 x 2 sweep of RTN variants of the demo model (SWEEP=file, SWEEP_FLAGS='--parallel 2', '--backend ray', '--dry-run')
 #
 # On a GPU box, keep your CUDA torch: `make test VENV=/path/to/env-with-torch` (torch is installed only
 # if missing), or `make test VENV_FLAGS=--system-site-packages` to see a system-wide torch.

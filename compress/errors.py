@@ -43,13 +43,13 @@ MAX_LISTED = 20
 
 
 class RecipeError(UserError):
-    """All problems found in one recipe, reported together."""
+    """All problems found in one recipe (or sweep file: `kind`), reported together."""
 
-    def __init__(self, filename: str, issues: list[RecipeIssue]):
+    def __init__(self, filename: str, issues: list[RecipeIssue], *, kind: str = "recipe"):
         self.filename = filename
         self.issues = issues
         lines = [issue.render(filename) for issue in issues[:MAX_LISTED]]
         if len(issues) > MAX_LISTED:  # one screenful; the first problems usually explain the rest
             lines.append(f"... and {len(issues) - MAX_LISTED} more")
         noun = "problem" if len(issues) == 1 else "problems"
-        super().__init__(f"{len(issues)} {noun} in recipe:\n  " + "\n  ".join(lines))
+        super().__init__(f"{len(issues)} {noun} in {kind}:\n  " + "\n  ".join(lines))

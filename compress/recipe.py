@@ -150,7 +150,7 @@ def parse_recipe(
     model: str | None = None,
 ) -> Recipe:
     try:
-        data, root = _load_yaml(text)
+        data, root = load_yaml_with_marks(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -187,7 +187,7 @@ MAX_VALUES = 100_000  # a real recipe has a few hundred; YAML aliases can make a
 MAX_DEPTH = 64
 
 
-def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+def load_yaml_with_marks(text: str) -> tuple[Any, yaml.Node | None]:
     """The data (safe types only) and the node tree with line marks, from one parse."""
     loader = yaml.SafeLoader(text)
     try:
@@ -231,7 +231,7 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _split_key_path(key_path: str) -> list[str | int]:
+def split_key_path(key_path: str) -> list[str | int]:
     """'passes[0].rtn.bits' or 'passes.0.rtn.bits' -> ['passes', 0, 'rtn', 'bits']."""
     parts: list[str | int] = []
     for token in re.sub(r"\[(\d+)\]", r".\1", key_path).split("."):
@@ -246,7 +246,7 @@ def _apply_override(data: dict[str, Any], assignment: str) -> Loc:
     if "=" not in assignment:
         raise UserError(f"--set expects key.path=value, got {assignment!r}")
     key_path, raw_value = assignment.split("=", 1)
-    parts = _split_key_path(key_path.strip())
+    parts = split_key_path(key_path.strip())
     try:
         value = yaml.safe_load(raw_value)
     except yaml.YAMLError:
@@ -287,7 +287,7 @@ def format_loc(loc: Loc) -> str:
     return out
 
 
-def _line_of(root: yaml.Node | None, loc: Loc) -> int | None:
+def line_of(root: yaml.Node | None, loc: Loc) -> int | None:
     """1-based line of the deepest YAML node along `loc` (the key's line for a mapping key)."""
     if root is None:
         return None
@@ -329,7 +329,7 @@ def _unwrap_model(annotation: Any) -> Any:
     return None
 
 
-def _describe_pydantic_error(error: Mapping[str, Any], model: type[BaseModel], loc: Loc) -> str:
+def describe_pydantic_error(error: Mapping[str, Any], model: type[BaseModel], loc: Loc) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
@@ -356,7 +356,7 @@ class _Checker:
 
     def add(self, loc: Loc, message: str) -> None:
         from_override = any(loc[: len(o)] == o for o in self.overridden)
-        line = None if from_override else _line_of(self.root, loc)
+        line = None if from_override else line_of(self.root, loc)
         self.issues.append(RecipeIssue(format_loc(loc), message, line))
 
     def validate(self, model: type[StrictConfig], data: Any, loc: Loc) -> StrictConfig | None:
@@ -365,7 +365,7 @@ class _Checker:
         except ValidationError as exc:
             for error in exc.errors():
                 error_loc = loc + tuple(error["loc"])
-                self.add(error_loc, _describe_pydantic_error(error, model, tuple(error["loc"])))
+                self.add(error_loc, describe_pydantic_error(error, model, tuple(error["loc"])))
             return None
 
     def check(self, data: dict[str, Any]) -> Recipe | None:

@@ -11,31 +11,46 @@
     resources: {cpus: 1, gpus: 0}       # per trial: the Ray request and the SLURM array task's request
     slurm: {partition: gpu, time: "04:00:00", setup: ["module load cuda"]}
 
-Layout: `<output>/trials/<id>/` is each trial's run folder (report.json appears only when it finished, so a
-re-launched sweep skips exactly the finished trials), `<output>/logs/<id>.log` the SLURM logs, and
-`<output>/compare.{md,json}` plus `pareto.png` the comparison written when the trials are done.
+Layout: `<output>/trials/<id>/` is each trial's run folder. It appears only when the trial finished (the runner
+builds it in a hidden sibling and renames it), and its report.json records the recipe that ran, so a
+re-launched sweep skips exactly the trials that finished with the recipe they would run now; a trial killed
+half-way resumes from its layer checkpoints. `<output>/logs/tNNN.log` holds the log of trial NNN when it ran
+in a process of its own (local with parallel > 1, SLURM), and `<output>/compare.{md,json}` plus `pareto.png`
+the comparison written when the trials are done (compress/sweep_compare.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
 import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import Field, ValidationError
 
+from compress.checkpoint import MANIFEST, checkpoint_dir_for, recipe_fingerprint
 from compress.errors import RecipeError, RecipeIssue, UserError
+from compress.recipe import describe_pydantic_error, format_loc, line_of, load_yaml_with_marks, split_key_path
 from compress.registry import StrictConfig
 
 Backend = Literal["local", "ray", "slurm"]
+TrialState = Literal["finished", "stale", "pending"]
+Status = dict[str, Any]  # one trial's outcome in this launch: {id, index, status: ok|failed|skipped, seconds, error, log}
+OnResult = Callable[[Status], None]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `cli` and `compress` packages that trial processes import
 
 
 class Resources(StrictConfig):
@@ -85,12 +100,28 @@ class Sweep:
     config: SweepFile
     output: Path
     trials: tuple[Trial, ...]
+    fingerprints: tuple[str, ...]  # per trial: fingerprint of its resolved recipe, what a finished run must match
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.output / "trials" / trial.id
 
+    def log_path(self, trial: Trial) -> Path:
+        # the index, not the id: SLURM names its logs from the array index (`t%3a.log` is `t007.log`)
+        return self.output / "logs" / f"t{trial.index:03d}.log"
+
+    def state(self, trial: Trial) -> TrialState:
+        """`finished` only when the run folder's report records the recipe this trial would run now."""
+        report = self.trial_dir(trial) / "report.json"
+        if not report.is_file():
+            return "pending"
+        try:
+            ran = json.loads(report.read_text(encoding="utf-8"))["recipe"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "stale"
+        return "finished" if recipe_fingerprint(ran) == self.fingerprints[trial.index] else "stale"
+
     def finished(self, trial: Trial) -> bool:
-        return (self.trial_dir(trial) / "report.json").is_file()
+        return self.state(trial) == "finished"
 
 
 def _slug(text: str) -> str:
@@ -118,114 +149,334 @@ def expand_trials(config: SweepFile, base_dir: Path) -> list[Trial]:
     return trials
 
 
-def load_sweep(path: Path, *, output: Path | None = None) -> Sweep:
-    """Read and validate a sweep file, and every trial's recipe, before anything runs."""
-    from compress.recipe import load_recipe
-    from recipes import resolve_recipe_path
+# ---------------------------------------------------------------------------------------------------
+# Loading: every problem is reported against the sweep file's own lines, before anything runs
 
-    if not path.is_file():
-        raise UserError(f"sweep file not found: {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+def _issue(root: yaml.Node | None, loc: tuple[str | int, ...], message: str) -> RecipeIssue:
+    # line 1 when the key is absent (or the file empty): the problem is with the file as a whole
+    return RecipeIssue(format_loc(loc), message, line_of(root, loc) or 1)
+
+
+def _read_sweep_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    try:
+        data, root = load_yaml_with_marks(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(str(path), [RecipeIssue("", f"not valid YAML: {problem}", mark.line + 1 if mark else 1)],
+                          kind="sweep file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [RecipeIssue("", f"expected a mapping at the top level, got {type(data).__name__}", 1)],
+                          kind="sweep file")
+    return data, root
+
+
+def _validate_sweep_file(path: Path, data: dict[str, Any], root: yaml.Node | None) -> SweepFile:
+    """The sweep file's own schema; every problem at once, each at its line."""
+    grid = data.get("grid")
+    issues = [_issue(root, ("grid", key), "needs at least one value, e.g. [3, 4]")
+              for key, values in (grid.items() if isinstance(grid, dict) else []) if isinstance(values, list) and not values]
+    config = None
     try:
         config = SweepFile.model_validate(data)
     except ValidationError as exc:
-        issues = [RecipeIssue(".".join(str(p) for p in e["loc"]), e["msg"], None) for e in exc.errors()]
-        raise RecipeError(str(path), issues) from None
-    if any(not values for values in config.grid.values()):
-        raise UserError(f"{path}: every grid key needs at least one value")
-    recipe_ref = config.recipe if not Path(config.recipe).suffix else str((path.parent / config.recipe))
-    recipe = resolve_recipe_path(recipe_ref)
-    trials = expand_trials(config, path.parent)
-    for trial in trials:  # a typo in the grid fails now, not in trial 37 on the cluster
-        load_recipe(recipe, overrides=list(trial.overrides), model=trial.model)
-    target = output or (path.parent / config.output if config.output else Path("compress-out") / f"sweep-{path.stem}")
-    return Sweep(path.resolve(), Path(recipe).resolve(), config, target.resolve(), tuple(trials))
+        issues += [_issue(root, tuple(e["loc"]), describe_pydantic_error(e, SweepFile, tuple(e["loc"])))
+                   for e in exc.errors()]
+    if config is not None and not config.grid and not config.models:  # (a misspelled `grid:` is reported as such)
+        issues.append(_issue(root, ("grid",), "nothing to sweep: give `grid:` keys with lists of values, or `models:`"))
+    if issues or config is None:
+        raise RecipeError(str(path), sorted(issues, key=lambda issue: issue.line or 0), kind="sweep file")
+    return config
 
 
-# ---------------------------------------------------------------------------------------------------
-# Running one trial (the same function for every backend)
+def _base_recipe(path: Path, config: SweepFile, root: yaml.Node | None) -> Path:
+    from recipes import resolve_recipe_path
 
-
-def run_trial(sweep_file: str, output: str, index: int) -> dict[str, Any]:
-    """Run trial `index` of a sweep in this process; returns {id, status, seconds[, error]}. Never raises."""
-    sweep = load_sweep(Path(sweep_file), output=Path(output))
-    trial = sweep.trials[index]
-    if sweep.finished(trial):
-        return {"id": trial.id, "status": "skipped"}
-    from compress.recipe import load_recipe
-    from compress.runner import run_recipe
-
-    start = time.perf_counter()
+    ref = config.recipe if not Path(config.recipe).suffix else str(path.parent / config.recipe)
     try:
-        recipe = load_recipe(sweep.recipe, overrides=list(trial.overrides), model=trial.model)
-        run_recipe(recipe, sweep.trial_dir(trial), overwrite=True)
-        return {"id": trial.id, "status": "ok", "seconds": round(time.perf_counter() - start, 2)}
-    except Exception as exc:  # one failed trial must not stop the others; it is reported in compare
-        return {"id": trial.id, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=5), "seconds": round(time.perf_counter() - start, 2)}
+        return resolve_recipe_path(ref)
+    except UserError as exc:
+        raise RecipeError(str(path), [_issue(root, ("recipe",), str(exc))], kind="sweep file") from None
+
+
+def _sweep_issue(root: yaml.Node | None, issue: RecipeIssue, config: SweepFile, trial: Trial) -> RecipeIssue:
+    """A problem of one trial's recipe that came from the sweep, placed at its grid key or `models` entry."""
+    if issue.path == "model" and config.models:
+        per_model = math.prod(len(values) for values in config.grid.values())
+        return _issue(root, ("models", trial.index // per_model), issue.message)
+    for key in sorted(config.grid, key=len, reverse=True):
+        try:
+            prefix = format_loc(tuple(split_key_path(key.strip())))
+        except UserError:
+            continue
+        if issue.path == prefix:
+            return _issue(root, ("grid", key), issue.message)
+        if issue.path.startswith((prefix + ".", prefix + "[")):
+            return _issue(root, ("grid", key), f"{issue.path}: {issue.message}")
+    return _issue(root, ("grid",), f"{issue.path}: {issue.message}")
+
+
+def _override_error_loc(message: str, config: SweepFile) -> tuple[tuple[str | int, ...], str]:
+    """A `--set` that cannot be applied names its key ("--set KEY: index 5 is out of range"); point at that key."""
+    for key in config.grid:
+        prefix = f"--set {key.strip()}: "
+        if message.startswith(prefix):
+            return ("grid", key), message[len(prefix):]
+        if repr(key.strip()) in message:
+            return ("grid", key), message
+    return ("grid",), message
+
+
+def _check_trial_recipes(path: Path, root: yaml.Node | None, config: SweepFile, recipe: Path,
+                         trials: list[Trial]) -> tuple[str, ...]:
+    """Load every trial's recipe (a typo in the grid fails now, not in trial 37 on the cluster); their fingerprints."""
+    from compress.recipe import load_recipe
+
+    issues: dict[tuple[str, str], RecipeIssue] = {}  # the same bad key fails every trial; list it once
+    fingerprints: list[str] = []
+    for trial in trials:
+        try:
+            resolved = load_recipe(recipe, overrides=list(trial.overrides), model=trial.model)
+        except RecipeError as exc:
+            if any(issue.line is not None for issue in exc.issues):
+                raise  # the base recipe itself is wrong; its error names the recipe file and line
+            for issue in exc.issues:  # line None: the value came from the sweep (a grid key or a model)
+                found = _sweep_issue(root, issue, config, trial)
+                issues.setdefault((found.path, found.message), found)
+            continue
+        except UserError as exc:
+            loc, message = _override_error_loc(str(exc), config)
+            found = _issue(root, loc, message)
+            issues.setdefault((found.path, found.message), found)
+            continue
+        fingerprints.append(recipe_fingerprint(resolved.to_dict()))
+    if issues:
+        raise RecipeError(str(path), list(issues.values()), kind="sweep file")
+    return tuple(fingerprints)
+
+
+def load_sweep(path: Path, *, output: Path | None = None) -> Sweep:
+    """Read and validate a sweep file, and every trial's recipe, before anything runs.
+
+    Raises RecipeError (a UserError) whose lines point into the sweep file: `sweep.yaml:4 grid.passes[0].rtn.bitz: ...`.
+    """
+    if not path.is_file():
+        raise UserError(f"sweep file not found: {path}")
+    data, root = _read_sweep_yaml(path)
+    config = _validate_sweep_file(path, data, root)
+    recipe = _base_recipe(path, config, root)
+    trials = expand_trials(config, path.parent)
+    fingerprints = _check_trial_recipes(path, root, config, recipe, trials)
+    target = output or (path.parent / config.output if config.output else Path("compress-out") / f"sweep-{path.stem}")
+    return Sweep(path.resolve(), Path(recipe).resolve(), config, target.resolve(), tuple(trials), fingerprints)
 
 
 def pending(sweep: Sweep) -> list[Trial]:
     return [t for t in sweep.trials if not sweep.finished(t)]
 
 
-def run_local(sweep: Sweep, parallel: int) -> list[dict[str, Any]]:
+# ---------------------------------------------------------------------------------------------------
+# Running one trial (the same function for every backend)
+
+
+def _resume_from_checkpoints(sweep: Sweep, trial: Trial, fingerprint: str) -> bool:
+    """A trial killed half-way left layer checkpoints: continue from them if they are this recipe's, else drop them.
+
+    Without this, a re-launched sweep would fail such a trial forever ("an interrupted run left checkpoints").
+    """
+    folder = checkpoint_dir_for(sweep.trial_dir(trial))
+    if not folder.exists():
+        return False
+    try:
+        saved = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if saved == fingerprint:
+        return True
+    shutil.rmtree(folder, ignore_errors=True)  # made by an older version of this trial's recipe
+    return False
+
+
+def run_loaded_trial(sweep: Sweep, trial: Trial) -> Status:
+    """Run one trial in this process unless it finished already. Never raises: a failure is a status."""
+    if sweep.finished(trial):
+        return {"id": trial.id, "index": trial.index, "status": "skipped"}
+    from compress.recipe import load_recipe
+    from compress.runner import run_recipe
+
+    start = time.perf_counter()
+    try:
+        recipe = load_recipe(sweep.recipe, overrides=list(trial.overrides), model=trial.model)
+        resume = _resume_from_checkpoints(sweep, trial, recipe_fingerprint(recipe.to_dict()))
+        run_recipe(recipe, sweep.trial_dir(trial), overwrite=True, resume=resume)
+        return {"id": trial.id, "index": trial.index, "status": "ok", "seconds": round(time.perf_counter() - start, 2),
+                "resumed": resume}
+    except Exception as exc:  # one failed trial must not stop the others; it is reported in compare
+        return {"id": trial.id, "index": trial.index, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=5), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def run_trial(sweep_file: str, output: str, index: int) -> Status:
+    """Trial `index` of the sweep file, run here: what a Ray task and a SLURM array task (`--only`) do."""
+    sweep = load_sweep(Path(sweep_file), output=Path(output))
+    return run_loaded_trial(sweep, sweep.trials[index])
+
+
+def _failed(trial: Trial, error: str, **extra: Any) -> Status:
+    return {"id": trial.id, "index": trial.index, "status": "failed", "error": error, **extra}
+
+
+def parse_status(stdout: str) -> Status | None:
+    """The status a `compress sweep --only N --json` process printed (its last stdout line), if it got that far."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            status = json.loads(line)
+        except ValueError:
+            continue
+        return status if isinstance(status, dict) and "status" in status else None
+    return None
+
+
+def trial_command(sweep: Sweep, trial: Trial) -> list[str]:
+    return [sys.executable, "-m", "cli.main", "sweep", str(sweep.source), "--output", str(sweep.output),
+            "--only", str(trial.index), "--json"]
+
+
+def trial_env(threads: int) -> dict[str, str]:
+    """The environment of a trial process: this checkout importable, and its share of the cores."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    # N processes that each start a thread per core would oversubscribe the CPU N times over
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+def run_trial_process(sweep: Sweep, trial: Trial, threads: int) -> Status:
+    """Run one trial in a fresh Python process; a crash there (OOM kill, segfault) fails this trial only."""
+    log = sweep.log_path(trial)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w", encoding="utf-8") as stderr:
+        done = subprocess.run(trial_command(sweep, trial), stdout=subprocess.PIPE, stderr=stderr, text=True,
+                              env=trial_env(threads), cwd=Path.cwd())
+    status = parse_status(done.stdout)
+    if status is None:
+        how = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
+               else f"exited with code {done.returncode}")
+        status = _failed(trial, f"trial process {how} before reporting a result",
+                         seconds=round(time.perf_counter() - start, 2))
+    status.pop("traceback", None)  # it is in the log
+    return {**status, "log": str(log)}
+
+
+def run_local(sweep: Sweep, parallel: int, on_result: OnResult | None = None) -> list[Status]:
+    """The pending trials one after another in this process, or `parallel` at a time, each in its own process."""
     todo = pending(sweep)
+    report = on_result or (lambda status: None)
     if parallel <= 1:
-        return [run_trial(str(sweep.source), str(sweep.output), t.index) for t in todo]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        results = []
+        for trial in todo:
+            results.append(run_loaded_trial(sweep, trial))
+            report(results[-1])
+        return results
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    # Threads only wait here; each trial runs in a process of its own.
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(run_trial_process, sweep, trial, threads) for trial in todo]
+        results = []
+        for future in as_completed(futures):
+            results.append(future.result())
+            report(results[-1])
+    return sorted(results, key=lambda status: status["index"])
 
-    # spawn: a fresh interpreter per worker, no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_trial, str(sweep.source), str(sweep.output), t.index) for t in todo]
-        return [f.result() for f in futures]
+
+def ray_request(resources: Resources) -> dict[str, Any]:
+    """The per-trial `ray.remote` options: Ray schedules a trial where these CPUs, GPUs and memory are free."""
+    request: dict[str, Any] = {"num_cpus": resources.cpus, "num_gpus": resources.gpus}
+    if resources.memory_gb:
+        request["memory"] = int(resources.memory_gb * 2**30)
+    return request
 
 
-def run_ray(sweep: Sweep, address: str | None) -> list[dict[str, Any]]:
+def ray_init_options(address: str | None) -> dict[str, Any]:
+    """`ray.init` options: embedded local Ray when `address` is None, else that cluster ("auto", "ray://host:10001")."""
+    # the workers import this checkout, as the driver does
+    return {"address": address, "include_dashboard": False, "log_to_driver": False,
+            "runtime_env": {"env_vars": {"PYTHONPATH": ":".join(p for p in sys.path if p)}}}
+
+
+def run_ray(sweep: Sweep, address: str | None, on_result: OnResult | None = None) -> list[Status]:
     try:
         import ray
     except ImportError:
         raise UserError("the ray backend needs Ray: pip install 'compress[ray]'") from None
     todo = pending(sweep)
+    report = on_result or (lambda status: None)
     started_here = not ray.is_initialized()
     if started_here:
-        # Embedded local Ray unless an address is given; the repo must be importable by the workers.
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": ":".join(p for p in sys.path if p)}})
+        try:
+            ray.init(**ray_init_options(address))
+        except ConnectionError as exc:  # a wrong --address or a cluster that is down: the user's to fix
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}; check --address "
+                            "(`ray status` on the head node prints it)") from None
     try:
-        res = sweep.config.resources
-        request: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus}
-        if res.memory_gb:
-            request["memory"] = int(res.memory_gb * 2**30)
-        remote = ray.remote(**request)(run_trial)
+        remote = ray.remote(**ray_request(sweep.config.resources))(run_trial)
         refs = [remote.remote(str(sweep.source), str(sweep.output), t.index) for t in todo]
-        return list(ray.get(refs))
+        results = []
+        for trial, ref in zip(todo, refs):
+            try:
+                status = ray.get(ref)
+            except Exception as exc:  # the worker died (OOM, segfault) or Ray lost it: this trial failed, not the sweep
+                status = _failed(trial, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}")
+            results.append(status)
+            report(status)
+        return results
     finally:
         if started_here:
             ray.shutdown()
 
 
-def slurm_script(sweep: Sweep) -> str:
-    """An sbatch array script: array index i runs trial i (finished trials exit at once), one log per trial."""
+# ---------------------------------------------------------------------------------------------------
+# SLURM
+
+
+def array_spec(indices: list[int], max_parallel: int | None = None) -> str:
+    """`--array` value for these trial indices: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8", throttled with "%N"."""
+    ranges: list[str] = []
+    for _, run in itertools.groupby(enumerate(sorted(indices)), key=lambda pair: pair[1] - pair[0]):
+        members = [index for _, index in run]
+        ranges.append(str(members[0]) if len(members) == 1 else f"{members[0]}-{members[-1]}")
+    return ",".join(ranges) + (f"%{max_parallel}" if max_parallel else "")
+
+
+def slurm_script(sweep: Sweep, indices: list[int] | None = None) -> str:
+    """An sbatch array script: array index i runs trial i, one log per trial (`logs/tNNN.log`).
+
+    `indices` (default: every trial) lets a re-launch queue only the trials that are not finished.
+    """
     cfg, res = sweep.config.slurm, sweep.config.resources
-    count = len(sweep.trials)
-    array = f"0-{count - 1}" + (f"%{cfg.max_parallel}" if cfg.max_parallel else "")
+    if res.gpus != int(res.gpus):
+        raise UserError(f"{sweep.source}: resources.gpus is {res.gpus}, but SLURM allocates whole GPUs; use an integer")
+    chosen = list(range(len(sweep.trials))) if indices is None else indices
     logs = sweep.output / "logs"
     lines = [
         "#!/bin/bash",
-        f"# compress sweep {sweep.source.name}: {count} trials, one per array index (generated; edit the sweep file instead)",
+        f"# compress sweep {sweep.source.name}: {len(chosen)} of {len(sweep.trials)} trials, one per array index "
+        "(generated; edit the sweep file instead)",
         f"#SBATCH --job-name={shlex.quote('compress-' + sweep.source.stem)}",
-        f"#SBATCH --array={array}",
-        f"#SBATCH --output={logs}/%a.log",
-        f"#SBATCH --error={logs}/%a.log",
+        f"#SBATCH --array={array_spec(chosen, cfg.max_parallel)}",
+        f"#SBATCH --output={logs}/t%3a.log",  # %3a: the index zero-padded to 3, as in the trial ids
+        f"#SBATCH --error={logs}/t%3a.log",
         f"#SBATCH --time={cfg.time}",
         f"#SBATCH --cpus-per-task={res.cpus}",
     ]
     if res.gpus:
-        lines.append(f"#SBATCH --gpus-per-task={int(res.gpus) if res.gpus == int(res.gpus) else res.gpus}")
+        lines.append(f"#SBATCH --gpus-per-task={int(res.gpus)}")
     if res.memory_gb:
-        lines.append(f"#SBATCH --mem={int(res.memory_gb)}G")
+        lines.append(f"#SBATCH --mem={math.ceil(res.memory_gb)}G")
     if cfg.partition:
         lines.append(f"#SBATCH --partition={cfg.partition}")
     if cfg.account:
@@ -240,103 +491,19 @@ def slurm_script(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Comparison
+def parse_job_id(stdout: str) -> str:
+    """`sbatch --parsable` prints `<job id>` or `<job id>;<cluster>`."""
+    match = re.match(r"\s*(\d+)(?:;\S+)?\s*$", stdout)
+    if match is None:
+        raise UserError(f"sbatch printed no job id: {stdout.strip()!r}")
+    return match.group(1)
 
 
-def collect(sweep: Sweep, statuses: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per trial from its report.json: parameters, size, bits per weight, metrics, time, status."""
-    rows = []
-    for trial in sweep.trials:
-        row: dict[str, Any] = {"id": trial.id, "model": trial.model, "params": trial.params()}
-        report_path = sweep.trial_dir(trial) / "report.json"
-        if report_path.is_file():
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-            row.update(
-                status="ok",
-                model=report["model"]["name"],
-                bytes=report["size"]["bytes"],
-                bits_per_weight=report["size"]["bits_per_weight"],
-                metrics={f"{metric}/{label}": values["compressed"]
-                         for metric, per in report["metrics"].items() for label, values in per.items()},
-                baseline={f"{metric}/{label}": values["baseline"]
-                          for metric, per in report["metrics"].items() for label, values in per.items()},
-                seconds=report["timings"]["total"],
-                run_dir=str(sweep.trial_dir(trial)),
-            )
-        else:
-            status = (statuses or {}).get(trial.id, {})
-            row.update(status=status.get("status", "pending"), error=status.get("error"))
-        rows.append(row)
-    return rows
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both size and metric (lower is better for both)."""
-    front = []
-    for i, (size, value) in enumerate(points):
-        dominated = any(
-            (s <= size and v <= value) and (s < size or v < value) for j, (s, v) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
-
-
-def render_compare(rows: list[dict[str, Any]]) -> str:
-    metric_names = sorted({m for r in rows for m in r.get("metrics", {})})
-    param_names = list(dict.fromkeys(k for r in rows for k in r["params"]))
-    header = ["trial", "model", *param_names, "status", "MiB", "bits/weight", *metric_names, "seconds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        ok = r["status"] == "ok"
-        cells = [r["id"], Path(str(r["model"])).name if r["model"] else "—",
-                 *[str(r["params"].get(p, "—")) for p in param_names], r["status"],
-                 f"{r['bytes'] / 2**20:.2f}" if ok else "—", str(r["bits_per_weight"]) if ok else "—",
-                 *[f"{r['metrics'][m]:.4f}" if ok and m in r["metrics"] else "—" for m in metric_names],
-                 f"{r['seconds']:.1f}" if ok else "—"]
-        lines.append("| " + " | ".join(cells) + " |")
-    failed = [r for r in rows if r["status"] == "failed"]
-    lines += [""] + [f"- {r['id']} failed: {r.get('error')}" for r in failed]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Size vs. each metric, Pareto front joined; None when matplotlib is missing (compare.md still has it all)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    done = [r for r in rows if r["status"] == "ok"]
-    metric_names = sorted({m for r in done for m in r["metrics"]})
-    if not done or not metric_names:
-        return None
-    fig, axes = plt.subplots(1, len(metric_names), figsize=(5 * len(metric_names), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metric_names):
-        have = [r for r in done if metric in r["metrics"]]
-        points = [(r["bytes"] / 2**20, r["metrics"][metric]) for r in have]
-        ax.scatter([p[0] for p in points], [p[1] for p in points])
-        for r, (x, y) in zip(have, points):
-            ax.annotate(r["id"].split("-", 1)[-1], (x, y), fontsize=7)
-        front = sorted(points[i] for i in pareto_front(points))
-        ax.plot([p[0] for p in front], [p[1] for p in front], "r-", label="Pareto front")
-        ax.set_xlabel("size (MiB)")
-        ax.set_ylabel(metric)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def write_compare(sweep: Sweep, statuses: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    rows = collect(sweep, statuses)
-    sweep.output.mkdir(parents=True, exist_ok=True)
-    (sweep.output / "compare.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    (sweep.output / "compare.md").write_text(
-        f"# sweep {sweep.source.name}\n\nbase recipe: {sweep.recipe}\n\n" + render_compare(rows), encoding="utf-8")
-    plot_pareto(rows, sweep.output / "pareto.png")
-    return rows
+def submit_slurm(script: Path) -> str:
+    """Submit the array script with sbatch; returns the job id."""
+    if shutil.which("sbatch") is None:
+        raise UserError("--submit needs `sbatch` on PATH (run this on the cluster's login node)")
+    done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"sbatch failed (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    return parse_job_id(done.stdout)
