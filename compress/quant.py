@@ -110,12 +110,17 @@ class QuantizedWeight:
     spec: QuantSpec
 
     def dequantize(self) -> torch.Tensor:
-        bounds = group_bounds(self.codes.shape[1], self.spec)
-        parts = [
-            dequantize_codes(self.codes[:, start:end], self.scale[:, g], self.zero[:, g])
-            for g, (start, end) in enumerate(bounds)
-        ]
-        return torch.cat(parts, dim=1)
+        rows, columns = self.codes.shape
+        size = self.spec.group_size or columns
+        full = columns // size * size
+        parts = []
+        if full:  # every whole group at once: (rows * groups, size) rows with one scale each
+            blocks = dequantize_codes(self.codes[:, :full].reshape(-1, size), self.scale[:, : full // size],
+                                      self.zero[:, : full // size])
+            parts.append(blocks.reshape(rows, full))
+        if full < columns:  # the shorter last group
+            parts.append(dequantize_codes(self.codes[:, full:], self.scale[:, -1], self.zero[:, -1]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def storage_bits(self) -> int:
         """Bits to store this matrix: see `storage_bits`."""
@@ -134,17 +139,30 @@ def codes_dtype(spec: QuantSpec) -> torch.dtype:
 
 
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest quantization of a weight matrix (rows, cols), group by group."""
+    """Round-to-nearest quantization of a weight matrix (rows, cols), group by group.
+
+    The whole groups are quantized in one go as a (rows * groups, size) matrix with a scale per row: the same
+    element-wise arithmetic as a loop over the groups, hence the same codes, without a pass per group.
+    """
+    rows, columns = w.shape
+    size = spec.group_size or columns
+    full = columns // size * size
     codes, scales, zeros = [], [], []
-    for start, end in group_bounds(w.shape[1], spec):
-        scale, zero = compute_qparams(w[:, start:end], spec)
-        codes.append(quantize_codes(w[:, start:end], scale, zero, spec))
-        scales.append(scale)
-        zeros.append(zero)
+    if full:
+        blocks = w[:, :full].reshape(-1, size)
+        scale, zero = compute_qparams(blocks, spec)
+        codes.append(quantize_codes(blocks, scale, zero, spec).reshape(rows, full))
+        scales.append(scale.reshape(rows, -1))
+        zeros.append(zero.reshape(rows, -1))
+    if full < columns:  # the shorter last group
+        scale, zero = compute_qparams(w[:, full:], spec)
+        codes.append(quantize_codes(w[:, full:], scale, zero, spec))
+        scales.append(scale.reshape(rows, 1))
+        zeros.append(zero.reshape(rows, 1))
     return QuantizedWeight(
         codes=torch.cat(codes, dim=1).to(codes_dtype(spec)),
-        scale=torch.stack(scales, dim=1),
-        zero=torch.stack(zeros, dim=1),
+        scale=torch.cat(scales, dim=1),
+        zero=torch.cat(zeros, dim=1),
         spec=spec,
     )
 

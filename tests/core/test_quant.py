@@ -75,3 +75,22 @@ def test_storage_bits_counts_codes_and_scales():
 def test_spec_rejects_out_of_range_bits():
     with pytest.raises(ValueError, match="between 2 and 8"):
         QuantSpec(9)
+
+
+@pytest.mark.parametrize("group", [None, 16, 7])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_groups_at_once_equal_group_by_group(group, symmetric):
+    """quantize_rtn/dequantize treat the whole groups as one batch of rows; the codes must be the bits a loop over
+    the groups (the reference definition) gives, including the shorter last group."""
+    from compress.quant import compute_qparams, dequantize_codes, quantize_codes
+
+    torch.manual_seed(2)
+    w = torch.randn(12, 100) * torch.rand(12, 1)
+    spec = QuantSpec(3, symmetric, PerGroup(group) if group else PerChannel())
+    q = quantize_rtn(w, spec)
+    for g, (start, end) in enumerate(group_bounds(100, spec)):
+        scale, zero = compute_qparams(w[:, start:end], spec)
+        codes = quantize_codes(w[:, start:end], scale, zero, spec)
+        assert torch.equal(q.scale[:, g], scale) and torch.equal(q.zero[:, g], zero)
+        assert torch.equal(q.codes[:, start:end], codes.to(q.codes.dtype))
+        assert torch.equal(q.dequantize()[:, start:end], dequantize_codes(codes, scale, zero))
