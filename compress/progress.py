@@ -82,7 +82,8 @@ class Reporter:
             if n and (done // every != before // every or done == total):
                 elapsed = self.clock() - started
                 remaining = elapsed / done * (total - done) if done else 0.0
-                line = f"{description}: {done}/{total} {unit}s, {elapsed:.1f}s elapsed, ~{remaining:.1f}s left"
+                units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")  # batches, layers
+                line = f"{description}: {done}/{total} {units}, {elapsed:.1f}s elapsed, ~{remaining:.1f}s left"
                 log.info(line)
                 if self.enabled:
                     self.console.print(line, highlight=False, markup=False)

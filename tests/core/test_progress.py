@@ -39,6 +39,14 @@ def test_plain_lines_when_not_a_terminal_with_time_left(caplog):
     assert [r.getMessage() for r in caplog.records][-1] == lines[-1]
 
 
+def test_plain_lines_spell_the_plural(caplog):
+    out, buffer = console(terminal=False)
+    with caplog.at_level(logging.INFO, logger="compress"), Reporter(out, clock=FakeClock()).task(
+            "calibration inputs", total=1, unit="batch") as advance:
+        advance(1)
+    assert buffer.getvalue().splitlines()[-1].startswith("calibration inputs: 1/1 batches,")
+
+
 def test_quiet_prints_nothing_but_still_logs(caplog):
     out, buffer = console(terminal=False)
     reporter = Reporter(out, enabled=False)
