@@ -98,7 +98,8 @@ class OffloadChoice:
 
 
 def choose_placement(requested: OffloadMode, needed: int, device: torch.device) -> OffloadChoice:
-    """`requested` unless it is `auto`: then the device if `needed` fits comfortably there, else host memory, else disk."""
+    """`requested`, unless it is `auto`: then the device if `needed` fits comfortably there, else host memory,
+    else disk."""
     if requested != "auto":
         return OffloadChoice(requested, requested, needed, None, None, "set in the recipe")
     free_device = free_memory_bytes(device)
@@ -150,7 +151,7 @@ class ResidencyMeter:
 
 @dataclass
 class _Holdings:
-    """What a store must give back when closed or garbage-collected; kept apart so a finalizer need not hold the store."""
+    """What a store gives back when closed or garbage-collected, kept apart so its finalizer does not keep it alive."""
 
     meter: ResidencyMeter
     held_bytes: int = 0
@@ -170,8 +171,6 @@ class ActivationStore:
     Append in batch order. `close()` frees the memory or files at once; a store dropped without it is freed when
     garbage-collected (a pass calling `LayerContext.forward()` for its own use need not close anything).
     """
-
-    placement: Placement
 
     def __init__(self, device: torch.device, meter: ResidencyMeter | None = None, folder: Path | None = None):
         self.device = device
@@ -227,8 +226,6 @@ class ActivationStore:
 class DeviceStore(ActivationStore):
     """Every batch on the compute device: today's behaviour, and the fastest when it fits."""
 
-    placement: Placement = "device"
-
     def _put(self, hidden: torch.Tensor) -> None:
         tensor = hidden.to(self.device)
         self._tensors.append(tensor)
@@ -240,8 +237,6 @@ class DeviceStore(ActivationStore):
 
 class HostStore(ActivationStore):
     """Every batch in host memory (pinned for CUDA); one batch at a time is copied to the device."""
-
-    placement: Placement = "cpu"
 
     def _put(self, hidden: torch.Tensor) -> None:
         if self.device.type == "cuda":
@@ -263,7 +258,6 @@ class HostStore(ActivationStore):
 class DiskStore(ActivationStore):
     """Every batch in its own raw file under `folder`; read back (memory-mapped) one batch at a time."""
 
-    placement: Placement = "disk"
     _names = itertools.count()
 
     def __init__(self, device: torch.device, meter: ResidencyMeter | None = None, folder: Path | None = None):

@@ -5,7 +5,8 @@ For a sweep of layer passes:
 2. for each layer i: move it to the compute device, run each pass on it, then recompute its outputs with
    the *compressed* layer so layer i+1 is calibrated on what it will really see; move it back to the CPU.
 Only one decoder layer (plus the calibration activations) lives on the compute device at a time. The activations
-themselves live where `calibration.offload` puts them: on the device, in host memory, or on disk (compress/activations.py).
+themselves live where `calibration.offload` puts them: on the device, in host memory or on disk
+(compress/activations.py).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def _outside_layers_on(handle: ModelHandle, device: torch.device) -> Iterator[No
 
 
 @torch.no_grad()
-def capture_layer_inputs(handle: ModelHandle, run: RunContext, store: ActivationStore | None = None) -> list[LayerInput]:
+def capture_layer_inputs(handle: ModelHandle, run: RunContext,
+                         store: ActivationStore | None = None) -> list[LayerInput]:
     """Inputs of decoder layer 0 for each calibration batch, stopping the forward pass right there.
 
     Hidden states go into `store` as each batch produces them (default: a store on the compute device).
@@ -237,10 +239,13 @@ def _calibration_bytes(handle: ModelHandle, run: RunContext) -> int:
     assert run.calibration is not None
     windows, seq_len = run.calibration.shape
     dtype = next(handle.model.parameters()).dtype  # the embeddings' output, which every layer keeps
-    return activation_bytes(windows, seq_len, int(getattr(handle.model.config, "hidden_size")), dtype)
+    model: Any = handle.model
+    hidden_size = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    return activation_bytes(windows, seq_len, int(hidden_size), dtype)
 
 
-def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext, pool: ActivationPool | None) -> SweepResult:
+def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
+                  pool: ActivationPool | None) -> SweepResult:
     inputs = capture_layer_inputs(handle, run, pool.new_store()) if pool is not None else None
     if inputs is not None:
         check_finite_inputs(inputs, f"{handle.layers_prefix}.0")

@@ -56,8 +56,9 @@ class CalibrationConfig(StrictConfig):
         "auto", description="where the activations between decoder layers live (2 x samples x seq_len x hidden): "
         "`device` (the compute device), `cpu` (host memory, one batch on the device at a time), `disk` (one file "
         "per batch, about two batches in memory), or `auto`: the first that fits comfortably (compress/activations.py)")
-    offload_dir: str | None = Field(None, description="folder for `disk` offload's scratch files (default: beside "
-                                    "the run's output); a temporary folder inside it is removed when the sweep ends")
+    offload_dir: str | None = Field(None, description="folder for `disk` offload's scratch files (default: the "
+                                    "run's staging folder, on the output's disk); a temporary folder inside it is "
+                                    "removed when the sweep ends")
 
 
 class RecipeFile(StrictConfig):
