@@ -7,12 +7,13 @@ renamed):
   `run.activation_quant` entries of its modules, the fallbacks it added, and its per-module report entries;
 - the *actual* inputs of the next layer. Recomputing them on resume would drift (auto-round measured a 20x
   larger loss on the first resumed block), so they are stored, not recomputed. Only the newest layer keeps
-  them; older layers' inputs are deleted as soon as a newer layer is saved.
+  them; older layers' inputs are deleted as soon as a newer layer is saved. One file per calibration batch,
+  written one at a time, so offloaded activations (`calibration.offload`) are never all in memory at once.
 
 Layout, beside the output folder (`out/run` -> `out/.run.resume/`):
 
     manifest.json                    fingerprint of the resolved recipe + model, so a changed recipe is refused
-    sweep-0/layer-0003/weights.safetensors, state.json, inputs.safetensors
+    sweep-0/layer-0003/weights.safetensors, state.json, inputs/batch-00000.safetensors, ...
 
 The folder is removed when the run finishes; an interrupted run leaves it for `--resume`.
 """
@@ -26,7 +27,7 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +37,7 @@ from compress.errors import UserError
 from compress.quant import PerChannel, PerGroup, QuantizedWeight, QuantSpec
 
 MANIFEST = "manifest.json"
+INPUTS = "inputs"  # folder of a layer's checkpoint holding the next layer's inputs, one file per batch
 # Test-only fault injection: "<k>:<SIGNAL>" sends SIGNAL to this process right after the k-th layer checkpoint
 # (0-based, counted over the whole run), to prove that a run killed there resumes bit-identically.
 FAULT_ENV = "COMPRESS_FAULT_AFTER_LAYER"
@@ -46,7 +48,15 @@ def checkpoint_dir_for(output: Path) -> Path:
     return output.parent / f".{output.name}.resume"
 
 
+# Where activations are kept changes memory use, not results (offloading is bit-exact), so a run that ran out of
+# memory may resume with `offload: disk`.
+PLACEMENT_KEYS = ("offload", "offload_dir")
+
+
 def recipe_fingerprint(recipe: dict[str, Any]) -> str:
+    calibration = recipe.get("calibration")
+    if isinstance(calibration, dict):
+        recipe = {**recipe, "calibration": {k: v for k, v in calibration.items() if k not in PLACEMENT_KEYS}}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,7 +89,7 @@ class Resumed:
     """Where a sweep continues: the first layer still to do and, if the sweep has inputs, that layer's inputs."""
 
     next_layer: int
-    hidden: list[torch.Tensor] | None
+    hidden_files: list[Path] | None  # one per calibration batch, in order; read each with `read_hidden`
     layers: list[LayerState] = field(default_factory=list)
 
 
@@ -129,13 +139,12 @@ class Checkpointer:
         while (sweep / f"layer-{index:04d}" / "state.json").is_file():
             states.append(self._restore_layer(sweep / f"layer-{index:04d}", layers[index], f"{prefix}.{index}", run))
             index += 1
-        hidden = None
+        hidden_files = None
         if index:
-            inputs_file = sweep / f"layer-{index - 1:04d}" / "inputs.safetensors"
-            if inputs_file.is_file():
-                saved = load_file(str(inputs_file))
-                hidden = [saved[f"batch.{b}"] for b in range(len(saved))]
-        return Resumed(index, hidden, states)
+            inputs = sweep / f"layer-{index - 1:04d}" / INPUTS
+            if inputs.is_dir():
+                hidden_files = sorted(inputs.glob("batch-*.safetensors"))
+        return Resumed(index, hidden_files, states)
 
     def _restore_layer(self, folder: Path, layer: nn.Module, prefix: str, run: Any) -> LayerState:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
@@ -172,9 +181,12 @@ class Checkpointer:
         run: Any,
         layer_state: LayerState,
         fallbacks: list[dict[str, Any]],
-        next_hidden: list[torch.Tensor] | None,
+        next_hidden: Iterable[torch.Tensor] | None,
     ) -> None:
-        """Write layer `index` of `sweep` atomically, then drop the previous layer's (now stale) inputs."""
+        """Write layer `index` of `sweep` atomically, then drop the previous layer's (now stale) inputs.
+
+        `next_hidden` yields the next layer's input per calibration batch; each is written before the next is read.
+        """
         final = sweep / f"layer-{index:04d}"
         staging = sweep / f".layer-{index:04d}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -189,8 +201,10 @@ class Checkpointer:
         tensors.update({f"mask.{fqn}": run.masks[fqn] for fqn in masks})
         save_file(_contiguous_copy(tensors), str(staging / "weights.safetensors"))
         if next_hidden is not None:
-            save_file(_contiguous_copy({f"batch.{b}": h for b, h in enumerate(next_hidden)}),
-                      str(staging / "inputs.safetensors"))
+            (staging / INPUTS).mkdir()
+            for batch, hidden in enumerate(next_hidden):
+                save_file(_contiguous_copy({"hidden": hidden}), str(staging / INPUTS / f"batch-{batch:05d}.safetensors"))
+                del hidden  # freed before the next batch is read
         state = {
             "modules": layer_state.modules,
             "seconds": layer_state.seconds,
@@ -203,9 +217,14 @@ class Checkpointer:
         (staging / "state.json").write_text(json.dumps(state), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # the layer counts as finished only once this rename happened
-        (sweep / f"layer-{index - 1:04d}" / "inputs.safetensors").unlink(missing_ok=True)
+        shutil.rmtree(sweep / f"layer-{index - 1:04d}" / INPUTS, ignore_errors=True)
         self.layers_saved += 1
         _inject_fault(self.layers_saved - 1)
+
+
+def read_hidden(path: Path) -> torch.Tensor:
+    """One calibration batch's hidden states from a layer checkpoint (see `Checkpointer.save`)."""
+    return load_file(str(path))["hidden"]
 
 
 def _inject_fault(layer_count: int) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from compress.activations import OffloadSettings
 from compress.checkpoint import Checkpointer
 from compress.progress import SILENT, Reporter
 from compress.quant import QuantizedWeight, QuantSpec
@@ -33,6 +34,8 @@ class RunContext:
     - `next_quantizer`: while a model-scope pass runs, the config of the first quantize pass after it (an
       allocation pass takes the group size, symmetry and ignore list its plan must fit from there).
     - `checkpoint`: saves each finished decoder layer so an interrupted run can `--resume` (None: no checkpoints).
+    - `offload`: where a sweep keeps its calibration activations (`calibration.offload`; compress/activations.py).
+      The default keeps them on the compute device; the runner passes the recipe's choice.
     """
 
     device: torch.device
@@ -50,3 +53,4 @@ class RunContext:
     run_files: dict[str, str] = field(default_factory=dict)
     next_quantizer: Any = None
     checkpoint: Checkpointer | None = None
+    offload: OffloadSettings = field(default_factory=OffloadSettings)

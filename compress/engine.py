@@ -4,7 +4,9 @@ For a sweep of layer passes:
 1. capture the inputs of decoder layer 0 on the calibration windows (only when some pass needs them);
 2. for each layer i: move it to the compute device, run each pass on it, then recompute its outputs with
    the *compressed* layer so layer i+1 is calibrated on what it will really see; move it back to the CPU.
-Only one decoder layer (plus the calibration activations) lives on the compute device at a time.
+Only one decoder layer (plus the calibration activations) lives on the compute device at a time. The activations
+themselves live where `calibration.offload` puts them: on the device, in host memory or on disk
+(compress/activations.py).
 """
 
 from __future__ import annotations
@@ -13,16 +15,26 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch import nn
 
 from compress import distributed
-from compress.checkpoint import LayerState
+from compress.activations import (
+    ActivationPool,
+    ActivationStore,
+    DeviceStore,
+    LayerInput,
+    activation_bytes,
+    activation_pool,
+    layer_inputs,
+)
+from compress.checkpoint import LayerState, read_hidden
 from compress.context import RunContext
 from compress.errors import UserError
-from compress.faults import check_finite_inputs, check_finite_outputs, check_finite_weights, split_batches
+from compress.faults import check_finite_inputs, check_finite_output, check_finite_weights, split_batches
 from compress.model_io import ModelHandle
 from compress.modules import DEFAULT_IGNORE, find_linears, select
 
@@ -32,12 +44,6 @@ log = logging.getLogger("compress")
 
 class _StopForward(Exception):
     """Raised from a hook once everything needed from this forward pass was captured; the rest is skipped."""
-
-
-@dataclass
-class LayerInput:
-    hidden: torch.Tensor  # (batch, seq_len, hidden_size)
-    kwargs: dict[str, Any]  # attention mask, position ids/embeddings, ... exactly as the model passed them
 
 
 class LayerContext:
@@ -55,16 +61,30 @@ class LayerContext:
         found = find_linears(self.layer, self.prefix)
         return {name: found[name] for name in select(found, ignore)}
 
-    @torch.no_grad()
-    def forward(self) -> list[torch.Tensor]:
-        """The layer's outputs for every calibration batch, with its current (possibly compressed) weights."""
+    def calibration_inputs(self) -> list[LayerInput]:
         if self.inputs is None:
             raise RuntimeError("this sweep captured no calibration inputs; register the pass with needs_calibration=True")
-        outputs = []
-        for item in self.inputs:
-            out = self.layer(item.hidden, **item.kwargs)
-            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return outputs
+        return self.inputs
+
+    @torch.no_grad()  # torch applies it around each resumption of the generator, not across the caller's code
+    def outputs(self) -> Iterator[torch.Tensor]:
+        """The layer's output for each calibration batch in turn, with its current (possibly compressed) weights."""
+        for item in self.calibration_inputs():
+            yield _first(self.layer(item.hidden, **item.kwargs))  # no local name: the output is the caller's alone
+
+    def new_store(self) -> ActivationStore:
+        """An empty store in the same place as the inputs (device, host memory or disk)."""
+        inputs = self.calibration_inputs()
+        return inputs[0].store.sibling() if inputs else DeviceStore(self.run.device)
+
+    def forward(self) -> ActivationStore:
+        """The layer's outputs for every calibration batch, stored beside the inputs; `for out in ctx.forward()`
+        then reads them back one batch at a time."""
+        store = self.new_store()
+        for output in self.outputs():
+            store.append(output)
+            del output  # freed before the next batch is computed
+        return store
 
     def observe(
         self,
@@ -78,8 +98,7 @@ class LayerContext:
         stop_early: end each batch's forward as soon as every module has seen its input. Observing only q/k/v
         then costs the input norm, not the whole layer (GPTQ's true_sequential re-captures per sublayer group).
         """
-        if self.inputs is None:
-            raise RuntimeError("this sweep captured no calibration inputs; register the pass with needs_calibration=True")
+        inputs = self.calibration_inputs()
         seen: set[str] = set()
 
         def hook(name: str, x: torch.Tensor) -> None:
@@ -94,13 +113,18 @@ class LayerContext:
         ]
         try:
             with torch.no_grad():
-                for item in self.inputs:
+                for item in inputs:
                     seen.clear()
                     with contextlib.suppress(_StopForward):
                         self.layer(item.hidden, **item.kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _first(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states, whether it returns them alone or first in a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @contextlib.contextmanager
@@ -125,15 +149,21 @@ def _outside_layers_on(handle: ModelHandle, device: torch.device) -> Iterator[No
 
 
 @torch.no_grad()
-def capture_layer_inputs(handle: ModelHandle, run: RunContext) -> list[LayerInput]:
-    """Inputs of decoder layer 0 for each calibration batch, stopping the forward pass right there."""
+def capture_layer_inputs(handle: ModelHandle, run: RunContext,
+                         store: ActivationStore | None = None) -> list[LayerInput]:
+    """Inputs of decoder layer 0 for each calibration batch, stopping the forward pass right there.
+
+    Hidden states go into `store` as each batch produces them (default: a store on the compute device).
+    """
     assert run.calibration is not None
-    captured: list[LayerInput] = []
+    store = store if store is not None else DeviceStore(run.device)
+    captured_kwargs: list[dict[str, Any]] = []
 
     def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        captured.append(LayerInput(hidden.detach(), kwargs))
+        store.append(hidden)
+        captured_kwargs.append(kwargs)
         raise _StopForward
 
     layer0 = bring_in(handle, 0, run.device)
@@ -150,7 +180,7 @@ def capture_layer_inputs(handle: ModelHandle, run: RunContext) -> list[LayerInpu
     finally:
         hook.remove()
         put_away(handle, 0, save=False)
-    return captured
+    return layer_inputs(store, captured_kwargs)
 
 
 def bring_in(handle: ModelHandle, index: int, device: torch.device) -> nn.Module:
@@ -193,10 +223,31 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
     """Apply consecutive layer passes decoder layer by decoder layer (see module docstring).
 
     With `run.checkpoint` set, every finished layer is checkpointed and a resumed run skips the layers
-    already done, continuing from their saved outputs (compress/checkpoint.py).
+    already done, continuing from their saved outputs (compress/checkpoint.py). Calibration activations live
+    where `run.offload` says; the choice and the peak of them in memory go into report.json (`calibration.offload`).
     """
-    needs_inputs = any(step.needs_calibration for step in steps)
-    inputs = capture_layer_inputs(handle, run) if needs_inputs else None
+    if not any(step.needs_calibration for step in steps):
+        return _sweep_layers(handle, steps, run, None)
+    with activation_pool(run.offload, _calibration_bytes(handle, run), run.device) as pool:
+        if pool.choice.requested == "auto" and pool.choice.placement != "device":  # slower: say why
+            run.reporter.note(f"calibration activations offloaded to {pool.choice.placement}: {pool.choice.reason}")
+        result = _sweep_layers(handle, steps, run, pool)
+        run.report_sections.setdefault("calibration", {}).setdefault("offload", []).append(pool.describe())
+    return result
+
+
+def _calibration_bytes(handle: ModelHandle, run: RunContext) -> int:
+    assert run.calibration is not None
+    windows, seq_len = run.calibration.shape
+    dtype = next(handle.model.parameters()).dtype  # the embeddings' output, which every layer keeps
+    model: Any = handle.model
+    hidden_size = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    return activation_bytes(windows, seq_len, int(hidden_size), dtype)
+
+
+def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
+                  pool: ActivationPool | None) -> SweepResult:
+    inputs = capture_layer_inputs(handle, run, pool.new_store()) if pool is not None else None
     if inputs is not None:
         check_finite_inputs(inputs, f"{handle.layers_prefix}.0")
     modules: dict[str, dict[str, dict[str, Any]]] = {step.label: {} for step in steps}
@@ -210,8 +261,8 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
         first = resumed.next_layer
         for state in resumed.layers:
             _merge_layer_state(modules, seconds, state)
-        if inputs is not None and resumed.hidden is not None:  # kwargs (masks, rotary tables) never change
-            inputs = [LayerInput(hidden, item.kwargs) for hidden, item in zip(resumed.hidden, inputs)]
+        if inputs is not None and resumed.hidden_files is not None:
+            inputs = _restored_inputs(inputs, resumed.hidden_files)
         if first:
             log.info("resuming at decoder layer %d of %d", first, len(layers))
     with run.reporter.task(", ".join(s.label for s in steps), total=len(layers), unit="layer") as advance:
@@ -223,23 +274,45 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
             check_finite_weights(layer, ctx.prefix, f"before {', '.join(step.label for step in steps)}")
             state = apply_with_oom_fallback(ctx, steps)
             _merge_layer_state(modules, seconds, state)
-            inputs = ctx.inputs  # smaller batches after an out-of-memory fallback
             check_finite_weights(layer, ctx.prefix, f"after {', '.join(step.label for step in steps)}")
-            if inputs is not None and index + 1 < len(layers):  # the last layer's outputs feed no pass
+            feeds_next = ctx.inputs is not None and index + 1 < len(layers)  # the last layer's outputs feed no pass
+            if feeds_next:
                 start = time.perf_counter()
-                outputs = ctx.forward()
-                check_finite_outputs(ctx, outputs)
-                inputs = [LayerInput(out, item.kwargs) for out, item in zip(outputs, inputs)]
+                inputs = _propagate(ctx)
                 propagation += time.perf_counter() - start
             if sweep is not None and run.checkpoint is not None:
                 layer.to(OFFLOAD_DEVICE)  # the checkpoint stores CPU tensors; a lazy layer is still in memory here
                 run.checkpoint.save(sweep, index, layer, ctx.prefix, run, state, run.fallbacks[fallbacks_before:],
-                                    [item.hidden for item in inputs] if inputs is not None and index + 1 < len(layers) else None)
+                                    (item.hidden for item in inputs) if feeds_next and inputs is not None else None)
             put_away(handle, index, save=True)
             if handle.lazy is not None:  # the layer is on disk now; keep only what the size report needs
                 shed_records(run, f"{handle.layers_prefix}.{index}.")
             advance(1)
     return SweepResult(modules, seconds, propagation)
+
+
+def _propagate(ctx: LayerContext) -> list[LayerInput]:
+    """The next layer's inputs: this layer's outputs, checked for NaN/Inf and stored one batch at a time.
+
+    The kwargs (masks, rotary tables) carry over unchanged; the inputs' store is freed once the outputs are complete.
+    """
+    inputs = ctx.calibration_inputs()
+    store = ctx.new_store()
+    for batch, output in enumerate(ctx.outputs()):
+        check_finite_output(ctx, batch, output)
+        store.append(output)
+        del output  # freed before the next batch is computed
+    inputs[0].store.close()
+    return layer_inputs(store, [item.kwargs for item in inputs])
+
+
+def _restored_inputs(captured: list[LayerInput], hidden_files: list[Path]) -> list[LayerInput]:
+    """A resumed sweep's inputs: the checkpointed hidden states with the captured kwargs (those never change)."""
+    store = captured[0].store.sibling()
+    for path in hidden_files:
+        store.append(read_hidden(path))
+    captured[0].store.close()
+    return layer_inputs(store, [item.kwargs for item in captured])
 
 
 def _merge_layer_state(modules: dict[str, dict[str, dict[str, Any]]], seconds: dict[str, float], state: LayerState) -> None:
@@ -270,7 +343,7 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
         try:
             return _apply_steps(ctx, steps)
         except torch.OutOfMemoryError:
-            batch = ctx.inputs[0].hidden.shape[0]
+            batch = ctx.inputs[0].shape[0]
             if batch <= 1:
                 raise UserError(
                     f"out of memory on {ctx.run.device} at {ctx.prefix} even with calibration batches of 1 window; "
@@ -279,7 +352,9 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
             if ctx.run.device.type == "cuda":
                 torch.cuda.empty_cache()
             ctx.layer.load_state_dict(snapshot)
-            ctx.inputs = split_batches(ctx.inputs, max(1, batch // 2))
+            whole = ctx.inputs
+            ctx.inputs = split_batches(whole, max(1, batch // 2))
+            whole[0].store.close()
             message = f"out of memory at {ctx.prefix}: retrying with calibration batches of {max(1, batch // 2)} windows"
             ctx.run.reporter.note(message)  # printed unless --quiet, and always logged
             ctx.run.fallbacks.append({"pass": "engine", "module": ctx.prefix, "fallback": "smaller calibration batches",

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from compress.activations import LayerInput, layer_inputs
 from compress.errors import UserError
 
 if TYPE_CHECKING:
-    from compress.engine import LayerContext, LayerInput
+    from compress.engine import LayerContext
 
 
 class NonFiniteError(UserError):
@@ -41,15 +42,17 @@ def check_finite_inputs(inputs: list[LayerInput], where: str) -> None:
                                  "checkpoint's weights before the decoder layers are broken)")
 
 
-def check_finite_outputs(ctx: LayerContext, outputs: list[torch.Tensor]) -> None:
-    """Raise naming the first module inside the layer whose output is non-finite, if any output is."""
-    for batch, output in enumerate(outputs):
-        if not _is_finite(output):
-            culprit = locate_nonfinite(ctx, batch) or ctx.prefix
-            raise NonFiniteError(
-                f"NaN/Inf in the activations of {culprit} (decoder layer {ctx.index}, calibration batch {batch}) "
-                "after compressing it; earlier layers were finite. Check that module's weights and the pass settings"
-            )
+def check_finite_output(ctx: LayerContext, batch: int, output: torch.Tensor) -> None:
+    """Raise naming the first module inside the layer whose output is non-finite, if this batch's output is.
+
+    Checked one batch at a time, as the engine stores the outputs, so offloaded activations are not read back for it.
+    """
+    if not _is_finite(output):
+        culprit = locate_nonfinite(ctx, batch) or ctx.prefix
+        raise NonFiniteError(
+            f"NaN/Inf in the activations of {culprit} (decoder layer {ctx.index}, calibration batch {batch}) "
+            "after compressing it; earlier layers were finite. Check that module's weights and the pass settings"
+        )
 
 
 @torch.no_grad()
@@ -81,13 +84,14 @@ def split_batches(inputs: list[LayerInput], size: int) -> list[LayerInput]:
     """Cut every calibration batch into batches of at most `size` windows (the out-of-memory fallback).
 
     Keyword tensors whose leading dimension is the batch (attention masks) are cut with it; shared ones
-    (rotary tables with a leading 1) are kept whole.
+    (rotary tables with a leading 1) are kept whole. The pieces go into a new store beside the old one
+    (device, host memory or disk), read one batch at a time.
     """
-    from compress.engine import LayerInput
-
-    result = []
+    store = inputs[0].store.sibling()
+    kwargs = []
     for item in inputs:
-        batch = item.hidden.shape[0]
+        hidden = item.hidden
+        batch = hidden.shape[0]
         for start in range(0, batch, size):
             def cut(value: Any, start: int = start) -> Any:
                 if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch and batch > 1:
@@ -96,5 +100,6 @@ def split_batches(inputs: list[LayerInput], size: int) -> list[LayerInput]:
                     return tuple(cut(v) for v in value)
                 return value
 
-            result.append(LayerInput(item.hidden[start:start + size], {k: cut(v) for k, v in item.kwargs.items()}))
-    return result
+            store.append(hidden[start:start + size])
+            kwargs.append({k: cut(v) for k, v in item.kwargs.items()})
+    return layer_inputs(store, kwargs)

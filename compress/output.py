@@ -42,11 +42,11 @@ def _remove_abandoned_staging(target: Path) -> None:
     """Staging folders of runs that were SIGKILLed (their process is gone) are garbage; live ones are left alone."""
     for folder in target.parent.glob(f".{target.name}.partial-*"):
         pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -52,6 +52,13 @@ class CalibrationConfig(StrictConfig):
     route_all_experts: bool = Field(False, description="MoE: feed every calibration token to every expert's linears "
                                     "(outputs still combine only the routed experts)")
     min_expert_tokens: int = Field(32, ge=0, description="MoE: flag experts calibrated on fewer tokens than this")
+    offload: Literal["auto", "device", "cpu", "disk"] = Field(
+        "auto", description="where the activations between decoder layers live (2 x samples x seq_len x hidden): "
+        "`device` (the compute device), `cpu` (host memory, one batch on the device at a time), `disk` (one file "
+        "per batch, about two batches in memory), or `auto`: the first that fits comfortably (compress/activations.py)")
+    offload_dir: str | None = Field(None, description="folder for `disk` offload's scratch files (default: the "
+                                    "run's staging folder, on the output's disk); a temporary folder inside it is "
+                                    "removed when the sweep ends")
 
 
 class RecipeFile(StrictConfig):
@@ -456,8 +463,15 @@ class _Checker:
     def check_calibration(self, calibration: CalibrationConfig | None) -> CalibrationConfig | None:
         if calibration is None:
             return None
-        dataset = self.resolve_path(calibration.dataset, ("calibration", "dataset"))
-        return calibration.model_copy(update={"dataset": dataset})
+        updates: dict[str, Any] = {"dataset": self.resolve_path(calibration.dataset, ("calibration", "dataset"))}
+        if calibration.offload_dir is not None:
+            if calibration.offload in ("device", "cpu"):
+                self.add(("calibration", "offload_dir"), f"only `offload: disk` or `auto` writes activations to "
+                         f"disk, and this recipe sets `offload: {calibration.offload}`; remove offload_dir or change offload")
+            folder = self.as_path(calibration.offload_dir, ("calibration", "offload_dir"))
+            if folder is not None:
+                updates["offload_dir"] = str((folder if folder.is_absolute() else self.base_dir / folder).resolve())
+        return calibration.model_copy(update=updates)
 
     def check_passes(self, items: list[Any], calibration: CalibrationConfig | None) -> list[PassStep]:
         registry = available_passes()

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
+from compress.activations import OffloadSettings
 from compress.checkpoint import Checkpointer, checkpoint_dir_for, recipe_fingerprint
 from compress.context import RunContext
 from compress.data import sample_windows, tokenize_text, load_text
@@ -238,7 +239,8 @@ def run_recipe(
                 handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
                                     trust_remote_code=recipe.trust_remote_code)
             handle.max_memory = recipe.max_memory
-            run = RunContext(device=handle.device, reporter=reporter, checkpoint=checkpointer)
+            run = RunContext(device=handle.device, reporter=reporter, checkpoint=checkpointer,
+                             offload=_offload_settings(recipe, staging))
             run.calibration = calibration_windows(handle, recipe)
         if recipe.calibration is not None:
             run.calibration_batch_size = recipe.calibration.batch_size
@@ -344,6 +346,17 @@ def _checkpoint_lifetime(checkpointer: Checkpointer | None) -> Iterator[None]:
         raise
     if checkpointer is not None:
         checkpointer.remove()
+
+
+def _offload_settings(recipe: Recipe, staging: Path) -> OffloadSettings:
+    """The recipe's `calibration.offload`; disk offload writes beside the output unless `offload_dir` says otherwise.
+
+    The staging folder is on the disk the user chose for the results, where /tmp may be a small RAM disk.
+    """
+    cal = recipe.calibration
+    if cal is None:
+        return OffloadSettings()
+    return OffloadSettings(cal.offload, Path(cal.offload_dir) if cal.offload_dir else staging)
 
 
 def _disk_needed(model: str, checkpoints: bool) -> int:

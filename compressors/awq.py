@@ -165,7 +165,7 @@ class InputStats:
 
 def collect_inputs(layer: LayerContext, readers: dict[str, nn.Module], max_tokens: int) -> dict[str, InputStats]:
     """One calibration pass through the fp layer, summarising each reader module's input."""
-    total = sum(item.hidden.shape[0] * item.hidden.shape[1] for item in layer.inputs or [])
+    total = sum(item.shape[0] * item.shape[1] for item in layer.inputs or [])  # shapes only: no batch is read
     stride = max(1, math.ceil(total / max_tokens))
     abs_sums: dict[str, torch.Tensor] = {}
     grams: dict[str, torch.Tensor] = {}

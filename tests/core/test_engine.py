@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from compress.activations import layer_inputs
 from compress.context import RunContext
 from compress.engine import LayerContext, SweepStep, capture_layer_inputs, input_groups, run_sweep
 from compress.model_io import load_model
@@ -38,7 +39,7 @@ def test_layer_inputs_match_full_forward(models, family):
         got = torch.cat([item.hidden for item in inputs])
         torch.testing.assert_close(got, full[index], rtol=1e-4, atol=1e-5)
         ctx = LayerContext(index, f"{handle.layers_prefix}.{index}", layer, inputs, run)
-        inputs = [type(item)(out, item.kwargs) for out, item in zip(ctx.forward(), inputs)]
+        inputs = layer_inputs(ctx.forward(), [item.kwargs for item in inputs])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

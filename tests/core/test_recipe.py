@@ -167,3 +167,24 @@ def test_calibrated_pass_needs_calibration_section(folder):
     text = VALID.replace("calibration: {dataset: text.txt, samples: 4, seq_len: 32}\n", "").replace("- rtn:", "- awq:")
     [error] = errors_of(text, folder)
     assert "passes[0].awq: pass 'awq' needs calibration data: add a `calibration:` section" in error
+
+
+def with_calibration(keys: str) -> str:
+    return VALID.replace("samples: 4, seq_len: 32}", f"samples: 4, seq_len: 32, {keys}}}")
+
+
+def test_offload_must_be_a_known_place(folder):
+    [error] = errors_of(with_calibration("offload: ram"), folder)
+    assert error == "r.yaml:2 calibration.offload: expected 'auto', 'device', 'cpu' or 'disk', got 'ram'"
+
+
+def test_offload_dir_is_only_for_disk_offload(folder):
+    [error] = errors_of(with_calibration("offload: cpu, offload_dir: scratch"), folder)
+    assert error == ("r.yaml:2 calibration.offload_dir: only `offload: disk` or `auto` writes activations to disk, "
+                     "and this recipe sets `offload: cpu`; remove offload_dir or change offload")
+
+
+def test_offload_defaults_to_auto_and_its_folder_resolves_against_the_recipe(folder):
+    assert parse_recipe(VALID, base_dir=folder).calibration.offload == "auto"
+    recipe = parse_recipe(with_calibration("offload: disk, offload_dir: scratch"), base_dir=folder)
+    assert recipe.calibration.offload_dir == str((folder / "scratch").resolve())

@@ -74,8 +74,8 @@ def test_interrupted_then_killed_run_resumes_bit_identically(workdir):
     assert killed.returncode == -9, killed.stderr
     assert sorted(p.name for p in (checkpoints / "sweep-0").iterdir()) == ["layer-0000", "layer-0001"]
     # Only the newest finished layer keeps the next layer's inputs.
-    assert not (checkpoints / "sweep-0" / "layer-0000" / "inputs.safetensors").exists()
-    assert (checkpoints / "sweep-0" / "layer-0001" / "inputs.safetensors").exists()
+    assert not (checkpoints / "sweep-0" / "layer-0000" / "inputs").exists()
+    assert (checkpoints / "sweep-0" / "layer-0001" / "inputs" / "batch-00000.safetensors").exists()
 
     # Without --resume the leftovers are not silently discarded.
     runner_output = CliRunner().invoke(__import__("cli.main", fromlist=["app"]).app,
