@@ -21,6 +21,7 @@ the comparison written when the trials are done (compress/sweep_compare.py).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -33,8 +34,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -133,7 +135,11 @@ def _short_key(key: str) -> str:
 
 
 def expand_trials(config: SweepFile, base_dir: Path) -> list[Trial]:
-    """The cartesian product of models x grid values, in a stable order with readable ids."""
+    """The cartesian product of models x grid values, in a stable order with readable ids.
+
+    An id depends only on the trial's own model and values, not on its position, so adding a value to the grid
+    later keeps the finished trials' folders (a re-launch skips them) instead of renumbering everything.
+    """
     models: list[str | None] = list(config.models) if config.models else [None]
     keys = list(config.grid)
     trials: list[Trial] = []
@@ -145,8 +151,14 @@ def expand_trials(config: SweepFile, base_dir: Path) -> list[Trial]:
             label = "-".join(f"{_short_key(k)}{_slug(str(v))}" for k, v in zip(keys, values)) or "base"
             if len(models) > 1:
                 label = f"{_slug(Path(model).name if model else 'model')}-{label}"
-            trials.append(Trial(len(trials), f"t{len(trials):03d}-{label}", model, overrides))
-    return trials
+            trials.append(Trial(len(trials), label, model, overrides))
+    counts = Counter(t.id for t in trials)
+    # labels are cut to readable lengths; where two collide, a digest of the trial's own settings tells them apart
+    return [t if counts[t.id] == 1 else replace(t, id=f"{t.id}-{_digest(t)}") for t in trials]
+
+
+def _digest(trial: Trial) -> str:
+    return hashlib.sha256(json.dumps([trial.model, list(trial.overrides)]).encode()).hexdigest()[:8]
 
 
 # ---------------------------------------------------------------------------------------------------

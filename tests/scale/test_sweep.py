@@ -197,7 +197,7 @@ def test_failed_trial_does_not_stop_the_others(tmp_path):
     rows = json.loads(result.stdout)
     assert [r["status"] for r in rows] == ["ok", "failed"]
     good, bad = sweeps.load_sweep(path).trials
-    assert bad.id == "t001-broken-bits4" and rows[1]["id"] == bad.id and rows[1]["error"]
+    assert bad.id == "broken-bits4" and rows[1]["id"] == bad.id and rows[1]["error"]
     assert f"{bad.id}: FAILED" in result.stderr and f"1 of 2 trials failed: {bad.id}" in result.stderr
     assert (tmp_path / "out" / "trials" / good.id / "report.json").is_file()
     assert not (tmp_path / "out" / "trials" / bad.id).exists()
@@ -511,3 +511,16 @@ def test_make_sweep_runs_the_shipped_example():
     dry = subprocess.run(["make", "-n", "sweep", "SWEEP_FLAGS=--dry-run"], cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert "compress sweep scripts/sweep-demo.yaml --dry-run" in dry.stdout
+
+
+def test_trial_ids_survive_a_grown_grid(tmp_path):
+    """Adding a value to the grid must not rename (and so re-run) the trials that already finished."""
+    def ids(grid):
+        return [t.id for t in sweeps.expand_trials(sweeps.SweepFile(recipe="r.yaml", grid=grid), tmp_path)]
+
+    before = ids({"passes[0].rtn.bits": [3, 4], "passes[0].rtn.group_size": [64]})
+    after = ids({"passes[0].rtn.bits": [2, 3, 4], "passes[0].rtn.group_size": [64]})
+    assert before == ["bits3-group_size64", "bits4-group_size64"] and set(before) < set(after)
+    # labels that collide after slugging keep readable stems and differ by a digest of their own settings
+    clash = ids({"passes[0].rtn.ignore": [["a b"], ["a_b"]]})
+    assert len(set(clash)) == 2 and all(i.startswith("ignorea-b-") for i in clash)
