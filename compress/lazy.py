@@ -18,6 +18,7 @@ up front, and only layer passes (no whole-model passes) can run on a lazy model.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -124,6 +125,7 @@ class LazyWeights:
         """Put the parameters back on `meta`, releasing their memory (shapes and dtypes stay)."""
         for group in _tied_groups(root) if groups is None else groups:
             _assign(root, group, torch.empty_like(root.get_parameter(group[0]), device="meta"))
+        return_freed_memory()
 
     @staticmethod
     def _key(prefix: str, name: str) -> str:
@@ -217,6 +219,28 @@ class LazyWeights:
         if save_tokenizer is not None:
             save_tokenizer(self.writer.folder)
         return self.writer.finish()
+
+
+def return_freed_memory() -> None:
+    """Give the host memory freed with a layer back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+    glibc serves allocations below its mmap threshold from its heaps, and raises that threshold (up to 32 MB)
+    each time a larger block is freed, so a layer's 4-16 MB tensors come from the heaps; freed there, they stay
+    in the process. A lazy GPTQ run over 40 layers of a 2048-wide model peaked at 3.95 GiB RSS without this,
+    1.04 GiB with it (0.87 GiB with the threshold pinned by MALLOC_MMAP_THRESHOLD_), and 290 such layers
+    reached 19.5 GiB: memory grew with the model, not with a layer.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def resolve_local(ref: str) -> Path:
