@@ -49,17 +49,16 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def shards_digest(files: list[Path]) -> str:
+def shards_digest(folder: Path) -> str:
     """`weights_digest` of a model written to safetensors shards (a lazy run's output), one tensor in memory at a time.
 
     Tensors are taken in name order, so the digest does not depend on how they were spread over the shards.
     """
     from safetensors import safe_open
 
-    where: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            where.update({name: file for name in handle.keys()})
+    from compress.lazy import checkpoint_files
+
+    where = checkpoint_files(folder)
     digest = hashlib.sha256()
     for name in sorted(where):
         with safe_open(str(where[name]), framework="pt", device="cpu") as handle:

@@ -301,7 +301,7 @@ def run_recipe(
             "size": model_size(handle.model, run.quantized, handle.checkpoint_dtype),
             # a lazy model is on `meta` by now: digest what was written, one tensor at a time
             "weights_sha256": (weights_digest(handle.model) if lazy_model_dir is None
-                               else shards_digest(sorted(lazy_model_dir.glob("*.safetensors")))),
+                               else shards_digest(lazy_model_dir)),
             **run.report_sections,
             "activation_quantization": run.activation_quant,
             "fallbacks": run.fallbacks,
