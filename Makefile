@@ -1,5 +1,7 @@
 # make demo   set up .venv if needed, then compress the shipped demo model offline and print the report path
 # make test   set up .venv if needed, then run the test suite (what CI runs)
+# make test-latest  the suite against the newest releases pyproject.toml allows, in .venv-latest; reports what moved
+# make lock   rewrite constraints.txt from the working .venv (after a green make test-latest: adopt what moved)
 # make bench  benchmarks against the peer (llm-compressor); not part of make test
 # make sweep  a 2 x 2 sweep of RTN variants of the demo model (SWEEP=file, SWEEP_FLAGS='--parallel 2', '--backend ray', '--dry-run')
 #
@@ -12,14 +14,17 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compress-installed
+# The versions the suite is known to pass with (torch excepted: TORCH_SPEC). pyproject.toml keeps ranges for users;
+# make test and CI install inside these pins so a new release cannot turn a fresh machine's suite red.
+CONSTRAINTS ?= constraints.txt
 DEMO_OUT ?= compress-out/demo
 
-.PHONY: venv demo test test-fast typecheck bench bench-scale sweep clean
+.PHONY: venv demo test test-fast test-latest lock typecheck bench bench-scale sweep clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS) -e ".[dev]"
 	@touch $@
 
 venv: $(STAMP)
@@ -40,6 +45,19 @@ test: typecheck
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The scheduled check: a venv of the newest allowed releases, the whole suite, and the versions that moved
+# against constraints.txt (scripts/versions_moved.py). Exit status is the suite's.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	@test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	@$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python scripts/versions_moved.py $(CONSTRAINTS)
+	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q
+
+lock: $(STAMP)
+	$(PY) scripts/versions_moved.py $(CONSTRAINTS) --write
 
 # The peer pins its own transformers range, so it gets a venv of its own and never changes .venv.
 BENCH_VENV ?= .venv-bench

@@ -22,6 +22,7 @@ from compress.modules import DEFAULT_IGNORE
 from compress.registry import StrictConfig, register_pass
 
 BITS = {"int8": 8, "nf4": 4, "fp4": 4}
+BNB_4BIT_BLOCK = 64  # transformers' default bnb_4bit blocksize
 
 
 class BnbConfig(StrictConfig):
@@ -70,13 +71,42 @@ def run_bnb(handle: ModelHandle, cfg: BnbConfig, run: RunContext) -> dict[str, A
             _smoke_forward(model, handle.device)
         except (RuntimeError, ValueError, ImportError, NotImplementedError) as exc:
             raise UserError(f"bitsandbytes {cfg.mode} does not run on {handle.device} here "
-                            f"({type(exc).__name__}: {exc}). 4-bit needs every linear width to be a multiple of "
-                            "the 64-value block; CPU support needs bitsandbytes >= 0.48") from exc
+                            f"(bitsandbytes {_bnb_version()}, {_root_cause(exc)}).{_block_hint(source, cfg)} "
+                            "CPU support needs bitsandbytes >= 0.48") from exc
     model.eval()
     model.config.use_cache = False
     handle.model = model
     return {name: {"mode": cfg.mode, "bits": BITS[cfg.mode], "double_quant": cfg.double_quant}
             for name, module in model.named_modules() if type(module).__module__.startswith("bitsandbytes")}
+
+
+def _bnb_version() -> str:
+    from importlib.metadata import version
+
+    return version("bitsandbytes")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """transformers wraps a failed weight conversion in a generic error; the first exception says what broke."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _block_hint(model: Any, cfg: BnbConfig) -> str:
+    """Name the linears a 4-bit block cannot tile: some releases (0.48 and 0.49 on CPU) refuse them, later ones not.
+
+    Only a hint beside the real exception: what runs is decided by trying, never by a version number.
+    """
+    if cfg.mode == "int8":
+        return ""
+    odd = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+           and module.in_features % BNB_4BIT_BLOCK and not any(part in name for part in cfg.ignore)]
+    if not odd:
+        return ""
+    return (f" {len(odd)} linears have an input width that is not a multiple of the {BNB_4BIT_BLOCK}-value 4-bit "
+            f"block ({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}), which some releases cannot quantize "
+            "on this device.")
 
 
 def _smoke_forward(model: Any, device: torch.device) -> None:

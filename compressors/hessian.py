@@ -33,9 +33,12 @@ class HessianAccumulator:
 
     `n` counts sequences, not tokens, exactly like the reference `add_batch`, so `loss` values compare with it.
 
-    The sum is kept in float64 by default. Each batch's X^T X is a float32 matmul, and float64 adds those float32
-    terms exactly in practice (53 bits hold a few float32 terms of similar size without rounding), so the sum,
-    and the float32 H read from it, do not depend on the order the batches arrive in. Data-parallel
+    The sum is kept in float64 by default. Each *window's* X^T X is a float32 matmul over that window's tokens
+    (never over a whole batch: the grouping of tokens would change the float32 rounding, so halving the batches
+    after an out-of-memory error, or another `calibration.batch_size`, would change the codes), and float64 adds
+    those float32 terms exactly in practice (53 bits hold a few float32 terms of similar size without rounding),
+    so the sum, and the float32 H read from it, depend neither on the batching nor on the order the batches
+    arrive in. Data-parallel
     calibration (compress/distributed.py) relies on this: ranks that each sum a share of the batches then add
     their sums reproduce the single-process Hessian bit for bit, so GPTQ gives the very same codes.
     `dtype=torch.float32` halves the accumulator's memory (d^2 x 4 bytes instead of 8) at the cost of that.
@@ -50,13 +53,14 @@ class HessianAccumulator:
         """Fold in one batch of inputs (..., columns); every leading dim but the last token dim counts as samples."""
         if self.total is None:
             raise RuntimeError("this Hessian was already read; accumulate into a new HessianAccumulator")
-        batch = inputs.shape[0] if inputs.dim() > 2 else 1
-        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, columns)
-        if self.total.dtype == torch.float32:
-            self.total.addmm_(x.t(), x)
-        else:
-            self.total.add_(x.t() @ x)  # float32 product, float64 sum (see the class docstring)
-        self.samples += batch
+        windows = inputs.reshape(-1, *inputs.shape[-2:]) if inputs.dim() > 2 else inputs.unsqueeze(0)
+        for window in windows:  # (tokens, columns): one product per window, whatever the batching
+            x = window.float()
+            if self.total.dtype == torch.float32:
+                self.total.addmm_(x.t(), x)
+            else:
+                self.total.add_(x.t() @ x)  # float32 product, float64 sum (see the class docstring)
+        self.samples += inputs.shape[0] if inputs.dim() > 2 else 1
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -135,7 +135,9 @@ def input_sq_norms(layer: LayerContext, modules: dict[str, nn.Module]) -> dict[s
              for name, m in modules.items()}
 
     def add(name: str, x: torch.Tensor) -> None:
-        norms[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
+        windows = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x.unsqueeze(0)
+        for window in windows:  # per window, as the Hessian sums: the batching cannot change a bit
+            norms[name] += window.float().pow(2).sum(dim=0)
 
     layer.observe(modules, add, stop_early=True)
     for total in norms.values():

@@ -239,6 +239,17 @@ def test_hessian_does_not_depend_on_batch_order_or_grouping():
     torch.testing.assert_close(single.hessian, forward.hessian, rtol=1e-5, atol=1e-6)
 
 
+def test_hessian_does_not_depend_on_how_windows_are_batched():
+    """The out-of-memory retry halves the batches: the same windows in batches of 8 or of 1 give the same bits."""
+    windows = correlated_inputs(tokens=8 * 64).reshape(8, 64, 32) * 3.7
+    whole, singles = HessianAccumulator(32, torch.device("cpu")), HessianAccumulator(32, torch.device("cpu"))
+    whole.add(windows)
+    for window in windows.split(1):
+        singles.add(window)
+    assert whole.samples == singles.samples == 8
+    assert torch.equal(whole.hessian, singles.hessian)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config and the pass on a tiny Llama
 

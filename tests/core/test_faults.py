@@ -49,8 +49,10 @@ def test_out_of_memory_retries_the_layer_with_half_batches(setup, tiny_llama, te
     errors = {fqn: r["weight_rel_error"] for fqn, r in result.modules["passes[0].gptq"].items()}
     expected = {fqn: r["weight_rel_error"] for fqn, r in reference.modules["passes[0].gptq"].items()}
     assert errors.keys() == expected.keys()
-    for fqn in errors:  # the same Hessians summed in another order: equal up to float rounding, not re-quantized
-        assert errors[fqn] == pytest.approx(expected[fqn], rel=1e-3), fqn
+    # Hessians are summed one window at a time, so halved batches give the very same statistics and codes
+    assert errors == expected
+    for (name, retried), (_, unfailed) in zip(handle.model.state_dict().items(), reference_handle.model.state_dict().items()):
+        assert torch.equal(retried, unfailed), name
 
 
 def test_out_of_memory_with_single_windows_gives_up_with_advice(setup):
