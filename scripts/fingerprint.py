@@ -50,7 +50,7 @@ def run_case(args: list[str], scratch: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     compress = shutil.which("compress", path=str(Path(sys.executable).parent)) or "compress"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([compress, "--quiet", "run", *args, "--output", str(out)], env=env, cwd=REPO,
+    done = subprocess.run([compress, "run", *args, "--output", str(out), "--quiet"], env=env, cwd=REPO,
                           capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
