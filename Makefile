@@ -38,7 +38,7 @@ sweep: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/compress sweep $(SWEEP) $(SWEEP_FLAGS)
 
 typecheck: $(STAMP)
-	$(PY) -m mypy compress cli compressors evaluators recipes
+	$(PY) -m mypy -p compress
 
 test: typecheck
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

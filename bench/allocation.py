@@ -31,14 +31,14 @@ import typer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compress.context import RunContext  # noqa: E402
-from compress.data import load_text, sample_windows, tokenize_text  # noqa: E402
-from compress.model_io import ModelHandle, load_model  # noqa: E402
-from compress.recipe import parse_recipe  # noqa: E402
-from compress.runner import run_passes  # noqa: E402
-from compressors.allocate import AllocateConfig, compute_sensitivities  # noqa: E402
-from compressors.gptq import GPTQConfig  # noqa: E402
-from evaluators.perplexity import perplexity_of  # noqa: E402
+from compress.engine.context import RunContext  # noqa: E402
+from compress.engine.data import load_text, sample_windows, tokenize_text  # noqa: E402
+from compress.engine.model_io import ModelHandle, load_model  # noqa: E402
+from compress.recipe.schema import parse_recipe  # noqa: E402
+from compress.app.runner import run_passes  # noqa: E402
+from compress.compressors.allocate import AllocateConfig, compute_sensitivities  # noqa: E402
+from compress.compressors.gptq import GPTQConfig  # noqa: E402
+from compress.evaluators.perplexity import perplexity_of  # noqa: E402
 
 DEMO = REPO / "recipes" / "demo"
 SEQ_LEN = 512

@@ -19,8 +19,8 @@ import torch
 import typer
 from rich.table import Table
 
-from compress.quant import PerGroup, QuantSpec
-from compressors.gptq import HessianAccumulator, gptq_quantize
+from compress.quant.primitives import PerGroup, QuantSpec
+from compress.compressors.gptq import HessianAccumulator, gptq_quantize
 
 BATCH_SEQUENCES, SEQ_LEN = 8, 512  # one engine calibration batch: 4,096 tokens
 IN_FEATURES = 4096

@@ -64,7 +64,7 @@ def run_mode(model: Path, mode: str, work: Path, samples: int, seq_len: int, bat
     out = work / f"out-{mode}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", str(recipe), "--output", str(out), "--quiet"],
+    proc = subprocess.run([sys.executable, "-m", "compress.cli.main", "run", str(recipe), "--output", str(out), "--quiet"],
                           env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.time() - start
     if proc.returncode != 0:

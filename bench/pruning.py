@@ -26,11 +26,11 @@ import torch
 import typer
 from rich.console import Console
 
-from compress.context import RunContext
-from compress.data import load_text, sample_windows, tokenize_text
-from compress.model_io import load_model
-from compress.recipe import parse_recipe
-from compress.runner import run_passes
+from compress.engine.context import RunContext
+from compress.engine.data import load_text, sample_windows, tokenize_text
+from compress.engine.model_io import load_model
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_passes
 
 from tools import CALIBRATION_BATCH, Outcome, Setup, _describe, _peer_loader, peer_version
 

@@ -26,8 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from compress.checkpoint import FAULT_ENV, checkpoint_dir_for  # noqa: E402
-from compress.data import load_text, sample_windows, tokenize_text  # noqa: E402
+from compress.engine.checkpoint import FAULT_ENV, checkpoint_dir_for  # noqa: E402
+from compress.engine.data import load_text, sample_windows, tokenize_text  # noqa: E402
 
 SAMPLES, SEQ_LEN, EVAL_WINDOWS = 32, 512, 16
 DEMO = REPO / "recipes" / "demo"
@@ -45,7 +45,7 @@ def ours(workdir: Path, output: str, *extra: str, fault: str | None = None) -> t
     if fault:
         env[FAULT_ENV] = fault
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cli.main", "run", "recipe.yaml", "--output", output, "--quiet", *extra],
+    done = subprocess.run([sys.executable, "-m", "compress.cli.main", "run", "recipe.yaml", "--output", output, "--quiet", *extra],
                           cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode not in (0, -9):
@@ -62,7 +62,7 @@ def peer_seconds() -> float | None:
     from schemes import SCHEMES
     from tools import Setup, run_peer
 
-    from compress.model_io import load_model
+    from compress.engine.model_io import load_model
 
     handle = load_model(str(DEMO / "model"), dtype="float32", device="cpu")
     windows = sample_windows(tokenize_text(handle.tokenizer, load_text(DEMO / "calib.txt")), SAMPLES, SEQ_LEN, 0)

@@ -23,8 +23,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress.data import load_text, sample_windows, tokenize_text
-from compress.model_io import load_model
+from compress.engine.data import load_text, sample_windows, tokenize_text
+from compress.engine.model_io import load_model
 
 import gptq_layer
 from schemes import NOTES, SCHEMES

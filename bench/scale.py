@@ -61,7 +61,7 @@ def generate_checkpoint(folder: Path, name: str, seed: int = 0) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from compress.shards import ShardWriter
+    from compress.engine.shards import ShardWriter
     from tests.tiny_models import save_tokenizer
 
     config = LlamaConfig(**CONFIGS[name], bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
@@ -105,7 +105,7 @@ def run_compress(model: Path, method: str, work: Path, samples: int, seq_len: in
     out = work / f"out-{method}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(recipe), "--output", str(out), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli.main", "run", str(recipe), "--output", str(out), "--quiet"],
                             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     polled_peak = 0  # VmHWM from /proc while it runs: the peak so far even if the time limit stops it
     while proc.poll() is None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from compress.context import RunContext
-from compress.model_io import ModelHandle, load_model
-from compress.recipe import parse_recipe
-from compress.runner import run_passes
-from evaluators.perplexity import perplexity_of
+from compress.engine.context import RunContext
+from compress.engine.model_io import ModelHandle, load_model
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_passes
+from compress.evaluators.perplexity import perplexity_of
 
 from schemes import Scheme
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from compress.model_io import load_model  # noqa: E402
-from evaluators.lm_eval_adapter import run_lm_eval  # noqa: E402
-from evaluators.zero_shot import load_task, model_max_length, score_task  # noqa: E402
+from compress.engine.model_io import load_model  # noqa: E402
+from compress.evaluators.lm_eval_adapter import run_lm_eval  # noqa: E402
+from compress.evaluators.zero_shot import load_task, model_max_length, score_task  # noqa: E402
 
 DEMO_MODEL = REPO / "recipes" / "demo" / "model"
 

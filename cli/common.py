@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from compress.errors import ExitCode, UserError
+from compress.recipe.errors import ExitCode, UserError
+
+if TYPE_CHECKING:
+    from compress.recipe.schema import Recipe
 
 err_console = Console(stderr=True)
+
+
+def register_builtins() -> None:
+    """Register the built-in passes and evaluators, on first use: `compress --help` must not pay for torch."""
+    import compress.app.builtins  # noqa: F401
+
+
+def load_recipe(*args: Any, **kwargs: Any) -> "Recipe":
+    """`compress.recipe.schema.load_recipe` with the built-ins registered, so their names and configs validate."""
+    register_builtins()
+    from compress.recipe.schema import load_recipe as load
+
+    return load(*args, **kwargs)
 
 
 @contextlib.contextmanager

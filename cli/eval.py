@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from cli.common import err_console, exit_codes
+from compress.cli.common import err_console, exit_codes
 
 EPILOG = (
     "Examples:\n\n"
@@ -46,11 +46,14 @@ def evaluate(
     with exit_codes(verbose):
         from pydantic import ValidationError
 
-        from compress.context import RunContext
-        from compress.errors import UserError
-        from compress.model_io import DTYPES, load_model
-        from compress.progress import Reporter
-        from compress.registry import StrictConfig, available_evaluators
+        from compress.engine.context import RunContext
+        from compress.recipe.errors import UserError
+        from compress.engine.model_io import DTYPES, load_model
+        from compress.engine.progress import Reporter
+        from compress.cli.common import register_builtins
+        from compress.recipe.registry import StrictConfig, available_evaluators
+
+        register_builtins()
 
         if dtype != "auto" and dtype not in DTYPES:
             raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
@@ -74,7 +77,7 @@ def evaluate(
 
         for name, config in steps:  # a missing or malformed task file is reported before the model loads
             if name == "zero_shot":
-                from evaluators.zero_shot import ZeroShotConfig, check_task_files
+                from compress.evaluators.zero_shot import ZeroShotConfig, check_task_files
 
                 assert isinstance(config, ZeroShotConfig)
                 check_task_files(config)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import err_console, exit_codes
+from compress.cli.common import err_console, exit_codes
 
 EPILOG = (
     "Examples:\n\n"
@@ -30,9 +30,9 @@ def export(
 ) -> None:
     """Save a compressed run as a compressed-tensors, GPTQ, dense or bitsandbytes checkpoint (atomically)."""
     with exit_codes(verbose):
-        from compress.errors import UserError
+        from compress.recipe.errors import UserError
         from compress.export import export_run
-        from compress.export.config import FORMATS
+        from compress.recipe.export_config import FORMATS
 
         if fmt not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import err_console, exit_codes
+from compress.cli.common import err_console, exit_codes
 
 EPILOG = (
     "Examples:\n\n"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from cli import eval as eval_cmd
-from cli import export as export_cmd
-from cli import inspect as inspect_cmd
-from cli import recipes as recipes_cmd
-from cli import report as report_cmd
-from cli import run as run_cmd
-from cli import sensitivity as sensitivity_cmd
-from cli import sweep as sweep_cmd
+from compress.cli import eval as eval_cmd
+from compress.cli import export as export_cmd
+from compress.cli import inspect as inspect_cmd
+from compress.cli import recipes as recipes_cmd
+from compress.cli import report as report_cmd
+from compress.cli import run as run_cmd
+from compress.cli import sensitivity as sensitivity_cmd
+from compress.cli import sweep as sweep_cmd
 
 app = typer.Typer(
     name="compress",

@@ -8,10 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.common import err_console, exit_codes
-from compress.errors import RecipeError
-from compress.recipe import load_recipe
-from recipes import resolve_recipe_path, shipped_recipes
+from compress.cli.common import err_console, exit_codes, load_recipe
+from compress.recipe.errors import RecipeError
+from compress.recipes import resolve_recipe_path, shipped_recipes
 
 VALIDATE_EPILOG = (
     "Examples:\n\n"

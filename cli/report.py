@@ -9,8 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from cli.common import err_console, exit_codes
-from compress.errors import UserError
+from compress.cli.common import err_console, exit_codes
+from compress.recipe.errors import UserError
 
 REPORT_EPILOG = "Example:\n\n  compress report compress-out/demo      # rewrites report.md and report.html from report.json"
 COMPARE_EPILOG = (
@@ -38,8 +38,8 @@ def report(
 ) -> None:
     """Re-render report.md and report.html of a run from its report.json."""
     with exit_codes():
-        from compress.html_report import write_html_report
-        from compress.report import render_markdown
+        from compress.report.html import write_html_report
+        from compress.report.summary import render_markdown
 
         data = read_report(run_dir)
         (run_dir / "report.md").write_text(render_markdown(data), encoding="utf-8")
@@ -54,7 +54,7 @@ def compare(
 ) -> None:
     """One table of several runs: size, bits per weight, each metric, time (and perplexity against size in --html)."""
     with exit_codes():
-        from compress.html_report import compare_rows, render_compare_html
+        from compress.report.html import compare_rows, render_compare_html
 
         runs = [(str(path), read_report(path)) for path in run_dirs]
         header, rows = compare_rows(runs)

@@ -11,11 +11,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import err_console, exit_codes
-from compress.errors import ExitCode
-from compress.progress import Reporter
-from compress.recipe import Recipe, dump_yaml, load_recipe
-from recipes import resolve_recipe_path
+from compress.cli.common import err_console, exit_codes, load_recipe
+from compress.recipe.errors import ExitCode
+from compress.engine.progress import Reporter
+from compress.recipe.schema import Recipe, dump_yaml
+from compress.recipes import resolve_recipe_path
 
 EPILOG = (
     "Examples:\n\n"
@@ -42,7 +42,7 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 
 
 def interrupted_message(recipe: str, target: Path, set_: list[str], model: str | None) -> str:
-    from compress.checkpoint import checkpoint_dir_for
+    from compress.engine.checkpoint import checkpoint_dir_for
 
     checkpoints = checkpoint_dir_for(target)
     if not checkpoints.exists():
@@ -56,7 +56,7 @@ def default_output(recipe_path: Path) -> Path:
 
 
 def describe_plan(recipe: Recipe) -> dict:
-    from compress.runner import plan_stages
+    from compress.app.runner import plan_stages
 
     return {
         "recipe": recipe.to_dict(),
@@ -94,7 +94,7 @@ def run(
                 typer.echo(dump_yaml(plan))
             return
         target = output or default_output(recipe_path)
-        from compress.runner import run_recipe  # heavy imports (transformers) only when running
+        from compress.app.runner import run_recipe  # heavy imports (transformers) only when running
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         # A batch scheduler's SIGTERM (preemption, time limit) stops the run the way Ctrl-C does.
@@ -110,7 +110,7 @@ def run(
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         elif not quiet:
-            from compress.report import summary_table
+            from compress.report.summary import summary_table
 
             err_console.print(summary_table(report))
             err_console.print(f"Report: {target / 'report.md'}  (JSON: {target / 'report.json'})", highlight=False)

@@ -8,10 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import err_console, exit_codes
-from compress.progress import Reporter
-from compress.recipe import load_recipe
-from recipes import resolve_recipe_path
+from compress.cli.common import err_console, exit_codes, load_recipe
+from compress.engine.progress import Reporter
+from compress.recipes import resolve_recipe_path
 
 EPILOG = (
     "Examples:\n\n"
@@ -38,7 +37,7 @@ def sensitivity(
     """
     with exit_codes(verbose):
         parsed = load_recipe(resolve_recipe_path(recipe), overrides=set_ or [], model=model)
-        from compressors.allocate import recipe_sensitivities  # heavy imports only when running
+        from compress.app.sensitivity import recipe_sensitivities  # heavy imports only when running
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         with reporter.status("estimating sensitivities"):

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from cli.common import err_console, exit_codes
-from compress.errors import ExitCode, UserError
+from compress.cli.common import err_console, exit_codes
+from compress.recipe.errors import ExitCode, UserError
 
 if TYPE_CHECKING:
-    from compress.sweep import Status, Sweep
+    from compress.app.sweep import Status, Sweep
 
 EPILOG = (
     "Examples:\n\n"
@@ -42,7 +42,7 @@ def sweep(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
 ) -> None:
     """Run a sweep of recipe variants and compare them (size vs. metrics, Pareto plot)."""
-    from compress import sweep as sweeps
+    from compress.app import sweep as sweeps
 
     with exit_codes(verbose):
         spec = sweeps.load_sweep(sweep_file, output=output)
@@ -61,7 +61,7 @@ def sweep(
 
 
 def _run_one(spec: Sweep, index: int, as_json: bool) -> None:
-    from compress import sweep as sweeps
+    from compress.app import sweep as sweeps
 
     if not 0 <= index < len(spec.trials):
         raise UserError(f"--only {index}: the sweep has trials 0..{len(spec.trials) - 1}")
@@ -101,7 +101,7 @@ def _print_status(status: Status) -> None:
 
 
 def _launch(spec: Sweep, backend: str, parallel: int | None, address: str | None) -> dict[str, Status]:
-    from compress import sweep as sweeps
+    from compress.app import sweep as sweeps
 
     todo = sweeps.pending(spec)
     stale = [t for t in todo if spec.state(t) == "stale"]
@@ -122,7 +122,7 @@ def _launch(spec: Sweep, backend: str, parallel: int | None, address: str | None
 
 
 def _compare(spec: Sweep, statuses: dict[str, Status], as_json: bool) -> None:
-    from compress.sweep_compare import render_compare, write_compare
+    from compress.app.sweep_compare import render_compare, write_compare
 
     rows = write_compare(spec, statuses)
     if as_json:
@@ -139,7 +139,7 @@ def _compare(spec: Sweep, statuses: dict[str, Status], as_json: bool) -> None:
 
 
 def _slurm(spec: Sweep, submit: bool, as_json: bool) -> None:
-    from compress import sweep as sweeps
+    from compress.app import sweep as sweeps
 
     todo = [t.index for t in sweeps.pending(spec)]
     if not todo:

@@ -6,7 +6,7 @@ cheapest plan within the budget (compressors/bit_allocation.py), and writes `run
 the report's "allocation" section (plan, costs, budget vs. used, Pareto frontier). `quantize_plan` reads a
 hand-edited plan file instead.
 
-Size accounting is `compress.quant.storage_bits`, the function the report's `size` uses: codes plus 16-bit scales
+Size accounting is `compress.quant.primitives.storage_bits`, the function the report's `size` uses: codes plus 16-bit scales
 (and zero points when asymmetric) per group. The budget covers the weights the following quantizer stores; the
 rest of the model (embeddings, norms, lm_head) is unchanged and counted in `size` as before.
 """
@@ -23,17 +23,17 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from compress.bit_plan import bits_for, check_plan_names, dump_plan, read_plan
-from compress.context import RunContext
-from compress.engine import model_on_device
-from compress.errors import UserError
-from compress.model_io import ModelHandle
-from compress.modules import find_linears, matches, select, weight_matrix
-from compress.quant import QuantSpec, storage_bits
-from compress.registry import StrictConfig, register_pass
-from compressors import sensitivity as sens
-from compressors.base import WeightQuantConfig
-from compressors.bit_allocation import (
+from compress.quant.bit_plan import bits_for, check_plan_names, dump_plan, read_plan
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import model_on_device
+from compress.recipe.errors import UserError
+from compress.engine.model_io import ModelHandle
+from compress.quant.modules import find_linears, matches, select, weight_matrix
+from compress.quant.primitives import QuantSpec, storage_bits
+from compress.recipe.registry import StrictConfig, register_pass
+from compress.compressors import sensitivity as sens
+from compress.compressors.base import WeightQuantConfig
+from compress.compressors.bit_allocation import (
     Allocation,
     FrontierPoint,
     InfeasibleBudget,
@@ -417,35 +417,3 @@ def run_quantize_plan(handle: ModelHandle, cfg: QuantizePlanConfig, run: RunCont
             run.bit_plan[name] = quantizer.spec(bits)
             results[name] = {"bits": bits}
     return results
-
-
-# ---------------------------------------------------------------------------------------------------
-# `compress sensitivity`
-
-
-def recipe_sensitivities(recipe: Any, *, allow_pickle: bool = False, reporter: Any = None) -> dict[str, Any]:
-    """Load the recipe's model, apply the passes before its first `allocate`, and return that pass's sensitivities
-    (the document `allocate: {sensitivity_file: ...}` reads back), without quantizing anything."""
-    from compress.model_io import load_model
-    from compress.progress import SILENT
-    from compress.runner import calibration_windows, run_passes
-
-    position = next((i for i, s in enumerate(recipe.passes) if s.name == "allocate"), None)
-    if position is None:
-        raise UserError("the recipe has no `allocate` pass whose sensitivities could be computed")
-    step = recipe.passes[position]
-    quantizer = next((s.config for s in recipe.passes[position + 1 :] if s.definition.kind == "quantize"), None)
-    if recipe.model is None:
-        raise UserError("no model given: set `model:` in the recipe or pass --model")
-    handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
-                        trust_remote_code=recipe.trust_remote_code)
-    run = RunContext(device=handle.device, reporter=reporter or SILENT, next_quantizer=quantizer)
-    run.calibration = calibration_windows(handle, recipe)
-    if recipe.calibration is not None:
-        run.calibration_batch_size = recipe.calibration.batch_size
-    run_passes(handle, recipe.passes[:position], run)
-    run.next_quantizer = quantizer
-    document = compute_sensitivities(handle, step.config, following_quantizer(run), run)
-    document["model"] = recipe.model
-    document["candidates"] = step.config.candidates
-    return document

@@ -24,12 +24,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.engine import LayerContext
-from compress.modules import matches, weight_matrix
-from compress.quant import QuantSpec, compute_qparams, fake_quantize, group_bounds, quantize_rtn
-from compress.registry import register_pass
-from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
-from compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
+from compress.engine.layer_sweep import LayerContext
+from compress.quant.modules import matches, weight_matrix
+from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds, quantize_rtn
+from compress.recipe.registry import register_pass
+from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
 
 # Query/key errors only show up through the softmax, not in their own outputs, so the reference skips them.
 CLIP_SKIP = ("q_proj", "k_proj", "c_attn", "query_key_value")
@@ -205,7 +205,7 @@ def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, 
         w = clamp_groups(w, limits, spec)
     qweight = keep_pruned_zeros(quantize_rtn(w, spec), layer.run.masks.get(fqn))
     entry.update(write_back(fqn, module, qweight, layer.run))
-    install_activation_quant(fqn, module, cfg.activations, layer.run)
+    install_activation_quant(fqn, module, cfg.activations, layer.run.activation_quant)
     return entry
 
 

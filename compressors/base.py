@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from compress.bit_plan import bits_for, read_plan
-from compress.context import RunContext
-from compress.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
-from compress.quant import (
-    PerChannel,
-    PerGroup,
-    QuantizedWeight,
-    QuantSpec,
-    fake_quantize_per_tensor,
-    fake_quantize_per_token,
-)
-from compress.registry import StrictConfig
-
-
-class ActivationQuantConfig(StrictConfig):
-    """Dynamic symmetric activation fake-quantization of every quantized linear's input (the 'A' in W8A8)."""
-
-    bits: int = Field(8, ge=4, le=8)
-    per: Literal["token", "tensor"] = "token"
+from compress.quant.bit_plan import bits_for, read_plan
+from compress.engine.context import RunContext
+from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
+from compress.quant.activation import ActivationQuantConfig, install_activation_quant  # noqa: F401  (re-exported)
+from compress.quant.primitives import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+from compress.recipe.registry import StrictConfig
 
 
 class WeightQuantConfig(StrictConfig):
     """Uniform integer weight quantization settings shared by rtn, gptq and awq.
 
     group_size: input columns per scale; `null` or -1 means one scale per output channel. A width the group
-    size does not divide gets a shorter last group. plan: a bit plan file (see compress/bit_plan.py) whose
+    size does not divide gets a shorter last group. plan: a bit plan file (see compress/quant/bit_plan.py) whose
     entries override `bits` per module; it wins over a plan from an earlier `allocate` pass.
     """
 
@@ -97,13 +84,3 @@ def write_back(fqn: str, module: nn.Module, qweight: QuantizedWeight, run: RunCo
     run.quantized[fqn] = QuantizedWeight(qweight.codes.cpu(), qweight.scale.cpu(), qweight.zero.cpu(), qweight.spec)
     error = (dequantized - original).norm() / original.norm().clamp_min(1e-12)
     return {**qweight.spec.describe(), "weight_rel_error": round(error.item(), 6)}
-
-
-def install_activation_quant(fqn: str, module: nn.Module, cfg: ActivationQuantConfig | None, run: RunContext) -> None:
-    """Fake-quantize the module's input on every forward (calibration propagation and evaluation alike)."""
-    if cfg is None or fqn in run.activation_quant:
-        return
-    quantize = fake_quantize_per_token if cfg.per == "token" else fake_quantize_per_tensor
-    bits = cfg.bits
-    module.register_forward_pre_hook(lambda _m, args: (quantize(args[0], bits), *args[1:]))
-    run.activation_quant[fqn] = cfg.model_dump()

@@ -15,11 +15,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from compress.context import RunContext
-from compress.errors import UserError
-from compress.model_io import DTYPES, ModelHandle
-from compress.modules import DEFAULT_IGNORE
-from compress.registry import StrictConfig, register_pass
+from compress.engine.context import RunContext
+from compress.recipe.errors import UserError
+from compress.engine.model_io import DTYPES, ModelHandle
+from compress.quant.modules import DEFAULT_IGNORE
+from compress.recipe.registry import StrictConfig, register_pass
 
 BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 BNB_4BIT_BLOCK = 64  # transformers' default bnb_4bit blocksize

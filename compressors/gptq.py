@@ -26,11 +26,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.context import RunContext
-from compress.engine import LayerContext, input_groups
-from compress.errors import UserError
-from compress.modules import weight_matrix
-from compress.quant import (
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import LayerContext, input_groups
+from compress.recipe.errors import UserError
+from compress.quant.modules import weight_matrix
+from compress.quant.primitives import (
     QuantizedWeight,
     QuantSpec,
     codes_dtype,
@@ -40,9 +40,9 @@ from compress.quant import (
     quantize_codes,
     quantize_rtn,
 )
-from compress.registry import register_pass
-from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
-from compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
+from compress.recipe.registry import register_pass
+from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
     HessianAccumulator,
     HessianNotPositiveDefinite,
     HessianOptions,
@@ -250,7 +250,7 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     groups = input_groups(layer, modules)  # before the activation hooks, which give each module its own input copy
     for fqn, module in modules.items():
         # Installed first so the Hessians are built from the (fake-quantized) inputs the model will really see.
-        install_activation_quant(fqn, module, cfg.activations, layer.run)
+        install_activation_quant(fqn, module, cfg.activations, layer.run.activation_quant)
     # true_sequential re-captures inputs per group so each sees the quantized sublayers before it.
     stages = [[g] for g in groups] if cfg.true_sequential else [groups]
     # Modules the probe batch never reached (MoE experts no token was routed to) are still quantized, each

@@ -13,10 +13,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.distributed import all_reduce_sum
-from compress.engine import LayerContext
-from compress.modules import weight_matrix
-from compress.registry import StrictConfig
+from compress.engine.distributed import all_reduce_sum
+from compress.engine.layer_sweep import LayerContext
+from compress.quant.modules import weight_matrix
+from compress.recipe.registry import StrictConfig
 
 # When the damped Hessian is still not positive definite, retry with the dampening multiplied by this factor,
 # at most this many times, before the caller degrades (GPTQ falls back to RTN, SparseGPT to magnitude).
@@ -39,7 +39,7 @@ class HessianAccumulator:
     those float32 terms exactly in practice (53 bits hold a few float32 terms of similar size without rounding),
     so the sum, and the float32 H read from it, depend neither on the batching nor on the order the batches
     arrive in. Data-parallel
-    calibration (compress/distributed.py) relies on this: ranks that each sum a share of the batches then add
+    calibration (compress/engine/distributed.py) relies on this: ranks that each sum a share of the batches then add
     their sums reproduce the single-process Hessian bit for bit, so GPTQ gives the very same codes.
     `dtype=torch.float32` halves the accumulator's memory (d^2 x 4 bytes instead of 8) at the cost of that.
     """

@@ -16,11 +16,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.context import RunContext
-from compress.engine import LayerContext, SweepStep, run_sweep
-from compress.errors import UserError
-from compress.model_io import ModelHandle
-from compress.registry import StrictConfig, register_pass
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
+from compress.recipe.errors import UserError
+from compress.engine.model_io import ModelHandle
+from compress.recipe.registry import StrictConfig, register_pass
 
 
 def block_influence(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> tuple[float, int]:

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from compress.engine import LayerContext
-from compress.modules import weight_matrix
-from compress.registry import register_pass
-from compressors.pruning import PruneConfig, apply_mask, prunable
-from compressors.sparsity import NM, select_mask
+from compress.engine.layer_sweep import LayerContext
+from compress.quant.modules import weight_matrix
+from compress.recipe.registry import register_pass
+from compress.compressors.pruning import PruneConfig, apply_mask, prunable
+from compress.compressors.sparsity import NM, select_mask
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> torch.Tensor:

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from compress.context import RunContext
-from compress.engine import LayerContext, SweepStep, run_sweep
-from compress.model_io import ModelHandle
-from compress.modules import DEFAULT_IGNORE, weight_matrix
-from compress.registry import StrictConfig, register_pass
-from compressors.pruning import input_sq_norms
-from compressors.sparsity import outlier_share, owl_sparsities
-from compressors.wanda import wanda_score
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
+from compress.engine.model_io import ModelHandle
+from compress.quant.modules import DEFAULT_IGNORE, weight_matrix
+from compress.recipe.registry import StrictConfig, register_pass
+from compress.compressors.pruning import input_sq_norms
+from compress.compressors.sparsity import outlier_share, owl_sparsities
+from compress.compressors.wanda import wanda_score
 
 
 class OWLConfig(StrictConfig):

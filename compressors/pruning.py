@@ -9,13 +9,13 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from compress.context import RunContext
-from compress.distributed import all_reduce_sum
-from compress.engine import LayerContext
-from compress.errors import UserError
-from compress.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
-from compress.registry import StrictConfig
-from compressors.sparsity import NM, is_nm, measured_sparsity, parse_pattern
+from compress.engine.context import RunContext
+from compress.engine.distributed import all_reduce_sum
+from compress.engine.layer_sweep import LayerContext
+from compress.recipe.errors import UserError
+from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
+from compress.recipe.registry import StrictConfig
+from compress.compressors.sparsity import NM, is_nm, measured_sparsity, parse_pattern
 
 
 class PruneConfig(StrictConfig):

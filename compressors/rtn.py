@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.engine import LayerContext
-from compress.modules import weight_matrix
-from compress.quant import quantize_rtn
-from compress.registry import register_pass
-from compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+from compress.engine.layer_sweep import LayerContext
+from compress.quant.modules import weight_matrix
+from compress.quant.primitives import quantize_rtn
+from compress.recipe.registry import register_pass
+from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
 
 
 class RTNConfig(WeightQuantConfig):
@@ -28,5 +28,5 @@ def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, Any]:
         qweight = quantize_rtn(weight_matrix(module), spec_for(fqn, cfg, layer.run))
         qweight = keep_pruned_zeros(qweight, layer.run.masks.get(fqn))
         results[fqn] = write_back(fqn, module, qweight, layer.run)
-        install_activation_quant(fqn, module, cfg.activations, layer.run)
+        install_activation_quant(fqn, module, cfg.activations, layer.run.activation_quant)
     return results

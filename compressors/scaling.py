@@ -23,9 +23,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from compress.context import RunContext
-from compress.errors import UserError
-from compress.modules import is_linear, set_weight_matrix, weight_matrix
+from compress.engine.context import RunContext
+from compress.recipe.errors import UserError
+from compress.quant.modules import is_linear, set_weight_matrix, weight_matrix
 
 # (producer, consumers) pairs, relative to the decoder layer, in execution order.
 Layout = tuple[tuple[str, tuple[str, ...]], ...]

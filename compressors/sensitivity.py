@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from compress.modules import set_weight_matrix, weight_matrix
-from compress.quant import QuantSpec, quantize_rtn
+from compress.quant.modules import set_weight_matrix, weight_matrix
+from compress.quant.primitives import QuantSpec, quantize_rtn
 
 HVP = Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]]  # probes -> H v per probe, block by block
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from compress.engine import LayerContext
-from compress.modules import weight_matrix
-from compress.registry import StrictConfig, register_pass
-from compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
+from compress.engine.layer_sweep import LayerContext
+from compress.quant.modules import weight_matrix
+from compress.recipe.registry import StrictConfig, register_pass
+from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
 
 
 class SmoothQuantConfig(StrictConfig):

@@ -18,11 +18,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.context import RunContext
-from compress.engine import LayerContext, input_groups
-from compress.modules import weight_matrix
-from compress.registry import register_pass
-from compressors.hessian import (
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import LayerContext, input_groups
+from compress.quant.modules import weight_matrix
+from compress.recipe.registry import register_pass
+from compress.compressors.hessian import (
     HessianAccumulator,
     HessianOptions,
     HessianNotPositiveDefinite,
@@ -30,9 +30,9 @@ from compressors.hessian import (
     inverse_hessian_factor,
     mark_dead_columns,
 )
-from compressors.magnitude import magnitude_mask
-from compressors.pruning import PruneConfig, apply_mask, prunable
-from compressors.sparsity import NM, nm_mask, topk_mask
+from compress.compressors.magnitude import magnitude_mask
+from compress.compressors.pruning import PruneConfig, apply_mask, prunable
+from compress.compressors.sparsity import NM, nm_mask, topk_mask
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.context import RunContext
-from compress.engine import LayerContext, SweepStep, run_sweep
-from compress.errors import UserError
-from compress.model_io import ModelHandle
-from compress.registry import StrictConfig, register_pass
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
+from compress.recipe.errors import UserError
+from compress.engine.model_io import ModelHandle
+from compress.recipe.registry import StrictConfig, register_pass
 
 Metric = Literal["fluctuation", "magnitude"]
 

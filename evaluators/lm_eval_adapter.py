@@ -32,14 +32,14 @@ from typing import Any
 
 from pydantic import Field
 
-from compress.context import RunContext
-from compress.engine import model_on_device
-from compress.errors import UserError
-from compress.model_io import ModelHandle
-from compress.registry import StrictConfig, register_evaluator
-from evaluators.base import EvalResult
-from evaluators.tasks import TaskDef, registry
-from evaluators.zero_shot import resolve_data_dir
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import model_on_device
+from compress.recipe.errors import UserError
+from compress.engine.model_io import ModelHandle
+from compress.recipe.registry import StrictConfig, register_evaluator
+from compress.recipe.registry import EvalResult
+from compress.evaluators.tasks import TaskDef, registry
+from compress.evaluators.zero_shot import resolve_data_dir
 
 # Our task name -> lm-eval's task YAML, relative to lm_eval/tasks.
 LM_EVAL_YAMLS = {

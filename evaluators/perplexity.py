@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.context import RunContext
-from compress.data import contiguous_windows, dataset_label, load_text, tokenize_text
-from compress.engine import model_on_device
-from compress.errors import UserError
-from compress.model_io import ModelHandle
-from compress.progress import SILENT, Advance, Reporter, no_progress
-from compress.registry import StrictConfig, register_evaluator
-from evaluators.base import EvalResult
+from compress.engine.context import RunContext
+from compress.engine.data import contiguous_windows, dataset_label, load_text, tokenize_text
+from compress.engine.layer_sweep import model_on_device
+from compress.recipe.errors import UserError
+from compress.engine.model_io import ModelHandle
+from compress.engine.progress import SILENT, Advance, Reporter, no_progress
+from compress.recipe.registry import StrictConfig, register_evaluator
+from compress.recipe.registry import EvalResult
 
 PROTOCOL = {"name": "token_ppl", "version": 1, "stride": "seq_len", "joined": "\\n\\n"}
 SLIDING_PROTOCOL = {"name": "token_ppl", "version": 2, "joined": "\\n\\n",

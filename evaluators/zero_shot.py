@@ -43,16 +43,16 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from compress.context import RunContext
-from compress.data import DATA_DIR_ENV
-from compress.engine import model_on_device
-from compress.errors import UserError
-from compress.model_io import ModelHandle
-from compress.progress import SILENT, Advance, Reporter, no_progress
-from compress.registry import StrictConfig, did_you_mean, register_evaluator
-from evaluators.base import EvalResult
-from evaluators.tasks import Doc, TaskDef, registry
-from evaluators.tasks.generic import read_docs
+from compress.engine.context import RunContext
+from compress.engine.data import DATA_DIR_ENV
+from compress.engine.layer_sweep import model_on_device
+from compress.recipe.errors import UserError
+from compress.engine.model_io import ModelHandle
+from compress.engine.progress import SILENT, Advance, Reporter, no_progress
+from compress.recipe.registry import StrictConfig, did_you_mean, register_evaluator
+from compress.recipe.registry import EvalResult
+from compress.evaluators.tasks import Doc, TaskDef, registry
+from compress.evaluators.tasks.generic import read_docs
 
 PROTOCOL = {"name": "lm_eval_loglikelihood", "version": 1, "num_fewshot": 0, "target_delimiter": " ",
             "acc_norm": "sum logprob / len(choice) in characters", "stderr": "sample std / sqrt(n)"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import UserError
+from compress.recipe.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent
 
@@ -38,6 +38,6 @@ def resolve_recipe_path(ref: str) -> Path:
         return shipped[ref]
     if ref.endswith((".yaml", ".yml")) or "/" in ref:
         raise UserError(f"recipe file not found: {ref}")
-    from compress.registry import did_you_mean
+    from compress.recipe.registry import did_you_mean
 
     raise UserError(f"no recipe file or shipped recipe named {ref!r}.{did_you_mean(ref, list(shipped))}")

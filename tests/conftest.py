@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import compress.app.builtins  # noqa: E402,F401  (registers the built-in passes and evaluators)
 from tests.tiny_models import save_tiny_model, synthetic_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cli.main import app
+from compress.cli.main import app
 
 COMMAND = typer.main.get_command(app)
 

@@ -14,7 +14,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
 def compress(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "compress.cli.main", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +96,13 @@ def test_failure_during_run_leaves_no_output(workdir):
 def test_internal_error_exits_1_and_leaves_no_output(workdir, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import compress.runner
-    from cli.main import app
+    import compress.app.runner
+    from compress.cli.main import app
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(compress.runner, "run_passes", boom)
+    monkeypatch.setattr(compress.app.runner, "run_passes", boom)
     monkeypatch.chdir(workdir)
     result = CliRunner().invoke(app, ["run", "good.yaml", "--output", str(tmp_path / "crash")])
     assert result.exit_code == 1

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from compress.recipe import load_recipe
-from recipes import shipped_recipes
+from compress.recipe.schema import load_recipe
+from compress.recipes import shipped_recipes
 from tests.conftest import REPO, SHARED_DATA, requires_demo_model, requires_shared_data
 
 
@@ -26,7 +26,7 @@ def test_demo_recipe_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "run", str(REPO / "recipes" / "demo.yaml"), "--output", str(out), "--json"],
+        [sys.executable, "-m", "compress.cli.main", "run", str(REPO / "recipes" / "demo.yaml"), "--output", str(out), "--json"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr
@@ -41,7 +41,7 @@ def test_demo_recipe_end_to_end(tmp_path):
 @requires_shared_data("wikitext2_raw", "wiki.test.raw")
 def test_demo_recipe_on_wikitext2_from_shared_data(tmp_path):
     """The same recipe pointed at public data through --set: WikiText-2 raw test from ../shared/data."""
-    from compress.runner import run_recipe
+    from compress.app.runner import run_recipe
 
     wiki = SHARED_DATA / "wikitext2_raw" / "wiki.test.raw"
     recipe = load_recipe(REPO / "recipes" / "demo.yaml",

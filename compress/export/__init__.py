@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from compress.errors import UserError
-from compress.export.config import FORMATS, ExportConfig, format_problems
+from compress.recipe.errors import UserError
+from compress.recipe.export_config import FORMATS, ExportConfig, format_problems
 from compress.export.state import CompressedModel, load_state, save_state
-from compress.output import atomic_output
+from compress.engine.output import atomic_output
 
 __all__ = ["ExportConfig", "CompressedModel", "export_checkpoint", "format_problems", "load_state", "save_state"]
 

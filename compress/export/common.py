@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from compress.export.state import CompressedModel, unique_state_dict
-from compress.model_io import DTYPES
+from compress.engine.model_io import DTYPES
 
 WEIGHTS_FILE = "model.safetensors"
 

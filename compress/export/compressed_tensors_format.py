@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import UserError
+from compress.recipe.errors import UserError
 from compress.export.common import export_dtype, plain_tensors, write_config, write_weights
 from compress.export.state import CompressedModel
-from compress.modules import is_linear
-from compress.quant import QuantizedWeight
+from compress.quant.modules import is_linear
+from compress.quant.primitives import QuantizedWeight
 
 PACKED = "pack-quantized"
 INT8 = "int-quantized"

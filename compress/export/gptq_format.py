@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import UserError
+from compress.recipe.errors import UserError
 from compress.export.common import export_dtype, plain_tensors, write_config, write_weights
-from compress.export.config import GPTQ_BITS
+from compress.recipe.export_config import GPTQ_BITS
 from compress.export.state import CompressedModel
-from compress.quant import QuantizedWeight, QuantSpec
+from compress.quant.primitives import QuantizedWeight, QuantSpec
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

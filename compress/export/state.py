@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.errors import UserError
-from compress.model_io import DTYPES
-from compress.quant import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+from compress.recipe.errors import UserError
+from compress.engine.model_io import DTYPES
+from compress.quant.primitives import PerChannel, PerGroup, QuantizedWeight, QuantSpec
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from compress.context import RunContext
+from compress.engine.context import RunContext
 from compress.export.compressed_tensors_format import (
     config_details,
     mask_summary,
@@ -26,8 +26,8 @@ from compress.export.compressed_tensors_format import (
 )
 from compress.export.common import write_config
 from compress.export.state import CompressedModel
-from compress.model_io import ModelHandle
-from compress.shards import ShardWriter
+from compress.engine.model_io import ModelHandle
+from compress.engine.shards import ShardWriter
 
 
 class StreamingCompressedTensors:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from compress import data
-from compress.errors import UserError
+from compress.engine import data
+from compress.recipe.errors import UserError
 
 TaskOutput = Literal["multiple_choice", "last_word"]
 
@@ -95,7 +95,7 @@ def require_gold(record: dict[str, Any], key: str, choices: int, where: str) -> 
 
 def registry() -> dict[str, TaskDef]:
     """Built-in tasks by name (explicit imports: the list below is the whole set)."""
-    from evaluators.tasks import arc, boolq, hellaswag, lambada, piqa, winogrande
+    from compress.evaluators.tasks import arc, boolq, hellaswag, lambada, piqa, winogrande
 
     tasks = [piqa.TASK, arc.ARC_EASY, arc.ARC_CHALLENGE, hellaswag.TASK, winogrande.TASK, boolq.TASK, lambada.TASK]
     return {task.name: task for task in tasks}

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.errors import UserError
-from evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, multiple_choice, require, require_gold, require_strings
+from compress.recipe.errors import UserError
+from compress.evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, multiple_choice, require, require_gold, require_strings
 
 PREFIX = "Question: "
 

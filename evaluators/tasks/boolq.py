@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.errors import UserError
-from evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, multiple_choice, require, require_gold
+from compress.recipe.errors import UserError
+from compress.evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, multiple_choice, require, require_gold
 
 PASSAGE, QUESTION = "Passage: ", "\nQuestion: "
 

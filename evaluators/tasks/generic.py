@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.errors import UserError
-from evaluators.tasks import Doc, jsonl_records, multiple_choice, require, require_gold, require_strings
+from compress.recipe.errors import UserError
+from compress.evaluators.tasks import Doc, jsonl_records, multiple_choice, require, require_gold, require_strings
 
 
 def read_docs(path: Path, target_delimiter: str = " ") -> list[Doc]:

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from compress.errors import UserError
-from evaluators.tasks import Doc, HubSource, TaskDef, multiple_choice
+from compress.recipe.errors import UserError
+from compress.evaluators.tasks import Doc, HubSource, TaskDef, multiple_choice
 
 LINES_PER_ITEM = 6
 

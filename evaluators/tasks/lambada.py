@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, require
+from compress.evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, require
 
 
 def read_local(path: Path) -> list[dict[str, Any]]:

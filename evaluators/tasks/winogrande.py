@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, require, require_gold, require_strings
+from compress.evaluators.tasks import Doc, HubSource, TaskDef, jsonl_records, require, require_gold, require_strings
 
 
 def read_local(path: Path) -> list[dict[str, Any]]:

@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
-from compress.context import RunContext
-from compress.errors import RecipeError, UserError
-from compress.model_io import load_model
-from compress.recipe import parse_recipe
-from compress.report import model_size
-from compress.runner import calibration_windows, run_passes, run_recipe
+from compress.engine.context import RunContext
+from compress.recipe.errors import RecipeError, UserError
+from compress.engine.model_io import load_model
+from compress.recipe.schema import parse_recipe
+from compress.report.summary import model_size
+from compress.app.runner import calibration_windows, run_passes, run_recipe
 from tests.conftest import recipe_text
 
 GROUP = 32  # the tiny model's widths (64, 160) give whole and partial groups
@@ -137,7 +137,7 @@ def test_recipe_checks(tiny_llama, text_file, tmp_path):
 def test_sensitivity_command_saves_costs_that_allocate_reuses_across_budgets(tiny_llama, text_file, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from compress.cli.main import app
 
     recipe = tmp_path / "recipe.yaml"
     passes = f"  - allocate: {{sensitivity: fisher, budget: {{avg_bits: 3.0}}}}\n  - rtn: {{group_size: {GROUP}}}"

@@ -8,8 +8,8 @@ than W3 (see bench/results/allocation.md).
 
 import pytest
 
-from compress.recipe import parse_recipe
-from compress.runner import run_recipe
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_recipe
 from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
 
 # Small on purpose (CI time): both arms get the same GPTQ calibration windows and the same evaluation windows.

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.data import sample_windows, tokenize_text
-from compress.engine import SweepStep, run_sweep
-from compress.errors import UserError
-from compress.model_io import ModelHandle, load_model
-from compress.quant import PerGroup, QuantSpec, quantize_rtn
-from compress.recipe import parse_recipe
-from compress.runner import run_recipe
-from compressors.awq import AWQConfig, awq_search_clip, awq_search_scales, clamp_groups, run_awq
-from compressors.scaling import scale_groups
+from compress.engine.context import RunContext
+from compress.engine.data import sample_windows, tokenize_text
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.recipe.errors import UserError
+from compress.engine.model_io import ModelHandle, load_model
+from compress.quant.primitives import PerGroup, QuantSpec, quantize_rtn
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_recipe
+from compress.compressors.awq import AWQConfig, awq_search_clip, awq_search_scales, clamp_groups, run_awq
+from compress.compressors.scaling import scale_groups
 from tests.conftest import DEMO_DIR, requires_demo_model, recipe_text
 from tests.tiny_models import save_tiny_model, synthetic_text
 

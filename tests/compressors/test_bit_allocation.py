@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from compressors.bit_allocation import (
+from compress.compressors.bit_allocation import (
     InfeasibleBudget,
     Problem,
     UnitOptions,

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from compress.errors import UserError
-from compress.recipe import parse_recipe
-from compress.runner import run_recipe
+from compress.recipe.errors import UserError
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_recipe
 from tests.conftest import recipe_text
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'compress[bnb]')")
@@ -65,11 +65,11 @@ def test_bnb_nf4_follows_what_the_installed_bitsandbytes_does(tiny_llama, text_f
     values = report["metrics"]["perplexity"]["text"]
     assert values["compressed"] != values["baseline"] and abs(values["compressed"] / values["baseline"] - 1) < 0.1
     # the pass holds exactly what bitsandbytes makes of each weight, not a look-alike
-    from compress.model_io import load_model
+    from compress.engine.model_io import load_model
 
     handle = load_model(str(tiny_llama), device="cpu")
-    from compress.context import RunContext
-    from compressors.bnb import BnbConfig, run_bnb
+    from compress.engine.context import RunContext
+    from compress.compressors.bnb import BnbConfig, run_bnb
 
     run_bnb(handle, BnbConfig(mode="nf4"), RunContext(device=handle.device))
     quantized = dict(handle.model.named_modules())

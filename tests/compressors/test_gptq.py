@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.engine import SweepStep, run_sweep
-from compress.errors import RecipeError
-from compress.model_io import load_model
-from compress.modules import find_linears, weight_matrix
-from compress.quant import (
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.recipe.errors import RecipeError
+from compress.engine.model_io import load_model
+from compress.quant.modules import find_linears, weight_matrix
+from compress.quant.primitives import (
     PerChannel,
     PerGroup,
     QuantSpec,
@@ -23,9 +23,9 @@ from compress.quant import (
     quantize_codes,
     quantize_rtn,
 )
-from compress.recipe import parse_recipe
-from compress.runner import run_recipe
-from compressors.gptq import (
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_recipe
+from compress.compressors.gptq import (
     GPTQConfig,
     HessianAccumulator,
     HessianNotPositiveDefinite,
@@ -355,8 +355,8 @@ DEMO_CALIBRATION_SAMPLES = 32
 @pytest.fixture(scope="module")
 def demo():
     """Calibration windows, eval tokens and a perplexity function shared by the demo-model tests."""
-    from compress.data import sample_windows, tokenize_text
-    from evaluators.perplexity import perplexity_of
+    from compress.engine.data import sample_windows, tokenize_text
+    from compress.evaluators.perplexity import perplexity_of
 
     handle = load_model(str(DEMO_MODEL))
     calib = sample_windows(tokenize_text(handle.tokenizer, (DEMO_DIR / "calib.txt").read_text()),
@@ -383,7 +383,7 @@ def demo_ppl(demo, name, pass_fn, cfg, calibrated=True):
 @pytest.mark.slow
 @requires_demo_model()
 def test_demo_gptq_w3_beats_rtn_w3(demo):
-    from compressors.rtn import RTNConfig, run_rtn
+    from compress.compressors.rtn import RTNConfig, run_rtn
 
     rtn = demo_ppl(demo, "rtn_w3", run_rtn, RTNConfig(bits=3, group_size=128), calibrated=False)
     gptq = demo_ppl(demo, "gptq_w3", run_gptq, GPTQConfig(bits=3, group_size=128))

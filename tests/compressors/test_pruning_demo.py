@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.context import RunContext
-from compress.data import sample_windows, tokenize_text
-from compress.model_io import load_model
-from compress.recipe import parse_recipe
-from compress.runner import run_passes
-from evaluators.perplexity import perplexity_of
+from compress.engine.context import RunContext
+from compress.engine.data import sample_windows, tokenize_text
+from compress.engine.model_io import load_model
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_passes
+from compress.evaluators.perplexity import perplexity_of
 from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
 
 # 16 windows of 512 tokens (8k tokens for 256- and 768-wide Hessians) and the first 48 eval windows keep the six

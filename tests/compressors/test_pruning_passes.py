@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.engine import SweepStep, run_sweep
-from compress.errors import RecipeError, UserError
-from compress.model_io import load_model
-from compress.modules import find_linears, weight_matrix
-from compress.recipe import parse_recipe
-from compress.runner import run_passes
-from compressors.magnitude import MagnitudeConfig, run_magnitude
-from compressors.sparsegpt import SparseGPTConfig, run_sparsegpt
-from compressors.sparsity import NM, is_nm
-from compressors.wanda import WandaConfig, run_wanda
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.recipe.errors import RecipeError, UserError
+from compress.engine.model_io import load_model
+from compress.quant.modules import find_linears, weight_matrix
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_passes
+from compress.compressors.magnitude import MagnitudeConfig, run_magnitude
+from compress.compressors.sparsegpt import SparseGPTConfig, run_sparsegpt
+from compress.compressors.sparsity import NM, is_nm
+from compress.compressors.wanda import WandaConfig, run_wanda
 
 PASSES = {"magnitude": (run_magnitude, MagnitudeConfig, False), "wanda": (run_wanda, WandaConfig, True),
           "sparsegpt": (run_sparsegpt, SparseGPTConfig, True)}

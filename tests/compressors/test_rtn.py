@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.data import tokenize_text
-from compress.engine import SweepStep, run_sweep
-from compress.model_io import load_model
-from compressors.rtn import RTNConfig, run_rtn
-from evaluators.perplexity import perplexity_of
+from compress.engine.context import RunContext
+from compress.engine.data import tokenize_text
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.engine.model_io import load_model
+from compress.compressors.rtn import RTNConfig, run_rtn
+from compress.evaluators.perplexity import perplexity_of
 from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
 
 pytestmark = [requires_demo_model(), pytest.mark.slow]

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from compressors.sensitivity import fisher_diagonals, hutchinson_trace, loss_hvp, next_token_loss
+from compress.compressors.sensitivity import fisher_diagonals, hutchinson_trace, loss_hvp, next_token_loss
 
 
 def _tiny_classifier_loss():
@@ -46,7 +46,7 @@ def test_hutchinson_stops_at_max_probes_when_not_settled():
 
 
 def test_fisher_is_the_mean_of_per_window_squared_gradients(tiny_llama):
-    from compress.model_io import load_model
+    from compress.engine.model_io import load_model
 
     handle = load_model(str(tiny_llama), dtype="float32", device="cpu")
     module = handle.model.model.layers[1].mlp.down_proj

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.data import sample_windows, tokenize_text
-from compress.engine import SweepStep, run_sweep
-from compress.model_io import ModelHandle, load_model
-from compress.quant import QuantSpec, fake_quantize_per_token, quantize_rtn
-from compress.recipe import parse_recipe
-from compress.runner import run_recipe
-from compressors.rtn import RTNConfig, run_rtn
-from compressors.smoothquant import SmoothQuantConfig, max_min_ratio, run_smoothquant, smoothing_scales
+from compress.engine.context import RunContext
+from compress.engine.data import sample_windows, tokenize_text
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.engine.model_io import ModelHandle, load_model
+from compress.quant.primitives import QuantSpec, fake_quantize_per_token, quantize_rtn
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_recipe
+from compress.compressors.rtn import RTNConfig, run_rtn
+from compress.compressors.smoothquant import SmoothQuantConfig, max_min_ratio, run_smoothquant, smoothing_scales
 from tests.conftest import DEMO_DIR, recipe_text, requires_demo_model
 from tests.tiny_models import save_tiny_model, synthetic_text
 

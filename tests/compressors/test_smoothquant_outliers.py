@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.data import tokenize_text
-from compress.model_io import load_model
-from compress.recipe import parse_recipe
-from compress.runner import calibration_windows, run_passes
-from evaluators.perplexity import perplexity_of
+from compress.engine.context import RunContext
+from compress.engine.data import tokenize_text
+from compress.engine.model_io import load_model
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import calibration_windows, run_passes
+from compress.evaluators.perplexity import perplexity_of
 from tests.conftest import DEMO_DIR, requires_demo_model
 
 pytestmark = [requires_demo_model(), pytest.mark.slow]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressors.hessian import HessianAccumulator, HessianNotPositiveDefinite
-from compressors.magnitude import magnitude_mask
-from compressors.sparsegpt import sparsegpt_prune
-from compressors.sparsity import NM, is_nm
-from compressors.wanda import wanda_mask
+from compress.compressors.hessian import HessianAccumulator, HessianNotPositiveDefinite
+from compress.compressors.magnitude import magnitude_mask
+from compress.compressors.sparsegpt import sparsegpt_prune
+from compress.compressors.sparsity import NM, is_nm
+from compress.compressors.wanda import wanda_mask
 from tests.compressors.test_gptq import correlated_inputs
 
 DAMP = 0.01

@@ -6,10 +6,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from compressors.magnitude import magnitude_mask
-from compressors.pruning import PruneConfig
-from compressors.sparsity import NM, is_nm, nm_mask, owl_sparsities, parse_pattern, topk_mask
-from compressors.wanda import WandaConfig, wanda_mask
+from compress.compressors.magnitude import magnitude_mask
+from compress.compressors.pruning import PruneConfig
+from compress.compressors.sparsity import NM, is_nm, nm_mask, owl_sparsities, parse_pattern, topk_mask
+from compress.compressors.wanda import WandaConfig, wanda_mask
 
 
 def scores(rows=8, columns=32, seed=0):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.context import RunContext
-from compress.errors import UserError
-from compress.model_io import load_model
-from compressors.layer_drop import LayerDropConfig, block_influence, layers_to_drop, run_layer_drop
-from compressors.width_prune import (
+from compress.engine.context import RunContext
+from compress.recipe.errors import UserError
+from compress.engine.model_io import load_model
+from compress.compressors.layer_drop import LayerDropConfig, block_influence, layers_to_drop, run_layer_drop
+from compress.compressors.width_prune import (
     ChannelStats,
     WidthPruneConfig,
     channel_importance,
@@ -130,8 +130,8 @@ def test_width_prune_compensation_needs_a_bias_flag(tmp_path):
 def test_recipe_with_pruning_and_structured_passes_reports_the_smaller_model(tiny_llama, text_file, tmp_path):
     import json
 
-    from compress.recipe import parse_recipe
-    from compress.runner import run_recipe
+    from compress.recipe.schema import parse_recipe
+    from compress.app.runner import run_recipe
     from tests.conftest import recipe_text
 
     passes = '  - width_prune: {attention_ratio: 0.5, mlp_ratio: 0.5}\n  - wanda: {pattern: "2:4"}\n  - layer_drop: {count: 1}'
@@ -149,7 +149,7 @@ def test_recipe_with_pruning_and_structured_passes_reports_the_smaller_model(tin
 def test_kept_head_count_divides_hidden_size():
     from types import SimpleNamespace
 
-    from compressors.width_prune import plan_width
+    from compress.compressors.width_prune import plan_width
 
     demo_like = SimpleNamespace(num_attention_heads=4, num_key_value_heads=4, hidden_size=256, head_dim=64,
                                 intermediate_size=768)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from compress.data import contiguous_windows, dataset_label, load_text, sample_windows
-from compress.errors import UserError
+from compress.engine.data import contiguous_windows, dataset_label, load_text, sample_windows
+from compress.recipe.errors import UserError
 from tests.conftest import SHARED_DATA, requires_shared_data
 
 

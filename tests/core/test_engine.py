@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from compress.activations import layer_inputs
-from compress.context import RunContext
-from compress.engine import LayerContext, SweepStep, capture_layer_inputs, input_groups, run_sweep
-from compress.model_io import load_model
-from compress.modules import find_linears, set_weight_matrix, weight_matrix
-from compress.quant import PerGroup, QuantSpec, quantize_rtn
-from compressors.rtn import RTNConfig, run_rtn
-from evaluators.perplexity import perplexity_of
+from compress.engine.activations import layer_inputs
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import LayerContext, SweepStep, capture_layer_inputs, input_groups, run_sweep
+from compress.engine.model_io import load_model
+from compress.quant.modules import find_linears, set_weight_matrix, weight_matrix
+from compress.quant.primitives import PerGroup, QuantSpec, quantize_rtn
+from compress.compressors.rtn import RTNConfig, run_rtn
+from compress.evaluators.perplexity import perplexity_of
 from tests.tiny_models import FAMILIES, save_tiny_model
 
 
@@ -45,7 +45,7 @@ def test_layer_inputs_match_full_forward(models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sequential_rtn_equals_whole_model_rtn(models, family, text_file):
     """RTN does not depend on inputs, so the layer-by-layer engine must give exactly the one-shot result."""
-    from compress.data import tokenize_text
+    from compress.engine.data import tokenize_text
 
     spec = QuantSpec(3, True, PerGroup(32))
     sequential = load_model(str(models[family]))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.data import load_text, sample_windows, tokenize_text
-from compress.engine import SweepStep, run_sweep
-from compress.errors import UserError
-from compress.faults import NonFiniteError
-from compress.model_io import load_model
-from compressors.gptq import GPTQConfig, run_gptq
+from compress.engine.context import RunContext
+from compress.engine.data import load_text, sample_windows, tokenize_text
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.recipe.errors import UserError
+from compress.engine.faults import NonFiniteError
+from compress.engine.model_io import load_model
+from compress.compressors.gptq import GPTQConfig, run_gptq
 
 
 @pytest.fixture
@@ -84,19 +84,19 @@ def test_overflowing_activations_are_traced_to_the_first_module(setup):
 
 
 def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, tiny_llama, text_file):
-    import compress.runner
-    from compress.recipe import parse_recipe
+    import compress.app.runner
+    from compress.recipe.schema import parse_recipe
     from tests.conftest import recipe_text
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(compress.runner, "load_model", must_not_load)
+    monkeypatch.setattr(compress.app.runner, "load_model", must_not_load)
     recipe = parse_recipe(recipe_text(tiny_llama, text_file, "  - rtn: {bits: 4}", text_file))
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(UserError, match="cannot write the output folder"):
-        compress.runner.run_recipe(recipe, tmp_path / "a-file" / "run")
-    monkeypatch.setattr(compress.runner, "_disk_needed", lambda model, checkpoints: 2**62)
+        compress.app.runner.run_recipe(recipe, tmp_path / "a-file" / "run")
+    monkeypatch.setattr(compress.app.runner, "_disk_needed", lambda model, checkpoints: 2**62)
     with pytest.raises(UserError, match="not enough disk space .* MiB free"):
-        compress.runner.run_recipe(recipe, tmp_path / "run")
+        compress.app.runner.run_recipe(recipe, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left behind

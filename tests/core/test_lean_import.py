@@ -7,7 +7,7 @@ import sys
 def test_import_compressors_is_lean():
     code = (
         "import sys, torch\n"
-        "import compress.registry as r\n"
+        "import compress.recipe.registry as r\n"
         "r.available_passes(); r.available_evaluators()\n"
         "assert 'bitsandbytes' not in sys.modules, 'bitsandbytes imported'\n"
         "assert 'datasets' not in sys.modules, 'datasets imported'\n"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from compress.errors import UserError
-from compress.output import atomic_output
+from compress.recipe.errors import UserError
+from compress.engine.output import atomic_output
 
 
 def test_success_renames_into_place(tmp_path):

@@ -7,7 +7,7 @@ import logging
 
 from rich.console import Console
 
-from compress.progress import Reporter
+from compress.engine.progress import Reporter
 
 
 class FakeClock:

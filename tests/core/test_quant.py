@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compress.quant import PerChannel, PerGroup, QuantSpec, group_bounds, quantize_rtn
+from compress.quant.primitives import PerChannel, PerGroup, QuantSpec, group_bounds, quantize_rtn
 
 
 def _half_step_bound_holds(w: torch.Tensor, spec: QuantSpec) -> None:
@@ -82,7 +82,7 @@ def test_spec_rejects_out_of_range_bits():
 def test_all_groups_at_once_equal_group_by_group(group, symmetric):
     """quantize_rtn/dequantize treat the whole groups as one batch of rows; the codes must be the bits a loop over
     the groups (the reference definition) gives, including the shorter last group."""
-    from compress.quant import compute_qparams, dequantize_codes, quantize_codes
+    from compress.quant.primitives import compute_qparams, dequantize_codes, quantize_codes
 
     torch.manual_seed(2)
     w = torch.randn(12, 100) * torch.rand(12, 1)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from compress.errors import RecipeError, UserError
-from compress.recipe import load_recipe, parse_recipe
+from compress.recipe.errors import RecipeError, UserError
+from compress.recipe.schema import load_recipe, parse_recipe
 
 VALID = """\
 model: tiny

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from compress.html_report import layer_grid, module_field
+from compress.cli.main import app
+from compress.report.html import layer_grid, module_field
 from tests.conftest import recipe_text
 
-SCHEMA = Path(__file__).resolve().parents[2] / "compress" / "report.schema.json"
+SCHEMA = Path(__file__).resolve().parents[2] / "compress" / "report" / "report.schema.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 def compress_run(recipe: Path, output: Path) -> dict:
-    from compress.recipe import load_recipe
-    from compress.runner import run_recipe
+    from compress.recipe.schema import load_recipe
+    from compress.app.runner import run_recipe
 
     return run_recipe(load_recipe(recipe), output)
 
@@ -135,7 +135,7 @@ def test_report_html_renders_in_a_real_browser_without_console_errors(runs, tmp_
     import matplotlib.image
 
     page = tmp_path / "report.html"
-    from compress.html_report import render_html
+    from compress.report.html import render_html
 
     page.write_text(render_html(with_other_passes(json.loads((runs["w4"] / "report.json").read_text()))))
     shot = tmp_path / "shot.png"
@@ -156,8 +156,8 @@ def test_report_html_renders_in_a_real_browser_without_console_errors(runs, tmp_
 def test_unsupported_architecture_names_the_class_and_what_is_supported():
     from torch import nn
 
-    from compress.errors import UserError
-    from compress.model_io import find_decoder_layers
+    from compress.recipe.errors import UserError
+    from compress.engine.model_io import find_decoder_layers
 
     class ConvNet(nn.Module):
         def __init__(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from compress.checkpoint import FAULT_ENV, checkpoint_dir_for
+from compress.engine.checkpoint import FAULT_ENV, checkpoint_dir_for
 from tests.conftest import REPO, recipe_text
 from tests.tiny_models import save_tokenizer, synthetic_text, tiny_config
 
@@ -41,12 +41,12 @@ def workdir(tmp_path_factory) -> Path:
 
 def run_cli_process(workdir: Path, *args: str, fault: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), FAULT_ENV: fault, "COLUMNS": "300"}
-    return subprocess.run([sys.executable, "-m", "cli.main", "run", "recipe.yaml", *args], cwd=workdir, env=env,
+    return subprocess.run([sys.executable, "-m", "compress.cli.main", "run", "recipe.yaml", *args], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def run_cli(workdir: Path, *args: str) -> dict:
-    from cli.main import app
+    from compress.cli.main import app
 
     cwd = os.getcwd()
     os.chdir(workdir)
@@ -78,7 +78,7 @@ def test_interrupted_then_killed_run_resumes_bit_identically(workdir):
     assert (checkpoints / "sweep-0" / "layer-0001" / "inputs" / "batch-00000.safetensors").exists()
 
     # Without --resume the leftovers are not silently discarded.
-    runner_output = CliRunner().invoke(__import__("cli.main", fromlist=["app"]).app,
+    runner_output = CliRunner().invoke(__import__("compress.cli.main", fromlist=["app"]).app,
                                        ["run", str(workdir / "recipe.yaml"), "--output", str(workdir / "resumed")])
     assert runner_output.exit_code == 2 and "--resume" in runner_output.output
 
@@ -93,8 +93,8 @@ def test_interrupted_then_killed_run_resumes_bit_identically(workdir):
 
 
 def test_resume_refuses_checkpoints_of_another_recipe(workdir):
-    from compress.checkpoint import Checkpointer
-    from compress.errors import UserError
+    from compress.engine.checkpoint import Checkpointer
+    from compress.recipe.errors import UserError
 
     folder = workdir / ".other.resume"
     Checkpointer(folder, "aaaa", resume=False)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.model_io import load_model
-from compress.recipe import parse_recipe
-from compress.runner import run_passes
-from evaluators.zero_shot import load_task, score_task
+from compress.engine.context import RunContext
+from compress.engine.model_io import load_model
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_passes
+from compress.evaluators.zero_shot import load_task, score_task
 from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
 
 DOCS = 100

@@ -14,7 +14,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(
 
 
 def compress(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "compress.cli.main", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_eval_zero_shot_and_perplexity_json(workdir, tiny_llama):
 def test_eval_errors_exit_2_and_name_the_file(workdir, tiny_llama, args, message, monkeypatch):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from compress.cli.main import app
 
     monkeypatch.chdir(workdir)  # in-process: these fail before any model is loaded
     result = CliRunner().invoke(app, ["eval", str(tiny_llama), *args])
@@ -58,8 +58,8 @@ def test_eval_errors_exit_2_and_name_the_file(workdir, tiny_llama, args, message
 
 
 def test_recipe_zero_shot_section_is_validated(workdir, tiny_llama):
-    from compress.errors import RecipeError
-    from compress.recipe import load_recipe
+    from compress.recipe.errors import RecipeError
+    from compress.recipe.schema import load_recipe
 
     recipe = workdir / "r.yaml"
     recipe.write_text(f"model: {tiny_llama}\nevaluate:\n  zero_shot: {{tasks: [piqa, arc_esay, task.jsonl]}}\n")

@@ -7,9 +7,9 @@ configs and swap only the data source (see evaluators/lm_eval_adapter.py: `write
 import pytest
 import torch
 
-from compress.model_io import load_model
-from evaluators.lm_eval_adapter import run_lm_eval
-from evaluators.zero_shot import load_task, model_max_length, score_task
+from compress.engine.model_io import load_model
+from compress.evaluators.lm_eval_adapter import run_lm_eval
+from compress.evaluators.zero_shot import load_task, model_max_length, score_task
 from tests.conftest import DEMO_MODEL, SHARED_DATA, requires_demo_model, requires_shared_data
 
 TASKS = ["piqa", "arc_easy", "hellaswag", "winogrande", "boolq"]
@@ -38,9 +38,9 @@ def test_acc_and_acc_norm_equal_lm_eval_on_the_demo_model():
 @requires_shared_data("winogrande", "winogrande.jsonl")
 def test_lm_eval_evaluator_on_the_in_memory_model(tiny_llama):
     pytest.importorskip("lm_eval")
-    from compress.context import RunContext
-    from evaluators.lm_eval_adapter import LmEvalConfig, evaluate_lm_eval
-    from evaluators.zero_shot import ZeroShotConfig, evaluate_zero_shot
+    from compress.engine.context import RunContext
+    from compress.evaluators.lm_eval_adapter import LmEvalConfig, evaluate_lm_eval
+    from compress.evaluators.zero_shot import ZeroShotConfig, evaluate_zero_shot
 
     handle = load_model(str(tiny_llama), device="cpu")
     run = RunContext(device=torch.device("cpu"))

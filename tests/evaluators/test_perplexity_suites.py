@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.context import RunContext
-from compress.data import load_text
-from compress.model_io import load_model
-from evaluators.perplexity import PerplexityConfig, evaluate_perplexity, perplexity_of, sliding_perplexity_of, sliding_windows
+from compress.engine.context import RunContext
+from compress.engine.data import load_text
+from compress.engine.model_io import load_model
+from compress.evaluators.perplexity import PerplexityConfig, evaluate_perplexity, perplexity_of, sliding_perplexity_of, sliding_windows
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.tiny_models import synthetic_text
 
@@ -76,7 +76,7 @@ def test_wikitext2_from_a_local_copy_rebuilds_the_hub_rows():
 
 
 def test_local_copy_missing_is_named(tmp_path):
-    from compress.errors import UserError
+    from compress.recipe.errors import UserError
 
     with pytest.raises(UserError, match=r"dataset 'wikitext2': file not found: .*wikitext2_raw/wiki.test.raw"):
         load_text("wikitext2", tmp_path)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from compress.errors import UserError
-from evaluators.tasks import registry
-from evaluators.tasks.generic import read_docs
-from evaluators.zero_shot import load_task
+from compress.recipe.errors import UserError
+from compress.evaluators.tasks import registry
+from compress.evaluators.tasks.generic import read_docs
+from compress.evaluators.zero_shot import load_task
 from tests.conftest import SHARED_DATA, requires_shared_data
 
 # task -> (documents in the full file, first document's gold, first context's start, first continuation)
@@ -60,7 +60,7 @@ def test_winogrande_partial_scoring_shares_the_suffix():
 @pytest.mark.parametrize("text", [" Making a cake [title] Mix the flour.  [step] Stir. ", "[header] How to x [title] Y.",
                                   "plain text", "a  b   c [substeps] d"])
 def test_hellaswag_preprocessing_is_lm_evals(text):
-    from evaluators.tasks.hellaswag import preprocess
+    from compress.evaluators.tasks.hellaswag import preprocess
 
     lm_eval_utils = pytest.importorskip("lm_eval.tasks.hellaswag.utils")
     assert preprocess(text) == lm_eval_utils.preprocess(text)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.context import RunContext
-from compress.model_io import load_model
-from evaluators.tasks import Doc
-from evaluators.zero_shot import (
+from compress.engine.context import RunContext
+from compress.engine.model_io import load_model
+from compress.evaluators.tasks import Doc
+from compress.evaluators.zero_shot import (
     Loglikelihood,
     TokenRequest,
     ZeroShotConfig,

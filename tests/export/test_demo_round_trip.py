@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.data import load_text, sample_windows, tokenize_text
-from compress.engine import SweepStep, run_sweep
+from compress.engine.context import RunContext
+from compress.engine.data import load_text, sample_windows, tokenize_text
+from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.export import CompressedModel, export_checkpoint
 from compress.export.inspect import inspect_checkpoint
-from compress.model_io import load_model
-from compress.quant import PerGroup, QuantSpec
-from compress.report import model_size
-from compressors.gptq import GPTQConfig, run_gptq
-from evaluators.perplexity import perplexity_of
+from compress.engine.model_io import load_model
+from compress.quant.primitives import PerGroup, QuantSpec
+from compress.report.summary import model_size
+from compress.compressors.gptq import GPTQConfig, run_gptq
+from compress.evaluators.perplexity import perplexity_of
 from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
 from tests.export.test_formats import unpack_gptq_reference
 

@@ -9,19 +9,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
-from compress.context import RunContext
-from compress.engine import SweepStep, run_sweep
-from compress.errors import RecipeError
+from compress.cli.main import app
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.recipe.errors import RecipeError
 from compress.export import CompressedModel, export_checkpoint, export_run, load_state, save_state
 from compress.export.compressed_tensors_format import pack_weight, sparsity_config
 from compress.export.gptq_format import pack_gptq
 from compress.export.inspect import inspect_checkpoint
-from compress.model_io import load_model
-from compress.quant import PerChannel, PerGroup, QuantSpec, quantize_rtn
-from compress.recipe import parse_recipe
-from compress.report import model_size
-from compressors.rtn import RTNConfig, run_rtn
+from compress.engine.model_io import load_model
+from compress.quant.primitives import PerChannel, PerGroup, QuantSpec, quantize_rtn
+from compress.recipe.schema import parse_recipe
+from compress.report.summary import model_size
+from compress.compressors.rtn import RTNConfig, run_rtn
 
 
 def random_record(bits: int, symmetric: bool, group: int | None, rows: int = 16, columns: int = 64, seed: int = 0):
@@ -68,7 +68,7 @@ def test_gptq_layout_decodes_to_our_weights(bits, symmetric, group):
 
 
 def _with_scales(record, scales):
-    from compress.quant import QuantizedWeight
+    from compress.quant.primitives import QuantizedWeight
 
     return QuantizedWeight(record.codes, scales, record.zero, record.spec).dequantize()
 

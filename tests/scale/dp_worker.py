@@ -10,11 +10,11 @@ import torch
 
 def gptq_on_share(model_dir: str, windows: torch.Tensor, out_dir: str) -> dict[str, torch.Tensor]:
     """Layer 0's q/k/v Hessian and every quantized weight after GPTQ, calibrated on this rank's windows."""
-    from compress.context import RunContext
-    from compress.distributed import shard_windows
-    from compress.engine import LayerContext, SweepStep, capture_layer_inputs, run_sweep
-    from compress.model_io import load_model
-    from compressors.gptq import GPTQConfig, collect_hessians, run_gptq
+    from compress.engine.context import RunContext
+    from compress.engine.distributed import shard_windows
+    from compress.engine.layer_sweep import LayerContext, SweepStep, capture_layer_inputs, run_sweep
+    from compress.engine.model_io import load_model
+    from compress.compressors.gptq import GPTQConfig, collect_hessians, run_gptq
 
     handle = load_model(model_dir)
     run = RunContext(device=handle.device, calibration=shard_windows(windows, 2), calibration_batch_size=2)

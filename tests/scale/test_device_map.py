@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.engine import evaluation_device_map, model_on_device
-from compress.model_io import load_model
-from evaluators.perplexity import perplexity_of
+from compress.engine.layer_sweep import evaluation_device_map, model_on_device
+from compress.engine.model_io import load_model
+from compress.evaluators.perplexity import perplexity_of
 
 
 def test_max_memory_dispatch_matches_plain_evaluation(tiny_llama, text_file):
-    from compress.data import tokenize_text
+    from compress.engine.data import tokenize_text
 
     handle = load_model(str(tiny_llama))
     ids = tokenize_text(handle.tokenizer, text_file.read_text())

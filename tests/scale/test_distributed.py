@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from compress.distributed import all_reduce_sum, shard_windows
-from compress.errors import UserError
+from compress.engine.distributed import all_reduce_sum, shard_windows
+from compress.recipe.errors import UserError
 from tests.scale.dp_worker import gptq_on_share, worker
 
 
@@ -74,7 +74,7 @@ def test_two_gloo_processes_match_one(family, tiny_llama, tiny_mixtral, tmp_path
 
 
 def test_shares_are_whole_batches(monkeypatch):
-    from compress import distributed
+    from compress.engine import distributed
 
     windows = torch.arange(10).reshape(10, 1)
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
@@ -97,9 +97,9 @@ def test_alone_is_world_size_one():
 
 
 def test_passes_that_cannot_sum_across_ranks_are_refused(monkeypatch, tiny_llama, tmp_path):
-    from compress import distributed
-    from compress.recipe import parse_recipe
-    from compress.runner import run_recipe
+    from compress.engine import distributed
+    from compress.recipe.schema import parse_recipe
+    from compress.app.runner import run_recipe
 
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.context import RunContext
-from compress.engine import SweepStep, model_on_device, run_sweep
-from compress.errors import UserError
-from compress.lazy import load_lazy
-from compress.model_io import load_model
-from compressors.gptq import GPTQConfig, run_gptq
-from compressors.rtn import RTNConfig, run_rtn
-from evaluators.perplexity import perplexity_of
+from compress.engine.context import RunContext
+from compress.engine.layer_sweep import SweepStep, model_on_device, run_sweep
+from compress.recipe.errors import UserError
+from compress.engine.lazy import load_lazy
+from compress.engine.model_io import load_model
+from compress.compressors.gptq import GPTQConfig, run_gptq
+from compress.compressors.rtn import RTNConfig, run_rtn
+from compress.evaluators.perplexity import perplexity_of
 from tests.scale.helpers import save_sharded_bf16
 
 STEPS = {
@@ -61,7 +61,7 @@ def test_lazy_equals_eager_and_reloads(sharded, tmp_path, method):
 
 
 def test_lazy_evaluation_streams_layers(sharded, text_file):
-    from compress.data import tokenize_text
+    from compress.engine.data import tokenize_text
 
     eager = load_model(str(sharded))
     lazy = load_lazy(str(sharded))
@@ -92,7 +92,7 @@ def test_lazy_refuses_unmatched_checkpoint_names(sharded, tmp_path):
 
 
 def test_recipe_keys_for_scale():
-    from compress.recipe import parse_recipe
+    from compress.recipe.schema import parse_recipe
 
     recipe = parse_recipe("model: org/model\nlazy: true\nmax_memory: {0: 70GiB, cpu: 200GiB}\npasses: [rtn]\n")
     assert recipe.lazy and recipe.max_memory == {"0": "70GiB", "cpu": "200GiB"}
@@ -114,8 +114,8 @@ def test_compress_run_lazy_end_to_end(sharded, text_file, tmp_path, prune):
 
     from typer.testing import CliRunner
 
-    from cli.main import app
-    from compress.report import shards_digest
+    from compress.cli.main import app
+    from compress.report.summary import shards_digest
 
     passes = ("  - sparsegpt: {pattern: \"2:4\"}\n" if prune else "") + "  - gptq: {bits: 3, group_size: 32}\n"
     recipe = tmp_path / "lazy.yaml"
@@ -153,8 +153,8 @@ def test_compress_run_lazy_end_to_end(sharded, text_file, tmp_path, prune):
 
 
 def test_lazy_export_formats_other_than_compressed_tensors_are_refused(sharded, tmp_path):
-    from compress.errors import RecipeError
-    from compress.recipe import parse_recipe
+    from compress.recipe.errors import RecipeError
+    from compress.recipe.schema import parse_recipe
 
     with pytest.raises(RecipeError, match=r"<recipe>:3 export\.format: .*compressed-tensors only"):
         parse_recipe(f"model: {sharded}\nlazy: true\nexport: {{format: gptq}}\npasses: [rtn]\n")

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from compress.moe import LinearExperts, calibrating, unfuse_experts
-from compress.recipe import parse_recipe
-from compress.runner import run_recipe
+from compress.engine.moe import LinearExperts, calibrating, unfuse_experts
+from compress.recipe.schema import parse_recipe
+from compress.app.runner import run_recipe
 from tests.tiny_models import save_tokenizer
 
 FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3")

@@ -10,17 +10,18 @@ import jsonschema
 import pytest
 import torch
 
-import compress.activations
-from compress.activations import SCRATCH_PREFIX, OffloadSettings, choose_placement
-from compress.checkpoint import Checkpointer, recipe_fingerprint
-from compress.context import RunContext
-from compress.data import load_text, sample_windows, tokenize_text
-from compress.engine import SweepStep, run_sweep
-from compress.faults import NonFiniteError
-from compress.model_io import ModelHandle, load_model
-from compressors.awq import AWQConfig, run_awq
-from compressors.gptq import GPTQConfig, run_gptq
-from compressors.sparsegpt import SparseGPTConfig, run_sparsegpt
+import compress.engine.activations
+import compress.report
+from compress.engine.activations import SCRATCH_PREFIX, OffloadSettings, choose_placement
+from compress.engine.checkpoint import Checkpointer, recipe_fingerprint
+from compress.engine.context import RunContext
+from compress.engine.data import load_text, sample_windows, tokenize_text
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.engine.faults import NonFiniteError
+from compress.engine.model_io import ModelHandle, load_model
+from compress.compressors.awq import AWQConfig, run_awq
+from compress.compressors.gptq import GPTQConfig, run_gptq
+from compress.compressors.sparsegpt import SparseGPTConfig, run_sparsegpt
 
 BATCH, SEQ_LEN, BATCHES = 2, 32, 8
 PASSES = {
@@ -181,8 +182,8 @@ def test_resume_from_a_checkpoint_with_disk_offload(device_results, tiny_llama, 
 
 
 def test_auto_picks_disk_when_memory_is_tiny(monkeypatch, tiny_llama, text_file, tmp_path):
-    monkeypatch.setattr(compress.activations, "free_memory_bytes", lambda device: 4096)
-    monkeypatch.setattr(compress.activations, "host_available_bytes", lambda: 4096)
+    monkeypatch.setattr(compress.engine.activations, "free_memory_bytes", lambda device: 4096)
+    monkeypatch.setattr(compress.engine.activations, "host_available_bytes", lambda: 4096)
     handle, run = calibrated(tiny_llama, text_file, "auto", tmp_path)
     run_sweep(handle, [PASSES["gptq"]], run)
     entry = offload_entry(run)
@@ -194,20 +195,20 @@ def test_auto_picks_disk_when_memory_is_tiny(monkeypatch, tiny_llama, text_file,
 def test_auto_prefers_the_device_then_host_memory(monkeypatch):
     gib = 2**30
     cuda = torch.device("cuda")  # only its type is read: free memory comes from the patched probes
-    monkeypatch.setattr(compress.activations, "host_available_bytes", lambda: 64 * gib)
-    monkeypatch.setattr(compress.activations, "free_memory_bytes", lambda device: 40 * gib)
+    monkeypatch.setattr(compress.engine.activations, "host_available_bytes", lambda: 64 * gib)
+    monkeypatch.setattr(compress.engine.activations, "free_memory_bytes", lambda device: 40 * gib)
     assert choose_placement("auto", 20 * gib, cuda).placement == "device"  # exactly half of what is free
     assert choose_placement("auto", 21 * gib, cuda).placement == "cpu"
     assert choose_placement("auto", 33 * gib, cuda).placement == "disk"
     assert choose_placement("disk", 1, cuda).placement == "disk"  # an explicit choice is never second-guessed
     # On the CPU the device is host memory: past half of it, straight to disk.
-    monkeypatch.setattr(compress.activations, "free_memory_bytes", lambda device: 64 * gib)
+    monkeypatch.setattr(compress.engine.activations, "free_memory_bytes", lambda device: 64 * gib)
     assert choose_placement("auto", 33 * gib, torch.device("cpu")).placement == "disk"
 
 
 def test_run_with_disk_offload_reports_it_and_matches_device(tiny_llama, text_file, tmp_path):
-    from compress.recipe import parse_recipe
-    from compress.runner import run_recipe
+    from compress.recipe.schema import parse_recipe
+    from compress.app.runner import run_recipe
     from tests.conftest import recipe_text
 
     passes = "  - gptq: {bits: 4, group_size: 32}"
@@ -218,7 +219,7 @@ def test_run_with_disk_offload_reports_it_and_matches_device(tiny_llama, text_fi
         run_recipe(parse_recipe(text), tmp_path / mode)
         reports[mode] = json.loads((tmp_path / mode / "report.json").read_text())
     assert reports["disk"]["weights_sha256"] == reports["device"]["weights_sha256"]
-    schema = json.loads((Path(compress.activations.__file__).parent / "report.schema.json").read_text())
+    schema = json.loads((Path(compress.report.__file__).parent / "report.schema.json").read_text())
     jsonschema.validate(reports["disk"], schema)
     [entry] = reports["disk"]["calibration"]["offload"]
     assert (entry["requested"], entry["placement"]) == ("disk", "disk")

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
-from compress import sweep as sweeps
-from compress.errors import RecipeError, UserError
-from compress.sweep_compare import higher_is_better, mark_pareto, pareto_front, render_compare
+from compress.cli.main import app
+from compress.app import sweep as sweeps
+from compress.recipe.errors import RecipeError, UserError
+from compress.app.sweep_compare import higher_is_better, mark_pareto, pareto_front, render_compare
 from tests.conftest import DEMO_DIR, DEMO_MODEL, REPO, recipe_text, requires_demo_model
 
 PPL = "perplexity/eval"
@@ -212,7 +212,7 @@ def test_ray_sweep(tmp_path):
     spec = sweeps.load_sweep(_sweep_file(tmp_path, "ray", resources={"cpus": 1}))
     statuses = sweeps.run_ray(spec, None)
     assert sorted(s["status"] for s in statuses) == ["ok"] * 4
-    from compress.sweep_compare import write_compare
+    from compress.app.sweep_compare import write_compare
 
     write_compare(spec)
     _check_comparison(spec)
@@ -330,7 +330,7 @@ def _fake_sbatch(folder: Path, *, stdout: str, exit_code: int = 0) -> Path:
 
 
 def _mark_finished(spec: sweeps.Sweep, trial: sweeps.Trial) -> None:
-    from compress.recipe import load_recipe
+    from compress.recipe.schema import load_recipe
 
     recipe = load_recipe(spec.recipe, overrides=list(trial.overrides), model=trial.model)
     spec.trial_dir(trial).mkdir(parents=True)
@@ -418,12 +418,12 @@ def test_option_errors_exit_2_and_internal_errors_exit_1(tmp_path, monkeypatch):
     assert "trials 0..3" in _invoke(str(path), "--only", "4").stderr
     assert _invoke(str(path), "--parallel", "0").exit_code == 2
     assert _invoke(str(tmp_path / "nope.yaml")).exit_code == 2
-    import compress.sweep_compare
+    import compress.app.sweep_compare
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(compress.sweep_compare, "write_compare", boom)
+    monkeypatch.setattr(compress.app.sweep_compare, "write_compare", boom)
     crashed = _invoke(str(path), "--compare")
     assert crashed.exit_code == 1 and "internal error" in crashed.stderr and "simulated bug" in crashed.stderr
 

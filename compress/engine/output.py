@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from compress.errors import UserError
+from compress.recipe.errors import UserError
 
 
 def check_output_target(target: Path, overwrite: bool) -> None:

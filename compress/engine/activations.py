@@ -35,7 +35,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
-from compress.errors import UserError
+from compress.recipe.errors import UserError
 
 log = logging.getLogger("compress")
 
@@ -353,7 +353,7 @@ def activation_pool(settings: OffloadSettings, needed: int, device: torch.device
 
 
 def _scratch_folder(base: Path | None, needed: int) -> Path:
-    from compress.output import process_alive
+    from compress.engine.output import process_alive
 
     base = base if base is not None else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,10 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from compress.data import is_hub_dataset
-from compress.export.config import ExportConfig, format_problems
-from compress.errors import RecipeError, RecipeIssue, UserError
-from compress.registry import (
+from compress.recipe.datasets import is_hub_dataset
+from compress.recipe.export_config import ExportConfig, format_problems
+from compress.recipe.errors import RecipeError, RecipeIssue, UserError
+from compress.recipe.registry import (
     EvaluatorDef,
     PassDef,
     StrictConfig,
@@ -39,6 +39,9 @@ from compress.registry import (
 )
 
 Loc = tuple[str | int, ...]
+
+# A library caller who parses a recipe without the runner: the core never imports plugins, so say what to import.
+NOTHING_REGISTERED = " (nothing is registered: `import compress.app.builtins` first, as compress.app.runner does)"
 
 
 class CalibrationConfig(StrictConfig):
@@ -55,7 +58,7 @@ class CalibrationConfig(StrictConfig):
     offload: Literal["auto", "device", "cpu", "disk"] = Field(
         "auto", description="where the activations between decoder layers live (2 x samples x seq_len x hidden): "
         "`device` (the compute device), `cpu` (host memory, one batch on the device at a time), `disk` (one file "
-        "per batch, about two batches in memory), or `auto`: the first that fits comfortably (compress/activations.py)")
+        "per batch, about two batches in memory), or `auto`: the first that fits comfortably (compress/engine/activations.py)")
     offload_dir: str | None = Field(None, description="folder for `disk` offload's scratch files (default: the "
                                     "run's staging folder, on the output's disk); a temporary folder inside it is "
                                     "removed when the sweep ends")
@@ -69,7 +72,7 @@ class RecipeFile(StrictConfig):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     trust_remote_code: bool = False
     lazy: bool = Field(False, description="build the model on `meta`, read one decoder layer at a time from the "
-                       "shards and write each compressed layer to <output>/model as it finishes (compress/lazy.py)")
+                       "shards and write each compressed layer to <output>/model as it finishes (compress/engine/lazy.py)")
     max_memory: dict[int | str, str] | None = Field(None, description="evaluation: spread the model over devices with "
                                               "accelerate, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}")
     calibration: CalibrationConfig | None = None
@@ -484,7 +487,8 @@ class _Checker:
                 continue
             name, params = next(iter(item.items()))
             if name not in registry:
-                self.add(("passes", index, name), f"unknown pass '{name}'.{did_you_mean(str(name), list(registry))}")
+                self.add(("passes", index, name), f"unknown pass '{name}'.{did_you_mean(str(name), list(registry))}"
+                         + NOTHING_REGISTERED * (not registry))
                 continue
             definition = registry[name]
             config = self.validate(definition.config, params if params is not None else {}, ("passes", index, name))
@@ -527,7 +531,8 @@ class _Checker:
         steps: list[EvalStep] = []
         for name, items in sections.items():
             if name not in registry:
-                self.add(("evaluate", name), f"unknown evaluator '{name}'.{did_you_mean(name, list(registry))}")
+                self.add(("evaluate", name), f"unknown evaluator '{name}'.{did_you_mean(name, list(registry))}"
+                         + NOTHING_REGISTERED * (not registry))
                 continue
             listed = items if isinstance(items, list) else [items]
             for index, params in enumerate(listed):

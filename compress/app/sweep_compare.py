@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from compress.sweep import Status, Sweep, Trial
+from compress.app.sweep import Status, Sweep, Trial
 
 # Every other metric we report (acc, acc_norm, lm_eval_exact_match, ...) is a score: higher is better.
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")

@@ -15,9 +15,9 @@ from typing import Iterable
 
 import yaml
 
-from compress.errors import UserError
-from compress.modules import matches
-from compress.registry import did_you_mean
+from compress.recipe.errors import UserError
+from compress.quant.modules import matches
+from compress.recipe.registry import did_you_mean
 
 MIN_BITS, MAX_BITS = 2, 8
 

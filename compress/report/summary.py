@@ -14,7 +14,7 @@ from rich.table import Table
 from torch import nn
 
 import compress
-from compress.quant import QuantizedWeight
+from compress.quant.primitives import QuantizedWeight
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -56,7 +56,7 @@ def shards_digest(folder: Path) -> str:
     """
     from safetensors import safe_open
 
-    from compress.lazy import checkpoint_files
+    from compress.engine.lazy import checkpoint_files
 
     where = checkpoint_files(folder)
     digest = hashlib.sha256()

@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compress.errors import UserError
-from compress.quant import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+from compress.quant.activation import ActivationQuantConfig, install_activation_quant
+from compress.recipe.errors import UserError
+from compress.quant.primitives import PerChannel, PerGroup, QuantizedWeight, QuantSpec
 
 MANIFEST = "manifest.json"
 INPUTS = "inputs"  # folder of a layer's checkpoint holding the next layer's inputs, one file per batch
@@ -166,11 +167,9 @@ class Checkpointer:
     @staticmethod
     def _reinstall_activation_quant(layer: nn.Module, prefix: str, settings: dict[str, Any], run: Any) -> None:
         # Activation quantization lives in forward hooks, which a state dict does not carry.
-        from compressors.base import ActivationQuantConfig, install_activation_quant
-
         modules = dict(layer.named_modules(prefix=prefix))
         for fqn, cfg in settings.items():
-            install_activation_quant(fqn, modules[fqn], ActivationQuantConfig(**cfg), run)
+            install_activation_quant(fqn, modules[fqn], ActivationQuantConfig(**cfg), run.activation_quant)
 
     def save(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
-from compress.registry import StrictConfig
+from compress.recipe.registry import StrictConfig
 
 ExportFormat = Literal["compressed-tensors", "gptq", "dense", "bitsandbytes"]
 FORMATS: tuple[str, ...] = ("compressed-tensors", "gptq", "dense", "bitsandbytes")

@@ -16,7 +16,7 @@ builds it in a hidden sibling and renames it), and its report.json records the r
 re-launched sweep skips exactly the trials that finished with the recipe they would run now; a trial killed
 half-way resumes from its layer checkpoints. `<output>/logs/tNNN.log` holds the log of trial NNN when it ran
 in a process of its own (local with parallel > 1, SLURM), and `<output>/compare.{md,json}` plus `pareto.png`
-the comparison written when the trials are done (compress/sweep_compare.py).
+the comparison written when the trials are done (compress/app/sweep_compare.py).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from compress.checkpoint import MANIFEST, checkpoint_dir_for, recipe_fingerprint
-from compress.errors import RecipeError, RecipeIssue, UserError
-from compress.recipe import describe_pydantic_error, format_loc, line_of, load_yaml_with_marks, split_key_path
-from compress.registry import StrictConfig
+from compress.engine.checkpoint import MANIFEST, checkpoint_dir_for, recipe_fingerprint
+from compress.recipe.errors import RecipeError, RecipeIssue, UserError
+from compress.recipe.schema import describe_pydantic_error, format_loc, line_of, load_yaml_with_marks, split_key_path
+from compress.recipe.registry import StrictConfig
 
 Backend = Literal["local", "ray", "slurm"]
 TrialState = Literal["finished", "stale", "pending"]
@@ -205,7 +205,7 @@ def _validate_sweep_file(path: Path, data: dict[str, Any], root: yaml.Node | Non
 
 
 def _base_recipe(path: Path, config: SweepFile, root: yaml.Node | None) -> Path:
-    from recipes import resolve_recipe_path
+    from compress.recipes import resolve_recipe_path
 
     ref = config.recipe if not Path(config.recipe).suffix else str(path.parent / config.recipe)
     try:
@@ -245,7 +245,8 @@ def _override_error_loc(message: str, config: SweepFile) -> tuple[tuple[str | in
 def _check_trial_recipes(path: Path, root: yaml.Node | None, config: SweepFile, recipe: Path,
                          trials: list[Trial]) -> tuple[str, ...]:
     """Load every trial's recipe (a typo in the grid fails now, not in trial 37 on the cluster); their fingerprints."""
-    from compress.recipe import load_recipe
+    import compress.app.builtins  # noqa: F401  (the trials' pass names validate against the built-ins)
+    from compress.recipe.schema import load_recipe
 
     issues: dict[tuple[str, str], RecipeIssue] = {}  # the same bad key fails every trial; list it once
     fingerprints: list[str] = []
@@ -316,8 +317,8 @@ def run_loaded_trial(sweep: Sweep, trial: Trial) -> Status:
     """Run one trial in this process unless it finished already. Never raises: a failure is a status."""
     if sweep.finished(trial):
         return {"id": trial.id, "index": trial.index, "status": "skipped"}
-    from compress.recipe import load_recipe
-    from compress.runner import run_recipe
+    from compress.recipe.schema import load_recipe
+    from compress.app.runner import run_recipe
 
     start = time.perf_counter()
     try:
@@ -353,7 +354,7 @@ def parse_status(stdout: str) -> Status | None:
 
 
 def trial_command(sweep: Sweep, trial: Trial) -> list[str]:
-    return [sys.executable, "-m", "cli.main", "sweep", str(sweep.source), "--output", str(sweep.output),
+    return [sys.executable, "-m", "compress.cli.main", "sweep", str(sweep.source), "--output", str(sweep.output),
             "--only", str(trial.index), "--json"]
 
 

@@ -6,7 +6,7 @@ For a sweep of layer passes:
    the *compressed* layer so layer i+1 is calibrated on what it will really see; move it back to the CPU.
 Only one decoder layer (plus the calibration activations) lives on the compute device at a time. The activations
 themselves live where `calibration.offload` puts them: on the device, in host memory or on disk
-(compress/activations.py).
+(compress/engine/activations.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator, cast
 import torch
 from torch import nn
 
-from compress import distributed
-from compress.activations import (
+from compress.engine import distributed
+from compress.engine.activations import (
     ActivationPool,
     ActivationStore,
     DeviceStore,
@@ -31,12 +31,12 @@ from compress.activations import (
     activation_pool,
     layer_inputs,
 )
-from compress.checkpoint import LayerState, read_hidden
-from compress.context import RunContext
-from compress.errors import UserError
-from compress.faults import check_finite_inputs, check_finite_output, check_finite_weights, split_batches
-from compress.model_io import ModelHandle
-from compress.modules import DEFAULT_IGNORE, find_linears, select
+from compress.engine.checkpoint import LayerState, read_hidden
+from compress.engine.context import RunContext
+from compress.recipe.errors import UserError
+from compress.engine.faults import check_finite_inputs, check_finite_output, check_finite_weights, split_batches
+from compress.engine.model_io import ModelHandle
+from compress.quant.modules import DEFAULT_IGNORE, find_linears, select
 
 OFFLOAD_DEVICE = torch.device("cpu")
 log = logging.getLogger("compress")
@@ -223,7 +223,7 @@ def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> S
     """Apply consecutive layer passes decoder layer by decoder layer (see module docstring).
 
     With `run.checkpoint` set, every finished layer is checkpointed and a resumed run skips the layers
-    already done, continuing from their saved outputs (compress/checkpoint.py). Calibration activations live
+    already done, continuing from their saved outputs (compress/engine/checkpoint.py). Calibration activations live
     where `run.offload` says; the choice and the peak of them in memory go into report.json (`calibration.offload`).
     """
     if not any(step.needs_calibration for step in steps):

@@ -5,15 +5,15 @@ A new algorithm is one module plus one decorator:
     @register_pass("rtn", RTNConfig, scope="layer")
     def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, dict]: ...
 
-Registration is explicit (no package scanning). Built-in passes live in `compressors`, built-in
-evaluators in `evaluators`; both are imported on the first lookup so `import compress` stays light.
+Registration is explicit (no package scanning). Built-in passes live in `compress.compressors`, built-in
+evaluators in `compress.evaluators`; `compress.app.builtins` lists them and registers them when imported, so this
+module (the bottom layer) never imports a plugin and `import compress` stays light.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -54,6 +54,16 @@ class PassDef:
 
 
 @dataclass(frozen=True)
+class EvalResult:
+    """What every evaluator returns."""
+
+    metric: str  # "perplexity"
+    label: str  # which data set, e.g. "wikitext2" or "eval"
+    value: float
+    details: dict[str, Any] = field(default_factory=dict)  # protocol, version, token counts
+
+
+@dataclass(frozen=True)
 class EvaluatorDef:
     """A registered evaluator: `apply(model_handle, cfg, run_ctx) -> EvalResult`."""
 
@@ -69,7 +79,6 @@ class EvaluatorDef:
 
 _PASSES: dict[str, PassDef] = {}
 _EVALUATORS: dict[str, EvaluatorDef] = {}
-_BUILTINS_LOADED = False
 
 
 def register_pass(
@@ -100,14 +109,6 @@ def register_evaluator(name: str, config: type[StrictConfig]) -> Callable[[Calla
     return decorate
 
 
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("compressors")
-        importlib.import_module("evaluators")
-
-
 def did_you_mean(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     hint = f" Did you mean: {close[0]}?" if close else ""
@@ -115,10 +116,10 @@ def did_you_mean(name: str, choices: list[str]) -> str:
 
 
 def available_passes() -> dict[str, PassDef]:
-    _load_builtins()
+    """Every registered pass. The built-ins register when `compress.app.builtins` is imported (the runner and the
+    CLI do); the core never imports a plugin."""
     return dict(_PASSES)
 
 
 def available_evaluators() -> dict[str, EvaluatorDef]:
-    _load_builtins()
     return dict(_EVALUATORS)

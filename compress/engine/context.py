@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from compress.activations import OffloadSettings
-from compress.checkpoint import Checkpointer
-from compress.progress import SILENT, Reporter
-from compress.quant import QuantizedWeight, QuantSpec
+from compress.engine.activations import OffloadSettings
+from compress.engine.checkpoint import Checkpointer
+from compress.engine.progress import SILENT, Reporter
+from compress.quant.primitives import QuantizedWeight, QuantSpec
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RunContext:
     - `next_quantizer`: while a model-scope pass runs, the config of the first quantize pass after it (an
       allocation pass takes the group size, symmetry and ignore list its plan must fit from there).
     - `checkpoint`: saves each finished decoder layer so an interrupted run can `--resume` (None: no checkpoints).
-    - `offload`: where a sweep keeps its calibration activations (`calibration.offload`; compress/activations.py).
+    - `offload`: where a sweep keeps its calibration activations (`calibration.offload`; compress/engine/activations.py).
       The default keeps them on the compute device; the runner passes the recipe's choice.
     """
 

@@ -27,7 +27,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from compress.errors import UserError
+from compress.recipe.errors import UserError
 
 T = TypeVar("T")
 

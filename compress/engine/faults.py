@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compress.activations import LayerInput, layer_inputs
-from compress.errors import UserError
+from compress.engine.activations import LayerInput, layer_inputs
+from compress.recipe.errors import UserError
 
 if TYPE_CHECKING:
-    from compress.engine import LayerContext
+    from compress.engine.layer_sweep import LayerContext
 
 
 class NonFiniteError(UserError):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from compress.report import metric_rows
+from compress.report.summary import metric_rows
 
 _LAYER_MODULE = re.compile(r"\.(\d+)\.(.+)$")  # "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj")
 

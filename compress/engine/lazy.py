@@ -4,7 +4,7 @@
 and keeps a map from each tensor name to the safetensors shard that holds it. The engine then asks for one
 decoder layer at a time (`load_layer`): its tensors are read from the memory-mapped shards, converted to the
 compute dtype and placed on the compute device; when the layer's passes are done, `unload_layer` writes it to
-the output shards (see compress/shards.py) and puts it back on `meta`. The tensors outside the decoder layers
+the output shards (see compress/engine/shards.py) and puts it back on `meta`. The tensors outside the decoder layers
 (embeddings, final norm, lm_head) are materialised only while a forward pass needs them.
 
 Peak host memory is therefore one layer (in the compute dtype) plus the embeddings while inputs are captured
@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator, cast
 import torch
 from torch import nn
 
-from compress.errors import UserError
-from compress.model_io import DTYPES, ModelHandle, find_decoder_layers, pick_device, pick_dtype
-from compress.shards import INDEX_NAME, ShardWriter
+from compress.recipe.errors import UserError
+from compress.engine.model_io import DTYPES, ModelHandle, find_decoder_layers, pick_device, pick_dtype
+from compress.engine.shards import INDEX_NAME, ShardWriter
 
 OUTSIDE_SHARD = "model-outside.safetensors"
 
@@ -266,7 +266,7 @@ def load_lazy(
 ) -> ModelHandle:
     """Build the model on `meta` and return a handle whose `lazy` reads layers from the shards on demand.
 
-    save_to: the folder the compressed layers are written to as they finish (see compress/shards.py).
+    save_to: the folder the compressed layers are written to as they finish (see compress/engine/shards.py).
     """
     import transformers
     from accelerate import init_empty_weights

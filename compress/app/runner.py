@@ -11,20 +11,21 @@ from typing import Any, Iterator
 
 import torch
 
-from compress.activations import OffloadSettings
-from compress.checkpoint import Checkpointer, checkpoint_dir_for, recipe_fingerprint
-from compress.context import RunContext
-from compress.data import sample_windows, tokenize_text, load_text
-from compress.engine import SweepStep, run_sweep
-from compress.errors import UserError
+import compress.app.builtins  # noqa: F401  (registers the built-in passes and evaluators)
+from compress.engine.activations import OffloadSettings
+from compress.engine.checkpoint import Checkpointer, checkpoint_dir_for, recipe_fingerprint
+from compress.engine.context import RunContext
+from compress.engine.data import sample_windows, tokenize_text, load_text
+from compress.engine.layer_sweep import SweepStep, run_sweep
+from compress.recipe.errors import UserError
 from compress.export import finish_streamed_export, save_run_outputs
 from compress.export.streaming import StreamingCompressedTensors
-from compress.model_io import ModelHandle, load_model
-from compress.output import atomic_output, check_output_target, preflight_output
-from compress.progress import SILENT, Reporter
-from compress.recipe import EvalStep, PassStep, Recipe, dump_yaml
-from compress.html_report import write_html_report
-from compress.report import (
+from compress.engine.model_io import ModelHandle, load_model
+from compress.engine.output import atomic_output, check_output_target, preflight_output
+from compress.engine.progress import SILENT, Reporter
+from compress.recipe.schema import EvalStep, PassStep, Recipe, dump_yaml
+from compress.report.html import write_html_report
+from compress.report.summary import (
     REPORT_SCHEMA_VERSION,
     model_size,
     peak_memory,
@@ -34,7 +35,7 @@ from compress.report import (
     versions,
     weights_digest,
 )
-from evaluators.base import EvalResult
+from compress.recipe.registry import EvalResult
 
 log = logging.getLogger("compress")
 
@@ -124,7 +125,7 @@ def calibration_windows(handle: ModelHandle, recipe: Recipe) -> torch.Tensor | N
 @contextlib.contextmanager
 def _expert_accounting(handle: ModelHandle, recipe: Recipe, run: RunContext) -> Iterator[None]:
     """MoE models: route calibration tokens to all experts when asked; report tokens per expert, flag rare ones."""
-    from compress import distributed, moe
+    from compress.engine import distributed, moe
 
     cal = recipe.calibration
     if run.calibration is None or cal is None:
@@ -160,7 +161,7 @@ def _streaming_export(handle: ModelHandle, recipe: Recipe, run: RunContext, stag
     appears, like the run folder, only when the whole run succeeds."""
     if handle.lazy is None or recipe.export is None:
         return None
-    from compress.model_io import DTYPES
+    from compress.engine.model_io import DTYPES
 
     target = Path(recipe.export.path) if recipe.export.path else staging / f"export-{recipe.export.format}"
     folder = scope.enter_context(atomic_output(target))
@@ -174,8 +175,8 @@ def _check_data_parallel(recipe: Recipe) -> None:
     """Under torchrun every rank calibrates on its own share of the windows; only some passes sum across ranks."""
     alone = [step.label for step in recipe.passes if step.definition.needs_calibration and not step.definition.data_parallel]
     if alone:
-        from compress import distributed
-        from compress.registry import available_passes
+        from compress.engine import distributed
+        from compress.recipe.registry import available_passes
 
         supported = sorted(name for name, d in available_passes().items() if d.needs_calibration and d.data_parallel)
         raise UserError(
@@ -198,11 +199,11 @@ def run_recipe(
     """Execute a recipe and write report.json, report.md, report.html, recipe.yaml and run.log into `output`.
 
     `output` appears only when everything succeeded (see `atomic_output`). With `checkpoints`, each finished
-    decoder layer is saved beside it (compress/checkpoint.py), so an interrupted run continues with `resume`.
+    decoder layer is saved beside it (compress/engine/checkpoint.py), so an interrupted run continues with `resume`.
     """
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
-    from compress import distributed
+    from compress.engine import distributed
 
     if not _worker and distributed.init_from_env() and distributed.rank() != 0:
         # torchrun: every rank calibrates on its share of the windows; only rank 0 keeps a run folder
@@ -231,7 +232,7 @@ def run_recipe(
         t = time.perf_counter()
         with reporter.status(f"loading {recipe.model}"):
             if recipe.lazy:
-                from compress.lazy import load_lazy
+                from compress.engine.lazy import load_lazy
 
                 handle = load_lazy(recipe.model, dtype=recipe.dtype, device=recipe.device,
                                    trust_remote_code=recipe.trust_remote_code, save_to=staging / "model")

@@ -10,7 +10,7 @@ Routing: a top-k router sends each token to a few experts, so on a small calibra
 sees few tokens (or none), and its Hessian is poor (or zero). `route_all=True` feeds every token to every
 expert's linears during calibration while still combining only the routed outputs, so the layer's output, and
 what later layers are calibrated on, does not change. Either way `calibrating` counts the routed tokens per
-expert and the run report lists them and flags experts under a threshold (see compress/runner.py).
+expert and the run report lists them and flags experts under a threshold (see compress/app/runner.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Iterator, cast
 import torch
 from torch import nn
 
-from compress import distributed
+from compress.engine import distributed
 
 
 class ExpertMLP(nn.Module):

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.errors import UserError
+from compress.recipe.errors import UserError
 
 if TYPE_CHECKING:
-    from compress.lazy import LazyWeights
+    from compress.engine.lazy import LazyWeights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,7 +32,7 @@ class ModelHandle:
     layers_prefix: str  # fully qualified name of the decoder-layer ModuleList, e.g. "model.layers"
     device: torch.device  # where the layer being processed (and evaluation) runs
     checkpoint_dtype: torch.dtype  # precision the weights are stored in, which may differ from the compute dtype
-    lazy: LazyWeights | None = None  # set by compress.lazy.load_lazy: parameters live on `meta` until a layer is needed
+    lazy: LazyWeights | None = None  # set by compress.engine.lazy.load_lazy: parameters live on `meta` until a layer is needed
     max_memory: dict[str, str] | None = None  # evaluation: accelerate device map budget per device ("0", "cpu")
 
     @property
@@ -117,7 +117,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{ref}': {exc}") from exc
     stored_dtype = _stored_dtype(model)  # read before anything rewrites config.dtype
-    from compress.moe import unfuse_experts
+    from compress.engine.moe import unfuse_experts
 
     unfuse_experts(model)  # fused MoE experts become nn.Linears, so quantizers do not skip them silently
     model.eval()
