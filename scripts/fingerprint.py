@@ -45,6 +45,17 @@ def metrics_of(report: dict) -> dict:
     return {"weights_sha256": report["weights_sha256"], "metrics": report["metrics"], "size": report.get("size")}
 
 
+def without_checkout_paths(value):
+    """Data set paths name the checkout (/work/main/recipes/demo/eval.txt); compare them from `recipes/` on."""
+    if isinstance(value, dict):
+        return {key: without_checkout_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_checkout_paths(item) for item in value]
+    if isinstance(value, str) and value.startswith("/") and "/recipes/" in value:
+        return "<checkout>/recipes/" + value.split("/recipes/", 1)[1]
+    return value
+
+
 def run_case(args: list[str], scratch: Path) -> dict:
     out = scratch / "run"
     shutil.rmtree(out, ignore_errors=True)
@@ -71,7 +82,8 @@ def main() -> int:
     if mode == "record":
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         return 0
-    recorded = json.loads(path.read_text())
+    recorded = without_checkout_paths(json.loads(path.read_text()))
+    results = without_checkout_paths(results)
     differ = [name for name in results if results[name] != recorded.get(name)]
     for name in differ:
         print(f"DIFFERS {name}:\n  before {json.dumps(recorded.get(name))[:600]}\n  after  {json.dumps(results[name])[:600]}")

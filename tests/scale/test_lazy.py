@@ -134,9 +134,13 @@ def test_compress_run_lazy_end_to_end(sharded, text_file, tmp_path, prune):
 
     (out, report), (eager_out, eager) = runs[True], runs[False]
     assert report["status"] == "ok" and report["passes"][-1]["summary"]["modules"] == 3 * 7
-    for key in ("baseline", "compressed"):  # streamed evaluation scores what the eager model scores
+    # Streamed evaluation scores what the eager model scores. The baseline reads the same bf16 shards; the compressed
+    # lazy model is the layers it wrote, rounded to the checkpoint's bf16 (8 mantissa bits, a relative step of 2^-8
+    # per weight), while the eager model keeps float32 dequantized weights: that rounding moves perplexity by about
+    # 1e-4 here (3-bit codes, 2:4 masks), so the compressed values agree to 5e-4, the baseline to 1e-5.
+    for key, rel in (("baseline", 1e-5), ("compressed", 5e-4)):
         lazy_ppl, eager_ppl = (next(iter(r["metrics"]["perplexity"].values()))[key] for r in (report, eager))
-        assert lazy_ppl == pytest.approx(eager_ppl, rel=1e-4), key
+        assert lazy_ppl == pytest.approx(eager_ppl, rel=rel), key
     assert report["weights_sha256"] == shards_digest(out / "model")
 
     streamed, whole = _tensors(out / "export-compressed-tensors"), _tensors(eager_out / "export-compressed-tensors")
