@@ -64,7 +64,7 @@ def quantize_and_score(passes: str, calibration: torch.Tensor, eval_ids: torch.T
     run_passes(handle, recipe.passes, run)
     seconds = time.perf_counter() - start
     params = sum(q.codes.numel() for q in run.quantized.values())
-    bits = sum(q.storage_bits() for q in run.quantized.values())
+    bits = sum(q.storage_bits().total for q in run.quantized.values())
     ppl, _ = perplexity_of(handle.model, eval_ids, SEQ_LEN, 8, torch.device("cpu"), eval_windows)
     return {"perplexity": ppl, "avg_bits": bits / params, "bytes": bits // 8, "seconds": seconds,
             "allocation": run.report_sections.get("allocation")}

@@ -6,8 +6,8 @@ cheapest plan within the budget (compressors/bit_allocation.py), and writes `run
 the report's "allocation" section (plan, costs, budget vs. used, Pareto frontier). `quantize_plan` reads a
 hand-edited plan file instead.
 
-Size accounting is `compress.quant.primitives.storage_bits`, the function the report's `size` uses: codes plus 16-bit scales
-(and zero points when asymmetric) per group. The budget covers the weights the following quantizer stores; the
+Size accounting is `UniformAffine.planned_bits` (compress/quant/records.py), the bits the report's `size` counts
+for the records the quantizer will store: codes plus 16-bit scales (and zero points when asymmetric) per group. The budget covers the weights the following quantizer stores; the
 rest of the model (embeddings, norms, lm_head) is unchanged and counted in `size` as before.
 """
 
@@ -29,7 +29,8 @@ from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
 from compress.quant.modules import find_linears, matches, select, weight_matrix
-from compress.quant.primitives import QuantSpec, storage_bits
+from compress.quant.primitives import QuantSpec
+from compress.quant.records import UniformAffine
 from compress.recipe.registry import StrictConfig, register_pass
 from compress.compressors import sensitivity as sens
 from compress.compressors.base import WeightQuantConfig
@@ -288,7 +289,8 @@ def build_problem(sensitivities: dict[str, Any], cfg: AllocateConfig, quantizer:
         allowed = [b for b in cfg.candidates if b >= floor]
         if not allowed:
             raise UserError(f"allocate: {name} has a floor of {floor} bits, above every candidate {cfg.candidates}")
-        sizes = tuple(sum(storage_bits(*shapes[m], quantizer.spec(b)) for m in unit["modules"]) for b in allowed)
+        sizes = tuple(sum(UniformAffine.planned_bits(*shapes[m], quantizer.spec(b)).total for m in unit["modules"])
+                      for b in allowed)
         bops = tuple(sum(shapes[m][0] * shapes[m][1] * b * cfg.constraints.activation_bits for m in unit["modules"])
                      for b in allowed)
         units.append(UnitOptions(name, tuple(allowed), tuple(unit["cost"][str(b)] for b in allowed), sizes, bops))

@@ -26,7 +26,8 @@ from torch import nn
 
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import matches, weight_matrix
-from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds, quantize_rtn
+from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
+from compress.quant.records import quantize_rtn
 from compress.recipe.registry import register_pass
 from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups

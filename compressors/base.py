@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from pydantic import Field, field_validator
@@ -12,7 +12,8 @@ from compress.quant.bit_plan import bits_for, read_plan
 from compress.engine.context import RunContext
 from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
 from compress.quant.activation import ActivationQuantConfig, install_activation_quant  # noqa: F401  (re-exported)
-from compress.quant.primitives import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+from compress.quant.primitives import PerChannel, PerGroup, QuantSpec
+from compress.quant.records import WeightRecord
 from compress.recipe.registry import StrictConfig
 
 
@@ -58,29 +59,22 @@ def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> QuantSpec:
     return run.bit_plan.get(fqn, cfg.spec())
 
 
-def keep_pruned_zeros(qweight: QuantizedWeight, mask: torch.Tensor | None) -> QuantizedWeight:
-    """Set the codes of pruned weights to the zero point so they dequantize to exactly 0."""
-    if mask is None:
-        return qweight
-    bounds_zero = _expand_per_column(qweight.zero, qweight)
-    codes = torch.where(mask.to(qweight.codes.device), qweight.codes, bounds_zero.to(qweight.codes.dtype))
-    return QuantizedWeight(codes, qweight.scale, qweight.zero, qweight.spec)
+Record = TypeVar("Record", bound=WeightRecord)
 
 
-def _expand_per_column(per_group: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
-    columns = qweight.codes.shape[1]
-    size = qweight.spec.group_size or columns
-    return per_group.repeat_interleave(size, dim=1)[:, :columns]
+def keep_pruned_zeros(qweight: Record, mask: torch.Tensor | None) -> Record:
+    """The record with pruned weights dequantizing to exactly 0 (how is the record's business: `keep_zeros`)."""
+    return qweight if mask is None else qweight.keep_zeros(mask)
 
 
-def write_back(fqn: str, module: nn.Module, qweight: QuantizedWeight, run: RunContext) -> dict[str, Any]:
-    """Replace the module's weight by its dequantized codes and keep the codes for export.
+def write_back(fqn: str, module: nn.Module, qweight: WeightRecord, run: RunContext) -> dict[str, Any]:
+    """Replace the module's weight by the record's dequantized matrix and keep the record (on the CPU) for export.
 
-    Returns the per-module report entry: the spec used and the relative Frobenius error it introduced.
+    Returns the per-module report entry: the record's settings and the relative Frobenius error it introduced.
     """
     original = weight_matrix(module).float().clone()  # .float() aliases float32 weights, which we overwrite
     dequantized = qweight.dequantize().to(original.device)
     set_weight_matrix(module, dequantized)
-    run.quantized[fqn] = QuantizedWeight(qweight.codes.cpu(), qweight.scale.cpu(), qweight.zero.cpu(), qweight.spec)
+    run.quantized[fqn] = qweight.to("cpu")
     error = (dequantized - original).norm() / original.norm().clamp_min(1e-12)
-    return {**qweight.spec.describe(), "weight_rel_error": round(error.item(), 6)}
+    return {**qweight.describe(), "weight_rel_error": round(error.item(), 6)}

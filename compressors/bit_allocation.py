@@ -2,7 +2,7 @@
 budget: an integer program (scipy `milp`, HiGHS), HAWQ-V2's Pareto frontier, and a greedy fallback.
 
 Pure functions on plain numbers; `compressors/allocate.py` builds the problem from a model and turns the answer
-into a bit plan. Sizes are integer bits (codes + scales + zero points, `compress.quant.primitives.storage_bits`), so
+into a bit plan. Sizes are integer bits (codes + scales + zero points, `UniformAffine.planned_bits`), so
 "never over budget" is checked exactly, not up to a solver tolerance.
 
 Costs are assumed additive over units: the total cost of a plan is the sum of its units' costs at their widths

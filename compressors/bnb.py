@@ -20,6 +20,7 @@ from compress.recipe.errors import UserError
 from compress.engine.model_io import DTYPES, ModelHandle
 from compress.quant.modules import DEFAULT_IGNORE
 from compress.recipe.registry import StrictConfig, register_pass
+from compress.recipe.storage import BITSANDBYTES_MODULES
 
 BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 BNB_4BIT_BLOCK = 64  # transformers' default bnb_4bit blocksize
@@ -52,7 +53,7 @@ def bnb_quantization_config(cfg: BnbConfig, model_dtype: torch.dtype) -> Any:
                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=cfg.ignore)
 
 
-@register_pass("bnb", BnbConfig, scope="model", kind="quantize")
+@register_pass("bnb", BnbConfig, scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
 def run_bnb(handle: ModelHandle, cfg: BnbConfig, run: RunContext) -> dict[str, Any]:
     """Quantize every linear (but `ignore`) with bitsandbytes: LLM.int8() or 4-bit NF4/FP4."""
     if importlib.util.find_spec("bitsandbytes") is None:

@@ -13,7 +13,7 @@ Group quantization parameters, two honest choices:
   result does not depend on `block_size`.
 - static groups: every group's scale and zero point come from the original weights, up front, in the original
   column order. With `act_order` this is the only mode we allow with groups: the reference's act-order groups
-  are contiguous in the *permuted* order, which `QuantizedWeight` (contiguous groups in the original order,
+  are contiguous in the *permuted* order, which `UniformAffine` (contiguous groups in the original order,
   no g_idx) cannot store, and which fast inference kernels do not like either.
 """
 
@@ -30,16 +30,8 @@ from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, input_groups
 from compress.recipe.errors import UserError
 from compress.quant.modules import weight_matrix
-from compress.quant.primitives import (
-    QuantizedWeight,
-    QuantSpec,
-    codes_dtype,
-    compute_qparams,
-    dequantize_codes,
-    group_bounds,
-    quantize_codes,
-    quantize_rtn,
-)
+from compress.quant.primitives import QuantSpec, codes_dtype, compute_qparams, dequantize_codes, group_bounds, quantize_codes
+from compress.quant.records import UniformAffine, quantize_rtn
 from compress.recipe.registry import register_pass
 from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
 from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
@@ -61,7 +53,7 @@ class GPTQResult:
     dead_columns: input features that were zero on every calibration token; their weights were set to 0.
     """
 
-    qweight: QuantizedWeight
+    qweight: UniformAffine
     loss: float
     dampening_frac_used: float
     dead_columns: int
@@ -113,7 +105,7 @@ def gptq_quantize(
     codes, scale, zero, loss = _quantize_columns(W, Hinv, spec, block_size, keep, perm, static_qparams)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    qweight = QuantizedWeight(codes.to(codes_dtype(spec)), scale, zero, spec)
+    qweight = UniformAffine(codes.to(codes_dtype(spec)), scale, zero, spec)
     return GPTQResult(qweight, loss, damp_used, dead)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
-from compress.quant.primitives import quantize_rtn
+from compress.quant.records import quantize_rtn
 from compress.recipe.registry import register_pass
 from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
 

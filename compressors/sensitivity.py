@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compress.quant.modules import set_weight_matrix, weight_matrix
-from compress.quant.primitives import QuantSpec, quantize_rtn
+from compress.quant.primitives import QuantSpec
+from compress.quant.records import quantize_rtn
 
 HVP = Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]]  # probes -> H v per probe, block by block
 

@@ -3,7 +3,7 @@
 After each decoder layer of a sweep the engine saves, atomically (written into a temporary folder, then
 renamed):
 - the layer's compressed weights (its whole state dict, in its own dtype, so restoring is bit-exact);
-- the pass state that layer produced: `run.quantized` codes, `run.masks`, `run.bit_plan` and
+- the pass state that layer produced: `run.quantized` records (their tensors and kind), `run.masks`, `run.bit_plan` and
   `run.activation_quant` entries of its modules, the fallbacks it added, and its per-module report entries;
 - the *actual* inputs of the next layer. Recomputing them on resume would drift (auto-round measured a 20x
   larger loss on the first resumed block), so they are stored, not recomputed. Only the newest layer keeps
@@ -35,7 +35,8 @@ from torch import nn
 
 from compress.quant.activation import ActivationQuantConfig, install_activation_quant
 from compress.recipe.errors import UserError
-from compress.quant.primitives import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+from compress.quant.primitives import QuantSpec
+from compress.quant.records import restore_record, saved_form
 
 MANIFEST = "manifest.json"
 INPUTS = "inputs"  # folder of a layer's checkpoint holding the next layer's inputs, one file per batch
@@ -59,11 +60,6 @@ def recipe_fingerprint(recipe: dict[str, Any]) -> str:
     if isinstance(calibration, dict):
         recipe = {**recipe, "calibration": {k: v for k, v in calibration.items() if k not in PLACEMENT_KEYS}}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _spec_from(described: dict[str, Any]) -> QuantSpec:
-    group = described.get("group_size")
-    return QuantSpec(int(described["bits"]), bool(described["symmetric"]), PerGroup(group) if group else PerChannel())
 
 
 def _contiguous_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,15 +147,12 @@ class Checkpointer:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "weights.safetensors"))
         layer.load_state_dict({k[len("layer."):]: v for k, v in tensors.items() if k.startswith("layer.")}, strict=True)
-        for fqn, described in state["quantized"].items():
-            run.quantized[fqn] = QuantizedWeight(
-                tensors[f"quantized.{fqn}.codes"], tensors[f"quantized.{fqn}.scale"], tensors[f"quantized.{fqn}.zero"],
-                _spec_from(described),
-            )
+        for fqn, entry in state["quantized"].items():
+            run.quantized[fqn] = restore_record(entry, lambda part: tensors[f"quantized.{fqn}.{part}"])
         for fqn in state["masks"]:
             run.masks[fqn] = tensors[f"mask.{fqn}"]
         for fqn, described in state["bit_plan"].items():
-            run.bit_plan[fqn] = _spec_from(described)
+            run.bit_plan[fqn] = QuantSpec.from_description(described)
         self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
         run.fallbacks.extend(state["fallbacks"])
         return LayerState(state["modules"], state["seconds"])
@@ -192,10 +185,11 @@ class Checkpointer:
         staging.mkdir(parents=True)
         owned = f"{prefix}."
         tensors = {f"layer.{k}": v for k, v in layer.state_dict().items()}
-        quantized = {fqn: q for fqn, q in run.quantized.items() if fqn.startswith(owned)}
-        for fqn, q in quantized.items():
-            tensors.update({f"quantized.{fqn}.codes": q.codes, f"quantized.{fqn}.scale": q.scale,
-                            f"quantized.{fqn}.zero": q.zero})
+        records: dict[str, dict[str, Any]] = {}  # fqn -> the entry that rebuilds its record from the tensors
+        for fqn, record in run.quantized.items():
+            if fqn.startswith(owned):
+                parts, records[fqn] = saved_form(record)
+                tensors.update({f"quantized.{fqn}.{part}": tensor for part, tensor in parts.items()})
         masks = [fqn for fqn in run.masks if fqn.startswith(owned)]
         tensors.update({f"mask.{fqn}": run.masks[fqn] for fqn in masks})
         save_file(_contiguous_copy(tensors), str(staging / "weights.safetensors"))
@@ -207,7 +201,7 @@ class Checkpointer:
         state = {
             "modules": layer_state.modules,
             "seconds": layer_state.seconds,
-            "quantized": {fqn: q.spec.describe() for fqn, q in quantized.items()},
+            "quantized": records,
             "masks": masks,
             "bit_plan": {fqn: s.describe() for fqn, s in run.bit_plan.items() if fqn.startswith(owned)},
             "activation_quant": {fqn: c for fqn, c in run.activation_quant.items() if fqn.startswith(owned)},

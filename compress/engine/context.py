@@ -10,7 +10,8 @@ import torch
 from compress.engine.activations import OffloadSettings
 from compress.engine.checkpoint import Checkpointer
 from compress.engine.progress import SILENT, Reporter
-from compress.quant.primitives import QuantizedWeight, QuantSpec
+from compress.quant.primitives import QuantSpec
+from compress.quant.records import WeightRecord
 
 
 @dataclass
@@ -22,7 +23,7 @@ class RunContext:
     - `masks`: module fqn -> bool tensor (out, in), True where a weight survived pruning; quantizers keep zeros at zero.
     - `layer_sparsity`: decoder-layer prefix -> sparsity, written by a sparsity allocation pass (OWL) and read by
       the pruning passes, as `bit_plan` is by the quantizers.
-    - `quantized`: module fqn -> integer codes, scales and zero points, kept for export.
+    - `quantized`: module fqn -> its weight record (compress/quant/records.py: codes, scales, ...), kept for export.
     - `activation_quant`: module fqn -> activation quantization settings installed as forward hooks.
     - `fallbacks`: every place a pass degraded (e.g. a Cholesky failure), reported, never silent.
     - `cache`: values computed once per run and read again, e.g. an evaluation text's token ids, which the
@@ -44,7 +45,7 @@ class RunContext:
     bit_plan: dict[str, QuantSpec] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_sparsity: dict[str, float] = field(default_factory=dict)
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    quantized: dict[str, WeightRecord] = field(default_factory=dict)
     activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     reporter: Reporter = SILENT

@@ -362,15 +362,14 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
 
 
 def shed_records(run: RunContext, prefix: str) -> None:
-    """Replace the integer codes kept for modules under `prefix` by shape-only (meta) tensors.
+    """Replace the records kept for modules under `prefix` by shape-only (meta) copies.
 
     A lazy model must not collect the codes of every layer in host memory (1 byte per weight); the report's
-    size accounting needs only their shapes.
+    size accounting and the export config need only their shapes and settings.
     """
     for fqn, record in list(run.quantized.items()):
         if fqn.startswith(prefix):
-            run.quantized[fqn] = type(record)(record.codes.to("meta"), record.scale.to("meta"),
-                                              record.zero.to("meta"), record.spec)
+            run.quantized[fqn] = record.to("meta")
 
 
 def input_groups(ctx: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:

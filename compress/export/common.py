@@ -1,18 +1,51 @@
-"""What every format writer shares: the export dtype, the unquantized tensors, config and tokenizer files."""
+"""What every format writer shares: the records it can hold, the export dtype, the unquantized tensors, config and
+tokenizer files."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors.torch import save_file
 
 from compress.export.state import CompressedModel, unique_state_dict
 from compress.engine.model_io import DTYPES
+from compress.quant.records import WeightRecord
+from compress.recipe.errors import UserError
+from compress.recipe.storage import unheld
 
 WEIGHTS_FILE = "model.safetensors"
+
+
+Held = TypeVar("Held", bound=WeightRecord)
+
+
+def unheld_reason(record: WeightRecord, fmt: str, writes: type[WeightRecord]) -> str | None:
+    """Why the `fmt` writer, which lays out `writes` records, cannot hold `record`; None when it can.
+
+    The parts the record stores decide first (compress/recipe/storage.py), so the refusal names what would be lost
+    ("a float zero point"); a record storing only held parts but of a class the writer has no layout for is refused
+    by its kind.
+    """
+    parts = unheld(record.stores, fmt)
+    if parts:
+        return " and ".join(parts)
+    return None if isinstance(record, writes) else f"a {record.kind!r} record"
+
+
+def writable_records(records: dict[str, WeightRecord], fmt: str, writes: type[Held],
+                     layout: Callable[[str, WeightRecord], str]) -> dict[str, Held]:
+    """`records`, every one checked to be a `writes` the format holds; raises UserError naming the first module
+    refused and why, before the writer has written anything. `layout(fqn, record)` names the format's layout."""
+    refused = {fqn: why for fqn, record in records.items() if (why := unheld_reason(record, fmt, writes)) is not None}
+    if refused:
+        fqn, why = next(iter(refused.items()))
+        others = f", and {len(refused) - 1} more modules" if len(refused) > 1 else ""
+        raise UserError(f"{layout(fqn, records[fqn])} cannot hold {why} ({fqn}{others}); export with format dense, "
+                        "which writes every record dequantized")
+    return {fqn: record for fqn, record in records.items() if isinstance(record, writes)}
 
 
 def export_dtype(requested: str, compressed: CompressedModel) -> torch.dtype:

@@ -7,6 +7,9 @@ distinct scheme, so a mixed-precision plan gets one group per bit width. Pruning
 `sparsity_config` (format dense, `sparsity_structure: "2:4"` when every masked matrix is 2:4) so runtimes
 can pick sparse kernels.
 
+It holds uniform-affine records only (integer codes, scales, integer zero points); any other record is refused
+before anything is written, naming the module and the part it cannot hold (`holdable`), never rounded into shape.
+
 Conventions: compressed-tensors stores signed codes; our asymmetric codes are unsigned [0, 2^b - 1], so
 codes and zero points shift down by 2^(b-1) together, which leaves (code - zero) * scale unchanged.
 """
@@ -20,20 +23,20 @@ import torch
 from torch import nn
 
 from compress.recipe.errors import UserError
-from compress.export.common import export_dtype, plain_tensors, write_config, write_weights
+from compress.export.common import export_dtype, plain_tensors, writable_records, write_config, write_weights
 from compress.export.state import CompressedModel
 from compress.quant.modules import is_linear
-from compress.quant.primitives import QuantizedWeight
+from compress.quant.records import UniformAffine, WeightRecord
 
 PACKED = "pack-quantized"
 INT8 = "int-quantized"
 
 
-def _signed_offset(record: QuantizedWeight) -> int:
+def _signed_offset(record: UniformAffine) -> int:
     return 0 if record.spec.symmetric else 1 << (record.spec.bits - 1)
 
 
-def pack_weight(record: QuantizedWeight, scale_dtype: torch.dtype, fmt: str = PACKED) -> dict[str, torch.Tensor]:
+def pack_weight(record: UniformAffine, scale_dtype: torch.dtype, fmt: str = PACKED) -> dict[str, torch.Tensor]:
     """The module-local tensors compressed-tensors stores for one quantized matrix (out, in)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -53,16 +56,22 @@ def pack_weight(record: QuantizedWeight, scale_dtype: torch.dtype, fmt: str = PA
     return out
 
 
-def _scheme_key(record: QuantizedWeight, activations: dict[str, Any] | None) -> tuple[Any, ...]:
+def _scheme_key(record: UniformAffine, activations: dict[str, Any] | None) -> tuple[Any, ...]:
     act = (activations or {}).get("bits"), (activations or {}).get("per")
     return record.spec.bits, record.spec.symmetric, record.spec.group_size, act
 
 
-def _module_format(record: QuantizedWeight, activations: dict[str, Any] | None) -> str:
-    return INT8 if activations and record.spec.bits == 8 else PACKED
+def _module_format(record: WeightRecord, activations: dict[str, Any] | None) -> str:
+    return INT8 if activations and isinstance(record, UniformAffine) and record.spec.bits == 8 else PACKED
 
 
-def build_scheme(record: QuantizedWeight, activations: dict[str, Any] | None, targets: list[str]) -> Any:
+def holdable(records: dict[str, WeightRecord], activation_quant: dict[str, Any]) -> dict[str, UniformAffine]:
+    """`records` as this format lays them out; raises UserError for any it cannot hold (before anything is written)."""
+    return writable_records(records, "compressed-tensors", UniformAffine,
+                            lambda fqn, record: f"compressed-tensors {_module_format(record, activation_quant.get(fqn))}")
+
+
+def build_scheme(record: UniformAffine, activations: dict[str, Any] | None, targets: list[str]) -> Any:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     spec = record.spec
@@ -86,13 +95,14 @@ def quantization_config(compressed: CompressedModel, sparsity: dict[str, Any] | 
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig
 
+    records = holdable(compressed.quantized, compressed.activation_quant)
     groups: dict[tuple[Any, ...], list[str]] = {}
-    for fqn, record in compressed.quantized.items():
+    for fqn, record in records.items():
         groups.setdefault(_scheme_key(record, compressed.activation_quant.get(fqn)), []).append(fqn)
     schemes = {}
     for index, targets in enumerate(groups.values()):
         first = targets[0]
-        schemes[f"group_{index}"] = build_scheme(compressed.quantized[first], compressed.activation_quant.get(first), targets)
+        schemes[f"group_{index}"] = build_scheme(records[first], compressed.activation_quant.get(first), targets)
     formats = {scheme.format for scheme in schemes.values()}
     linears = [name for name, module in compressed.model.named_modules() if is_linear(module)]
     config = QuantizationConfig(
@@ -144,7 +154,7 @@ def sparsity_config_of(summaries: dict[str, tuple[int, int, bool]]) -> dict[str,
     }
 
 
-def module_tensors(fqn: str, module: nn.Module, record: QuantizedWeight, dtype: torch.dtype,
+def module_tensors(fqn: str, module: nn.Module, record: UniformAffine, dtype: torch.dtype,
                    activations: dict[str, Any] | None) -> dict[str, torch.Tensor]:
     """The stored tensors that replace `fqn.weight`, by full name."""
     if not isinstance(module, nn.Linear):
@@ -155,9 +165,10 @@ def module_tensors(fqn: str, module: nn.Module, record: QuantizedWeight, dtype: 
 
 
 def write_compressed_tensors(compressed: CompressedModel, folder: Path, dtype_name: str) -> dict[str, Any]:
+    records = holdable(compressed.quantized, compressed.activation_quant)
     dtype = export_dtype(dtype_name, compressed)
-    tensors = plain_tensors(compressed, dtype, skip_weights_of=set(compressed.quantized))
-    for fqn, record in compressed.quantized.items():
+    tensors = plain_tensors(compressed, dtype, skip_weights_of=set(records))
+    for fqn, record in records.items():
         tensors.update(module_tensors(fqn, compressed.model.get_submodule(fqn), record, dtype,
                                       compressed.activation_quant.get(fqn)))
     config = quantization_config(compressed)

@@ -8,7 +8,8 @@ Per quantized linear with in_features I, out_features O, G groups and b bits (32
     g_idx    int32 (I,)              group of each input column (column // group_size; desc_act is false)
 
 and `quantization_config: {quant_method: gptq, bits, group_size, desc_act: false, sym, checkpoint_format: gptq}`.
-Symmetric codes are stored offset by 2^(b-1) with that as their zero point, as GPTQ does.
+Symmetric codes are stored offset by 2^(b-1) with that as their zero point, as GPTQ does. It holds uniform-affine
+records only; any other is refused before anything is written, naming the module and the part it cannot hold.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from torch import nn
 
 from compress.recipe.errors import UserError
-from compress.export.common import export_dtype, plain_tensors, write_config, write_weights
+from compress.export.common import export_dtype, plain_tensors, writable_records, write_config, write_weights
 from compress.recipe.export_config import GPTQ_BITS
 from compress.export.state import CompressedModel
-from compress.quant.primitives import QuantizedWeight, QuantSpec
+from compress.quant.primitives import QuantSpec
+from compress.quant.records import UniformAffine
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -40,7 +42,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return words.t().contiguous() if dim == 1 else words.contiguous()
 
 
-def check_gptq_spec(fqn: str, record: QuantizedWeight) -> None:
+def check_gptq_spec(fqn: str, record: UniformAffine) -> None:
     out_features, in_features = record.codes.shape
     spec = record.spec
     if spec.bits not in GPTQ_BITS:
@@ -53,7 +55,7 @@ def check_gptq_spec(fqn: str, record: QuantizedWeight) -> None:
                         "the GPTQ layout requires; use compressed-tensors")
 
 
-def pack_gptq(record: QuantizedWeight) -> dict[str, torch.Tensor]:
+def pack_gptq(record: UniformAffine) -> dict[str, torch.Tensor]:
     """qweight / qzeros / scales / g_idx of one quantized matrix (out, in)."""
     spec = record.spec
     offset = 1 << (spec.bits - 1) if spec.symmetric else 0
@@ -69,8 +71,8 @@ def pack_gptq(record: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def _uniform_spec(compressed: CompressedModel) -> QuantSpec:
-    specs = {record.spec for record in compressed.quantized.values()}
+def _uniform_spec(records: dict[str, UniformAffine]) -> QuantSpec:
+    specs = {record.spec for record in records.values()}
     if len(specs) != 1:
         raise UserError(f"the GPTQ layout holds one scheme per model, this one has {len(specs)} "
                         f"({', '.join(sorted(str(s.describe()) for s in specs))}); use compressed-tensors")
@@ -82,16 +84,17 @@ def write_gptq(compressed: CompressedModel, folder: Path, dtype_name: str) -> di
         raise UserError("nothing was quantized, so there is nothing to write in the GPTQ layout; use --format dense")
     if compressed.activation_quant:
         raise UserError("the GPTQ layout holds weight-only quantization; this model also quantizes activations")
-    spec = _uniform_spec(compressed)
+    records = writable_records(compressed.quantized, "gptq", UniformAffine, lambda fqn, record: "the GPTQ layout")
+    spec = _uniform_spec(records)
     dtype = export_dtype(dtype_name, compressed)
-    tensors = plain_tensors(compressed, dtype, skip_weights_of=set(compressed.quantized))
-    for fqn, record in compressed.quantized.items():
+    tensors = plain_tensors(compressed, dtype, skip_weights_of=set(records))
+    for fqn, record in records.items():
         if not isinstance(compressed.model.get_submodule(fqn), nn.Linear):
             raise UserError(f"{fqn} is not an nn.Linear; the GPTQ layout packs Linear weights only: use --format dense")
         check_gptq_spec(fqn, record)
         for name, tensor in pack_gptq(record).items():
             tensors[f"{fqn}.{name}"] = tensor
-    block_modules = sorted({fqn.split(".", 3)[-1] for fqn in compressed.quantized})  # "self_attn.q_proj", ...
+    block_modules = sorted({fqn.split(".", 3)[-1] for fqn in records})  # "self_attn.q_proj", ...
     config = {
         "quant_method": "gptq",
         "bits": spec.bits,

@@ -4,10 +4,13 @@ Layout of `RUN_DIR/state/` (written by `save_state`, read back by `load_state`):
 
     config.json, generation_config.json, tokenizer files   the model's own, with its (possibly pruned) shapes
     tensors.safetensors   every parameter and persistent buffer that is not a quantized weight, in the compute
-                          dtype (lossless); for each quantized linear `<fqn>.codes` (int8/uint8), `<fqn>.scale`,
-                          `<fqn>.zero` (rows, groups); for each pruning mask `<fqn>.mask` (uint8, out x in)
-    safetensors metadata  `specs` (fqn -> bits/symmetric/group_size), `activation_quant`, `tied` (names that
-                          share a tensor with an earlier one), `checkpoint_dtype`
+                          dtype (lossless); for each quantized linear its record's tensors as `<fqn>.<part>`
+                          (a uniform-affine record: `<fqn>.codes` int8/uint8, `<fqn>.scale`, `<fqn>.zero`
+                          (rows, groups)); for each pruning mask `<fqn>.mask` (uint8, out x in)
+    safetensors metadata  `records` (fqn -> {kind, tensors, metadata}: what rebuilds each record, see
+                          compress/quant/records.py), `activation_quant`, `tied` (names that share a tensor with an
+                          earlier one), `checkpoint_dtype`. States written before records had kinds have `specs`
+                          (fqn -> bits/symmetric/group_size) instead; they load as uniform-affine records.
 
 A model quantized by the `bnb` pass holds bitsandbytes modules instead; its state is transformers' own
 bitsandbytes serialization (`save_pretrained`) plus `state.json` saying so.
@@ -27,7 +30,7 @@ from torch import nn
 
 from compress.recipe.errors import UserError
 from compress.engine.model_io import DTYPES
-from compress.quant.primitives import PerChannel, PerGroup, QuantizedWeight, QuantSpec
+from compress.quant.records import WeightRecord, restore_record, saved_form
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
@@ -35,12 +38,12 @@ STATE_FILE = "state.json"
 
 @dataclass
 class CompressedModel:
-    """What every export format is written from: the model with dequantized weights plus the integer records."""
+    """What every export format is written from: the model with dequantized weights plus the weight records."""
 
     model: Any  # a transformers PreTrainedModel (save_pretrained, config)
     tokenizer: Any
     checkpoint_dtype: torch.dtype
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    quantized: dict[str, WeightRecord] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
     bitsandbytes: bool = False  # the model holds bitsandbytes modules (the `bnb` pass ran)
@@ -61,15 +64,6 @@ def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, tied
 
 
-def spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
-    return spec.describe()
-
-
-def spec_from_dict(data: dict[str, Any]) -> QuantSpec:
-    size = data.get("group_size")
-    return QuantSpec(int(data["bits"]), bool(data["symmetric"]), PerGroup(int(size)) if size else PerChannel())
-
-
 def save_state(compressed: CompressedModel, folder: Path) -> None:
     """Write `compressed` into `folder` (see the module docstring for the layout)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,14 +82,14 @@ def save_state(compressed: CompressedModel, folder: Path) -> None:
     for name, tensor in tensors.items():
         if name.removesuffix(".weight") not in compressed.quantized or not name.endswith(".weight"):
             out[name] = tensor.detach().cpu().contiguous()
+    records: dict[str, dict[str, Any]] = {}  # fqn -> the entry that rebuilds its record from `<fqn>.<part>`
     for fqn, record in compressed.quantized.items():
-        out[f"{fqn}.codes"] = record.codes.contiguous()
-        out[f"{fqn}.scale"] = record.scale.float().contiguous()
-        out[f"{fqn}.zero"] = record.zero.float().contiguous()
+        parts, records[fqn] = saved_form(record)
+        out.update({f"{fqn}.{part}": tensor.contiguous() for part, tensor in parts.items()})
     for fqn, mask in compressed.masks.items():
         out[f"{fqn}.mask"] = mask.to(torch.uint8).cpu().contiguous()
     metadata = {
-        "specs": json.dumps({fqn: spec_to_dict(r.spec) for fqn, r in compressed.quantized.items()}),
+        "records": json.dumps(records),
         "activation_quant": json.dumps(compressed.activation_quant),
         "tied": json.dumps(tied),
         "checkpoint_dtype": str(compressed.checkpoint_dtype).replace("torch.", ""),
@@ -121,11 +115,9 @@ def load_state(folder: Path) -> CompressedModel:
     with safe_open(str(folder / TENSORS_FILE), framework="pt") as handle:
         metadata = handle.metadata() or {}
         stored = {name: handle.get_tensor(name) for name in handle.keys()}
-    specs = {fqn: spec_from_dict(d) for fqn, d in json.loads(metadata.get("specs", "{}")).items()}
-    quantized = {
-        fqn: QuantizedWeight(stored.pop(f"{fqn}.codes"), stored.pop(f"{fqn}.scale"), stored.pop(f"{fqn}.zero"), spec)
-        for fqn, spec in specs.items()
-    }
+    entries = json.loads(metadata.get("records") or metadata.get("specs", "{}"))  # `specs`: saved before record kinds
+    quantized = {fqn: restore_record(entry, lambda part: stored.pop(f"{fqn}.{part}"))
+                 for fqn, entry in entries.items()}
     masks = {name.removesuffix(".mask"): stored.pop(name).bool() for name in [n for n in stored if n.endswith(".mask")]}
     dtype = next((t.dtype for t in stored.values() if t.is_floating_point()), torch.float32)
     config = AutoConfig.from_pretrained(folder)

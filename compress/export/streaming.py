@@ -19,6 +19,7 @@ from torch import nn
 from compress.engine.context import RunContext
 from compress.export.compressed_tensors_format import (
     config_details,
+    holdable,
     mask_summary,
     module_tensors,
     quantization_config,
@@ -41,7 +42,8 @@ class StreamingCompressedTensors:
 
     def write_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
         """Write layer `index` (named `prefix`, still materialised) in the compressed-tensors layout."""
-        records = {fqn: r for fqn, r in self.run.quantized.items() if fqn.startswith(prefix + ".")}
+        records = holdable({fqn: r for fqn, r in self.run.quantized.items() if fqn.startswith(prefix + ".")},
+                           self.run.activation_quant)  # refused before this layer's shard is written
         tensors: dict[str, torch.Tensor] = {}
         for name, param in layer.named_parameters():
             full = f"{prefix}.{name}"

@@ -1,4 +1,5 @@
-"""Uniform integer quantization of weight matrices: the primitives RTN, GPTQ and AWQ share.
+"""Uniform integer quantization of weight matrices: the primitives RTN, GPTQ and AWQ share (their record,
+`UniformAffine`, and `quantize_rtn` are in compress/quant/records.py).
 
 Conventions (the compressed-tensors / GPTQ ones, so exported codes load in vLLM):
 - symmetric: signed codes in [-2^(b-1), 2^(b-1)-1], zero point 0, scale = absmax / ((2^b - 1) / 2).
@@ -10,6 +11,7 @@ With these choices every element is reconstructed to within half a quantization 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,6 +58,12 @@ class QuantSpec:
     def describe(self) -> dict[str, object]:
         return {"bits": self.bits, "symmetric": self.symmetric, "group_size": self.group_size}
 
+    @classmethod
+    def from_description(cls, described: dict[str, Any]) -> QuantSpec:
+        """The spec `describe` wrote (JSON in checkpoints and run state)."""
+        group = described.get("group_size")
+        return cls(int(described["bits"]), bool(described["symmetric"]), PerGroup(int(group)) if group else PerChannel())
+
 
 def group_bounds(columns: int, spec: QuantSpec) -> list[tuple[int, int]]:
     """[start, end) column ranges of the quantization groups; the last one is shorter when size does not divide."""
@@ -97,74 +105,8 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     return dequantize_codes(quantize_codes(w, scale, zero, spec), scale, zero)
 
 
-@dataclass
-class QuantizedWeight:
-    """Integer codes plus per-group scales and zero points of one weight matrix (out_features, in_features).
-
-    Kept for export: `codes` is int8 (symmetric) or uint8 (asymmetric); `scale`/`zero` are (rows, groups).
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    spec: QuantSpec
-
-    def dequantize(self) -> torch.Tensor:
-        rows, columns = self.codes.shape
-        size = self.spec.group_size or columns
-        full = columns // size * size
-        parts = []
-        if full:  # every whole group at once: (rows * groups, size) rows with one scale each
-            blocks = dequantize_codes(self.codes[:, :full].reshape(-1, size), self.scale[:, : full // size],
-                                      self.zero[:, : full // size])
-            parts.append(blocks.reshape(rows, full))
-        if full < columns:  # the shorter last group
-            parts.append(dequantize_codes(self.codes[:, full:], self.scale[:, -1], self.zero[:, -1]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def storage_bits(self) -> int:
-        """Bits to store this matrix: see `storage_bits`."""
-        return storage_bits(self.codes.shape[0], self.codes.shape[1], self.spec)
-
-
-def storage_bits(rows: int, columns: int, spec: QuantSpec) -> int:
-    """Bits to store a (rows, columns) matrix quantized with `spec`: codes plus a 16-bit scale (and a `bits`-wide
-    zero point if asymmetric) per row and group. The report's sizes and the bit allocator's budget both use this."""
-    per_group = 16 + (0 if spec.symmetric else spec.bits)
-    return rows * columns * spec.bits + rows * len(group_bounds(columns, spec)) * per_group
-
-
 def codes_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.symmetric else torch.uint8
-
-
-def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest quantization of a weight matrix (rows, cols), group by group.
-
-    The whole groups are quantized in one go as a (rows * groups, size) matrix with a scale per row: the same
-    element-wise arithmetic as a loop over the groups, hence the same codes, without a pass per group.
-    """
-    rows, columns = w.shape
-    size = spec.group_size or columns
-    full = columns // size * size
-    codes, scales, zeros = [], [], []
-    if full:
-        blocks = w[:, :full].reshape(-1, size)
-        scale, zero = compute_qparams(blocks, spec)
-        codes.append(quantize_codes(blocks, scale, zero, spec).reshape(rows, full))
-        scales.append(scale.reshape(rows, -1))
-        zeros.append(zero.reshape(rows, -1))
-    if full < columns:  # the shorter last group
-        scale, zero = compute_qparams(w[:, full:], spec)
-        codes.append(quantize_codes(w[:, full:], scale, zero, spec))
-        scales.append(scale.reshape(rows, 1))
-        zeros.append(zero.reshape(rows, 1))
-    return QuantizedWeight(
-        codes=torch.cat(codes, dim=1).to(codes_dtype(spec)),
-        scale=torch.cat(scales, dim=1),
-        zero=torch.cat(zeros, dim=1),
-        spec=spec,
-    )
 
 
 def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -3,7 +3,11 @@
     export: {format: compressed-tensors, path: out/model-w4}     # path relative to the recipe's folder
     export: {format: gptq}                                       # default path: RUN_DIR/export-gptq
 
-The check runs at recipe load, before any model or calibration data is touched.
+The check runs at recipe load, before any model or calibration data is touched. It knows what passes declare they
+store (`register_pass(..., stores=...)`, the words of compress/recipe/storage.py) and, for GPTQ, the settings its
+writer would refuse (bits, activations, a mixed plan, N:M); it does not look at pass names. The authority is the
+writer at export time, which checks every weight record before writing anything (compress/export/common.py
+`writable_records`): a pass that declares nothing, or a record a declared pass did not foresee, is refused there.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 from compress.recipe.registry import StrictConfig
+from compress.recipe.storage import BITSANDBYTES_MODULES, formats_holding, unheld
 
 ExportFormat = Literal["compressed-tensors", "gptq", "dense", "bitsandbytes"]
 FORMATS: tuple[str, ...] = ("compressed-tensors", "gptq", "dense", "bitsandbytes")
@@ -41,16 +46,25 @@ def _is_structured_pruning(params: dict[str, Any]) -> bool:
 
 def format_problems(fmt: str, steps: Sequence[Any]) -> list[str]:
     """Why `fmt` cannot hold what the passes `steps` (recipe PassSteps) produce; empty when it can."""
-    names = [s.name for s in steps]
-    quantizers = [s for s in steps if s.definition.kind == "quantize"]
-    problems: list[str] = []
-    if "bnb" in names and fmt != "bitsandbytes":
-        problems.append(f"the bnb pass produces bitsandbytes modules, which only the 'bitsandbytes' format saves (got {fmt!r})")
-    if fmt == "bitsandbytes" and "bnb" not in names:
+    problems = [_unheld_problem(step.name, part, fmt) for step in steps for part in unheld(step.definition.stores, fmt)]
+    if fmt == "bitsandbytes" and not any(BITSANDBYTES_MODULES in step.definition.stores for step in steps):
         problems.append("format 'bitsandbytes' saves a model quantized by the bnb pass; add `- bnb: {mode: nf4}` or choose compressed-tensors")
-    if fmt != "gptq":
-        return problems
-    for step in quantizers:
+    if fmt == "gptq":
+        problems.extend(_gptq_problems(steps))
+    return problems
+
+
+def _unheld_problem(pass_name: str, part: str, fmt: str) -> str:
+    holders = " or ".join(repr(holder) for holder in formats_holding(part))
+    return f"the {pass_name} pass produces {part}, which only the {holders} format saves (got {fmt!r})"
+
+
+def _gptq_problems(steps: Sequence[Any]) -> list[str]:
+    """Settings the GPTQ writer would refuse at export, caught at load: one weight-only bit width, no N:M."""
+    problems = []
+    for step in steps:
+        if step.definition.kind != "quantize":
+            continue
         params = _params(step)
         if params.get("activations"):
             problems.append(f"the GPTQ layout holds weight-only quantization; '{step.name}' also quantizes activations "

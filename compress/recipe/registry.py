@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -46,6 +46,10 @@ class PassDef:
     # Calibrates correctly when each torchrun rank sees only its share of the windows (its statistics are summed
     # across ranks); a calibrated pass without it would quietly calibrate on a fraction of the data.
     data_parallel: bool = False
+    # What the pass leaves in the model that an export format must hold, in compress/recipe/storage.py's words (e.g.
+    # "bitsandbytes modules"), so a recipe whose format cannot hold it is refused at load. Optional: the writers
+    # check the records themselves at export; a pass storing only what every format holds declares nothing.
+    stores: frozenset[str] = frozenset()
 
     @property
     def summary(self) -> str:
@@ -89,11 +93,12 @@ def register_pass(
     kind: str,
     needs_calibration: bool = False,
     data_parallel: bool = False,
+    stores: Iterable[str] = (),
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
     def decorate(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         if name in _PASSES:
             raise ValueError(f"pass {name!r} is registered twice ({_PASSES[name].apply.__module__} and {fn.__module__})")
-        _PASSES[name] = PassDef(name, config, fn, scope, needs_calibration, kind, data_parallel)
+        _PASSES[name] = PassDef(name, config, fn, scope, needs_calibration, kind, data_parallel, frozenset(stores))
         return fn
 
     return decorate

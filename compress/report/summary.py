@@ -14,7 +14,7 @@ from rich.table import Table
 from torch import nn
 
 import compress
-from compress.quant.primitives import QuantizedWeight
+from compress.quant.records import WeightRecord
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -80,11 +80,11 @@ def _dtype_bits(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
 
 
-def model_size(model: nn.Module, quantized: dict[str, QuantizedWeight], reference_dtype: torch.dtype) -> dict[str, Any]:
+def model_size(model: nn.Module, quantized: dict[str, WeightRecord], reference_dtype: torch.dtype) -> dict[str, Any]:
     """Storage the compressed model needs vs. the checkpoint's own precision, counting each tied tensor once.
 
-    Quantized weights count their codes plus per-group scales (and zero points); everything else counts at
-    `reference_dtype` (the checkpoint's precision, not the float32 we may compute in).
+    Quantized weights count what their record stores (`storage_bits().total`: codes, scales, zero points, ...);
+    everything else counts at `reference_dtype` (the checkpoint's precision, not the float32 we may compute in).
     """
     reference_bits = _dtype_bits(reference_dtype)
     seen: set[int] = set()
@@ -98,8 +98,9 @@ def model_size(model: nn.Module, quantized: dict[str, QuantizedWeight], referenc
             record = quantized.get(module_name) if param_name == "weight" else None
             if record is not None:
                 quant_params += param.numel()
-                quant_bits += record.storage_bits()
-                total_bits += record.storage_bits()
+                record_bits = record.storage_bits().total
+                quant_bits += record_bits
+                total_bits += record_bits
             else:
                 total_bits += param.numel() * reference_bits
     return {

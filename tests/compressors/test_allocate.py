@@ -28,7 +28,7 @@ def run_chain(model, text_file, passes: str, samples: int = 4):
 
 def allocated_bits(handle, run):
     """Storage bits of every quantized matrix, counted independently of the allocator."""
-    return sum(q.storage_bits() for q in run.quantized.values())
+    return sum(q.storage_bits().total for q in run.quantized.values())
 
 
 @pytest.mark.parametrize("sensitivity", ["hessian_trace", "fisher", "delta_loss", "io_similarity"])

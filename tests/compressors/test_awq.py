@@ -13,7 +13,8 @@ from compress.engine.data import sample_windows, tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle, load_model
-from compress.quant.primitives import PerGroup, QuantSpec, quantize_rtn
+from compress.quant.primitives import PerGroup, QuantSpec
+from compress.quant.records import quantize_rtn
 from compress.recipe.schema import parse_recipe
 from compress.app.runner import run_recipe
 from compress.compressors.awq import AWQConfig, awq_search_clip, awq_search_scales, clamp_groups, run_awq

@@ -21,8 +21,8 @@ from compress.quant.primitives import (
     compute_qparams,
     dequantize_codes,
     quantize_codes,
-    quantize_rtn,
 )
+from compress.quant.records import quantize_rtn
 from compress.recipe.schema import parse_recipe
 from compress.app.runner import run_recipe
 from compress.compressors.gptq import (

@@ -11,7 +11,8 @@ from compress.engine.context import RunContext
 from compress.engine.data import sample_windows, tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.engine.model_io import ModelHandle, load_model
-from compress.quant.primitives import QuantSpec, fake_quantize_per_token, quantize_rtn
+from compress.quant.primitives import QuantSpec, fake_quantize_per_token
+from compress.quant.records import quantize_rtn
 from compress.recipe.schema import parse_recipe
 from compress.app.runner import run_recipe
 from compress.compressors.rtn import RTNConfig, run_rtn

@@ -11,7 +11,8 @@ from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, SweepStep, capture_layer_inputs, input_groups, run_sweep
 from compress.engine.model_io import load_model
 from compress.quant.modules import find_linears, set_weight_matrix, weight_matrix
-from compress.quant.primitives import PerGroup, QuantSpec, quantize_rtn
+from compress.quant.primitives import PerGroup, QuantSpec
+from compress.quant.records import quantize_rtn
 from compress.compressors.rtn import RTNConfig, run_rtn
 from compress.evaluators.perplexity import perplexity_of
 from tests.tiny_models import FAMILIES, save_tiny_model

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from compress.quant.primitives import PerChannel, PerGroup, QuantSpec, group_bounds, quantize_rtn
+from compress.quant.primitives import PerChannel, PerGroup, QuantSpec, group_bounds
+from compress.quant.records import quantize_rtn
 
 
 def _half_step_bound_holds(w: torch.Tensor, spec: QuantSpec) -> None:
@@ -67,9 +68,9 @@ def test_all_zero_rows_are_reconstructed():
 
 def test_storage_bits_counts_codes_and_scales():
     q = quantize_rtn(torch.randn(8, 64), QuantSpec(4, True, PerGroup(32)))
-    assert q.storage_bits() == 8 * 64 * 4 + 8 * 2 * 16
+    assert q.storage_bits().total == 8 * 64 * 4 + 8 * 2 * 16
     q = quantize_rtn(torch.randn(8, 64), QuantSpec(4, False, PerGroup(32)))
-    assert q.storage_bits() == 8 * 64 * 4 + 8 * 2 * (16 + 4)
+    assert q.storage_bits().total == 8 * 64 * 4 + 8 * 2 * (16 + 4)
 
 
 def test_spec_rejects_out_of_range_bits():

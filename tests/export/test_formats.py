@@ -18,7 +18,8 @@ from compress.export.compressed_tensors_format import pack_weight, sparsity_conf
 from compress.export.gptq_format import pack_gptq
 from compress.export.inspect import inspect_checkpoint
 from compress.engine.model_io import load_model
-from compress.quant.primitives import PerChannel, PerGroup, QuantSpec, quantize_rtn
+from compress.quant.primitives import PerChannel, PerGroup, QuantSpec
+from compress.quant.records import quantize_rtn
 from compress.recipe.schema import parse_recipe
 from compress.report.summary import model_size
 from compress.compressors.rtn import RTNConfig, run_rtn
@@ -68,9 +69,9 @@ def test_gptq_layout_decodes_to_our_weights(bits, symmetric, group):
 
 
 def _with_scales(record, scales):
-    from compress.quant.primitives import QuantizedWeight
+    from compress.quant.records import UniformAffine
 
-    return QuantizedWeight(record.codes, scales, record.zero, record.spec).dequantize()
+    return UniformAffine(record.codes, scales, record.zero, record.spec).dequantize()
 
 
 def test_sparsity_config_marks_two_four_only_when_every_mask_is():
