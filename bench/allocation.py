@@ -31,7 +31,7 @@ import typer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compress.engine.context import RunContext  # noqa: E402
+from compress.engine.context import RunContext, RunInputs  # noqa: E402
 from compress.engine.data import load_text, sample_windows, tokenize_text  # noqa: E402
 from compress.engine.model_io import ModelHandle, load_model  # noqa: E402
 from compress.recipe.schema import parse_recipe  # noqa: E402
@@ -59,15 +59,15 @@ def quantize_and_score(passes: str, calibration: torch.Tensor, eval_ids: torch.T
     recipe = parse_recipe(f"calibration: {{dataset: calib.txt, samples: {len(calibration)}, seq_len: {SEQ_LEN}}}\n"
                           f"passes: {passes}\n", filename="<bench allocation>", base_dir=DEMO)
     handle = load()
-    run = RunContext(device=handle.device, calibration=calibration, calibration_batch_size=8)
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration, calibration_batch_size=8))
     start = time.perf_counter()
     run_passes(handle, recipe.passes, run)
     seconds = time.perf_counter() - start
-    params = sum(q.codes.numel() for q in run.quantized.values())
-    bits = sum(q.storage_bits().total for q in run.quantized.values())
+    params = sum(q.codes.numel() for q in run.results.records.values())
+    bits = sum(q.storage_bits().total for q in run.results.records.values())
     ppl, _ = perplexity_of(handle.model, eval_ids, SEQ_LEN, 8, torch.device("cpu"), eval_windows)
     return {"perplexity": ppl, "avg_bits": bits / params, "bytes": bits // 8, "seconds": seconds,
-            "allocation": run.report_sections.get("allocation")}
+            "allocation": run.results.report_sections.get("allocation")}
 
 
 PROGRESS = re.compile(r"^(?:uniform W(?P<bits>\d)|(?P<est>\w+) @ (?P<budget>[\d.]+)): (?P<ppl>[\d.]+) at (?P<avg>[\d.]+)"
@@ -138,7 +138,7 @@ def main(
                 continue
             cfg = AllocateConfig(sensitivity=estimator, budget={"avg_bits": 3.0}, samples=sensitivity_samples,  # type: ignore[arg-type]
                                  max_probes=max_probes)
-            run = RunContext(device=handle.device, calibration=calibration, calibration_batch_size=8)
+            run = RunContext(RunInputs(device=handle.device, calibration=calibration, calibration_batch_size=8))
             document = compute_sensitivities(handle, cfg, GPTQConfig(bits=4, group_size=GROUP_SIZE), run)
             sensitivity_seconds[estimator] = document["seconds"]
             path = Path(tmp) / f"{estimator}.json"

@@ -26,7 +26,7 @@ import torch
 import typer
 from rich.console import Console
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import load_text, sample_windows, tokenize_text
 from compress.engine.model_io import load_model
 from compress.recipe.schema import parse_recipe
@@ -110,12 +110,12 @@ def run_ours(scheme: PruneScheme, setup: Setup) -> Outcome:
     text = f"calibration: {{dataset: calib.txt, samples: {len(setup.calibration)}, seq_len: {SEQ_LEN}}}\n"
     recipe = parse_recipe(text + f"passes: {scheme.ours}\n", filename=f"<bench {scheme.title}>", base_dir=DEMO)
     handle = setup.load()
-    run = RunContext(device=handle.device, calibration=setup.calibration, calibration_batch_size=CALIBRATION_BATCH)
+    run = RunContext(RunInputs(device=handle.device, calibration=setup.calibration, calibration_batch_size=CALIBRATION_BATCH))
     start = time.perf_counter()
     run_passes(handle, recipe.passes, run)
     seconds = time.perf_counter() - start
     checks = {"sparsity": round(linear_sparsity(handle.model), 4), "parameters": handle.parameter_count(),
-              "forward_ms": round(forward_ms(handle.model, setup), 1), "fallbacks": len(run.fallbacks)}
+              "forward_ms": round(forward_ms(handle.model, setup), 1), "fallbacks": len(run.results.fallbacks)}
     return Outcome(setup.perplexity(handle.model), seconds, checks=checks)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.model_io import ModelHandle, load_model
 from compress.recipe.schema import parse_recipe
 from compress.app.runner import run_passes
@@ -63,12 +63,12 @@ def run_ours(scheme: Scheme, setup: Setup, evaluate: bool = True) -> Outcome:
     recipe = parse_recipe(text + f"passes: {scheme.ours}\n", filename=f"<bench {scheme.key}>",
                           base_dir=setup.model_dir.parent)
     handle = setup.load()
-    run = RunContext(device=handle.device, calibration=setup.calibration if scheme.calibrated else None,
-                     calibration_batch_size=CALIBRATION_BATCH)
+    run = RunContext(RunInputs(device=handle.device, calibration=setup.calibration if scheme.calibrated else None,
+                     calibration_batch_size=CALIBRATION_BATCH))
     start = time.perf_counter()
     entries, _ = run_passes(handle, recipe.passes, run)
     seconds = time.perf_counter() - start
-    checks = {"fallbacks": len(run.fallbacks), "activation_quant_modules": len(run.activation_quant)}
+    checks = {"fallbacks": len(run.results.fallbacks), "activation_quant_modules": len(run.results.activation_quant)}
     return Outcome(setup.perplexity(handle.model) if evaluate else None, seconds, checks=checks)
 
 

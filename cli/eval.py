@@ -46,7 +46,7 @@ def evaluate(
     with exit_codes(verbose):
         from pydantic import ValidationError
 
-        from compress.engine.context import RunContext
+        from compress.engine.context import RunContext, RunInputs
         from compress.recipe.errors import UserError
         from compress.engine.model_io import DTYPES, load_model
         from compress.engine.progress import Reporter
@@ -85,7 +85,7 @@ def evaluate(
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         with reporter.status(f"loading {model}"):
             handle = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        run = RunContext(device=handle.device, reporter=reporter)
+        run = RunContext(RunInputs(device=handle.device, reporter=reporter))
         results = []
         for name, config in steps:
             returned = registry[name].apply(handle, config, run)

@@ -2,7 +2,7 @@
 then let the next quantization pass honour the plan.
 
 `allocate` estimates each unit's cost at each candidate width (compressors/sensitivity.py), solves for the
-cheapest plan within the budget (compressors/bit_allocation.py), and writes `run.bit_plan`, `bit_plan.yaml` and
+cheapest plan within the budget (compressors/bit_allocation.py), and writes `run.handoff.bit_plan`, `bit_plan.yaml` and
 the report's "allocation" section (plan, costs, budget vs. used, Pareto frontier). `quantize_plan` reads a
 hand-edited plan file instead.
 
@@ -162,8 +162,9 @@ def group_units(layer_modules: list[dict[str, nn.Module]], granularity: str, pre
     return {f"{prefix}.{i}": list(modules) for i, modules in enumerate(layer_modules) if modules}
 
 
-def following_quantizer(run: RunContext) -> WeightQuantConfig:
-    quantizer = run.next_quantizer
+def following_quantizer(next_quantizer: StrictConfig | None) -> WeightQuantConfig:
+    """The weight quantizer a bit plan must fit: the model pass's `next_quantizer` (see PassDef)."""
+    quantizer = next_quantizer
     if not isinstance(quantizer, WeightQuantConfig):
         raise UserError("a bit plan needs a following weight quantizer (rtn, gptq or awq) to take group size and "
                         "symmetry from")
@@ -177,16 +178,16 @@ def following_quantizer(run: RunContext) -> WeightQuantConfig:
 def compute_sensitivities(handle: ModelHandle, cfg: AllocateConfig, quantizer: WeightQuantConfig,
                           run: RunContext) -> dict[str, Any]:
     """Cost of every unit at every candidate width, as the JSON document `compress sensitivity` saves."""
-    if run.calibration is None:
+    if run.inputs.calibration is None:
         raise UserError("allocate needs calibration data (a `calibration:` section) to estimate sensitivities")
     layer_modules = quantizable_modules(handle, quantizer.ignore)
     modules = {name: m for layer in layer_modules for name, m in layer.items()}
     units = group_units(layer_modules, cfg.granularity, handle.layers_prefix)
     specs = {bits: quantizer.spec(bits) for bits in cfg.candidates}
-    windows = run.calibration[: cfg.samples] if cfg.samples else run.calibration
+    windows = run.inputs.calibration[: cfg.samples] if cfg.samples else run.inputs.calibration
     started = time.perf_counter()
-    with model_on_device(handle, run.device):
-        batches = list(windows.to(run.device).split(run.calibration_batch_size))
+    with model_on_device(handle, run.inputs.device):
+        batches = list(windows.to(run.inputs.device).split(run.inputs.calibration_batch_size))
         scores, module_costs, details = _estimate(handle, cfg, layer_modules, specs, batches, units)
     if module_costs is not None:
         unit_costs = {u: {b: sum(module_costs[m][b] for m in names) for b in specs} for u, names in units.items()}
@@ -311,9 +312,10 @@ def solve(problem: Problem, solver: str) -> tuple[Allocation, list[FrontierPoint
 
 
 @register_pass("allocate", AllocateConfig, scope="model", kind="allocate", needs_calibration=True)
-def run_allocate(handle: ModelHandle, cfg: AllocateConfig, run: RunContext) -> dict[str, Any]:
+def run_allocate(handle: ModelHandle, cfg: AllocateConfig, run: RunContext,
+                 next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Pick per-module bit widths from second-order sensitivities under an exact size budget (HAWQ-V2 / ILP)."""
-    quantizer = following_quantizer(run)
+    quantizer = following_quantizer(next_quantizer)
     layer_modules = quantizable_modules(handle, quantizer.ignore)
     modules = {name: m for layer in layer_modules for name, m in layer.items()}
     units = group_units(layer_modules, cfg.granularity, handle.layers_prefix)
@@ -329,13 +331,13 @@ def run_allocate(handle: ModelHandle, cfg: AllocateConfig, run: RunContext) -> d
     unit_bits = allocation.bits(problem)
     plan = {m: unit_bits[u] for u, names in units.items() for m in names}
     for name, bits in plan.items():
-        run.bit_plan[name] = quantizer.spec(bits)
+        run.handoff.bit_plan[name] = quantizer.spec(bits)
 
     section = allocation_section(cfg, quantizer, sensitivities, problem, allocation, frontier, exact, parameters)
     section["greedy_cost"] = solve_greedy(problem).cost  # the ILP is never worse; shown so a reader can check
-    run.report_sections["allocation"] = section
+    run.results.report_sections["allocation"] = section
     used = section["used"]
-    run.run_files["bit_plan.yaml"] = dump_plan(plan, [
+    run.results.run_files["bit_plan.yaml"] = dump_plan(plan, [
         f"bit plan written by `allocate` ({cfg.sensitivity} + {cfg.solver}); group_size {quantizer.group_size}, "
         f"symmetric {quantizer.symmetric} from the following quantizer",
         f"budget {section['budget']['bits']} bits ({section['budget']['avg_bits']:.4f} bits/weight), used "
@@ -406,9 +408,10 @@ class QuantizePlanConfig(StrictConfig):
 
 
 @register_pass("quantize_plan", QuantizePlanConfig, scope="model", kind="allocate")
-def run_quantize_plan(handle: ModelHandle, cfg: QuantizePlanConfig, run: RunContext) -> dict[str, Any]:
+def run_quantize_plan(handle: ModelHandle, cfg: QuantizePlanConfig, run: RunContext,
+                      next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Take per-module bit widths from a plan file (module name or pattern -> bits) for the next quantizer."""
-    quantizer = following_quantizer(run)
+    quantizer = following_quantizer(next_quantizer)
     plan = read_plan(cfg.file)
     modules = [name for layer in quantizable_modules(handle, quantizer.ignore) for name in layer]
     check_plan_names(plan, modules, cfg.file)
@@ -416,6 +419,6 @@ def run_quantize_plan(handle: ModelHandle, cfg: QuantizePlanConfig, run: RunCont
     for name in modules:
         bits = bits_for(name, plan)
         if bits is not None:
-            run.bit_plan[name] = quantizer.spec(bits)
+            run.handoff.bit_plan[name] = quantizer.spec(bits)
             results[name] = {"bits": bits}
     return results

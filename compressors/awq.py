@@ -204,9 +204,9 @@ def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, 
         limits = awq_search_clip(gram, w, spec, cfg.clip_grid)
         entry["clip_ratio_mean"] = round((limits / w_groups_absmax(w, spec)).mean().item(), 4)
         w = clamp_groups(w, limits, spec)
-    qweight = keep_pruned_zeros(quantize_rtn(w, spec), layer.run.masks.get(fqn))
+    qweight = keep_pruned_zeros(quantize_rtn(w, spec), layer.run.handoff.masks.get(fqn))
     entry.update(write_back(fqn, module, qweight, layer.run))
-    install_activation_quant(fqn, module, cfg.activations, layer.run.activation_quant)
+    install_activation_quant(fqn, module, cfg.activations, layer.run.results.activation_quant)
     return entry
 
 

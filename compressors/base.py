@@ -8,7 +8,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from compress.quant.bit_plan import bits_for, read_plan
+from compress.quant.bit_plan import bits_for
 from compress.engine.context import RunContext
 from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
 from compress.quant.activation import ActivationQuantConfig, install_activation_quant  # noqa: F401  (re-exported)
@@ -51,12 +51,8 @@ class WeightQuantConfig(StrictConfig):
 def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> QuantSpec:
     """The pass's own `plan` file, else the bit plan written by an allocation pass, else the pass's defaults."""
     if cfg.plan is not None:
-        key = ("bit_plan_file", cfg.plan)
-        if key not in run.cache:
-            run.cache[key] = read_plan(cfg.plan)
-        bits = bits_for(fqn, run.cache[key])
-        return cfg.spec(bits)
-    return run.bit_plan.get(fqn, cfg.spec())
+        return cfg.spec(bits_for(fqn, run.cache.bit_plan_file(cfg.plan)))
+    return run.handoff.bit_plan.get(fqn, cfg.spec())
 
 
 Record = TypeVar("Record", bound=WeightRecord)
@@ -75,6 +71,6 @@ def write_back(fqn: str, module: nn.Module, qweight: WeightRecord, run: RunConte
     original = weight_matrix(module).float().clone()  # .float() aliases float32 weights, which we overwrite
     dequantized = qweight.dequantize().to(original.device)
     set_weight_matrix(module, dequantized)
-    run.quantized[fqn] = qweight.to("cpu")
+    run.results.records[fqn] = qweight.to("cpu")
     error = (dequantized - original).norm() / original.norm().clamp_min(1e-12)
     return {**qweight.describe(), "weight_rel_error": round(error.item(), 6)}

@@ -54,7 +54,8 @@ def bnb_quantization_config(cfg: BnbConfig, model_dtype: torch.dtype) -> Any:
 
 
 @register_pass("bnb", BnbConfig, scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
-def run_bnb(handle: ModelHandle, cfg: BnbConfig, run: RunContext) -> dict[str, Any]:
+def run_bnb(handle: ModelHandle, cfg: BnbConfig, run: RunContext,
+            next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Quantize every linear (but `ignore`) with bitsandbytes: LLM.int8() or 4-bit NF4/FP4."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("the bnb pass needs bitsandbytes: pip install 'compress[bnb]' (or pip install bitsandbytes)")

@@ -242,7 +242,7 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     groups = input_groups(layer, modules)  # before the activation hooks, which give each module its own input copy
     for fqn, module in modules.items():
         # Installed first so the Hessians are built from the (fake-quantized) inputs the model will really see.
-        install_activation_quant(fqn, module, cfg.activations, layer.run.activation_quant)
+        install_activation_quant(fqn, module, cfg.activations, layer.run.results.activation_quant)
     # true_sequential re-captures inputs per group so each sees the quantized sublayers before it.
     stages = [[g] for g in groups] if cfg.true_sequential else [groups]
     # Modules the probe batch never reached (MoE experts no token was routed to) are still quantized, each
@@ -266,7 +266,7 @@ def quantize_module(
 ) -> dict[str, Any]:
     """GPTQ one module, write its weights back, and return its report entry (RTN fallback recorded)."""
     spec = spec_for(fqn, cfg, run)
-    mask = run.masks.get(fqn)
+    mask = run.handoff.masks.get(fqn)
     weight = weight_matrix(module)
     if cfg.act_order and spec.group_size is not None and not cfg.use_static_groups:
         raise UserError(
@@ -275,7 +275,7 @@ def quantize_module(
     extra: dict[str, Any] = {"hessian_samples": hessian.samples}
     if hessian.samples == 0 and not hessian.hessian.any():  # no input reached it (an MoE expert nobody was routed to)
         qweight = keep_pruned_zeros(quantize_rtn(weight if mask is None else weight * mask.to(weight.device), spec), mask)
-        run.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
+        run.results.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
         return {**write_back(fqn, module, qweight, run), **extra, "fallback": "rtn"}
     try:
         result = gptq_quantize(
@@ -287,7 +287,7 @@ def quantize_module(
                      dead_columns=result.dead_columns)
     except HessianNotPositiveDefinite as exc:
         qweight = quantize_rtn(weight if mask is None else weight * mask.to(weight.device), spec)
-        run.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": str(exc)})
+        run.results.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": str(exc)})
         extra["fallback"] = "rtn"
     qweight = keep_pruned_zeros(qweight, mask)
     return {**write_back(fqn, module, qweight, run), **extra}

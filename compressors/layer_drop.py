@@ -78,7 +78,8 @@ def _measure(influence: dict[int, tuple[float, int]]) -> Any:
 
 
 @register_pass("layer_drop", LayerDropConfig, scope="model", kind="prune", needs_calibration=True)
-def run_layer_drop(handle: ModelHandle, cfg: LayerDropConfig, run: RunContext) -> dict[str, Any]:
+def run_layer_drop(handle: ModelHandle, cfg: LayerDropConfig, run: RunContext,
+                   next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Layer drop: remove the decoder layers with the lowest block influence (ShortGPT)."""
     sums: dict[int, tuple[float, int]] = {}
     run_sweep(handle, [SweepStep("layer_drop: block influence", _measure(sums), cfg, True)], run)

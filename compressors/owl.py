@@ -50,11 +50,12 @@ def _measure(shares: dict[str, float], cfg: OWLConfig) -> Any:
 
 
 @register_pass("owl", OWLConfig, scope="model", kind="allocate_sparsity", needs_calibration=True)
-def run_owl(handle: ModelHandle, cfg: OWLConfig, run: RunContext) -> dict[str, Any]:
+def run_owl(handle: ModelHandle, cfg: OWLConfig, run: RunContext,
+            next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """OWL: per-layer sparsity from the share of activation outliers, mean held at the target."""
     shares: dict[str, float] = {}
     run_sweep(handle, [SweepStep("owl: outlier shares", _measure(shares, cfg), cfg, True)], run)
     ratios = owl_sparsities(list(shares.values()), cfg.sparsity, cfg.spread)
-    run.layer_sparsity.update(zip(shares, ratios))
+    run.handoff.layer_sparsity.update(zip(shares, ratios))
     return {prefix: {"outlier_share": round(share, 6), "sparsity": round(ratio, 6)}
             for (prefix, share), ratio in zip(shares.items(), ratios)}

@@ -76,7 +76,7 @@ class PruneConfig(StrictConfig):
 
     def sparsity_for(self, layer: LayerContext) -> float:
         """This decoder layer's target: an allocation pass's plan (OWL) first, then the schedule or the constant."""
-        planned = layer.run.layer_sparsity.get(layer.prefix)
+        planned = layer.run.handoff.layer_sparsity.get(layer.prefix)
         if planned is not None and self.nm is None:
             return planned
         if self.nm is not None:
@@ -108,13 +108,13 @@ def apply_mask(fqn: str, module: nn.Module, keep: torch.Tensor, new_weight: torc
 
     The mask is AND-ed with one an earlier pruning pass left, so weights pruned once stay pruned.
     """
-    previous = run.masks.get(fqn)
+    previous = run.handoff.masks.get(fqn)
     keep = keep.cpu() if previous is None else keep.cpu() & previous
     original = weight_matrix(module).float().clone()
     source = original if new_weight is None else new_weight.float()
     pruned = source * keep.to(source.device)
     set_weight_matrix(module, pruned)
-    run.masks[fqn] = keep
+    run.handoff.masks[fqn] = keep
     error = (pruned - original).norm() / original.norm().clamp_min(1e-12)
     entry: dict[str, Any] = {
         "target_sparsity": round(target, 6),

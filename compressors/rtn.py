@@ -26,7 +26,7 @@ def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, Any]:
     results = {}
     for fqn, module in layer.linears(cfg.ignore).items():
         qweight = quantize_rtn(weight_matrix(module), spec_for(fqn, cfg, layer.run))
-        qweight = keep_pruned_zeros(qweight, layer.run.masks.get(fqn))
+        qweight = keep_pruned_zeros(qweight, layer.run.handoff.masks.get(fqn))
         results[fqn] = write_back(fqn, module, qweight, layer.run)
-        install_activation_quant(fqn, module, cfg.activations, layer.run.activation_quant)
+        install_activation_quant(fqn, module, cfg.activations, layer.run.results.activation_quant)
     return results

@@ -85,13 +85,13 @@ def scale_groups(layer: nn.Module, prefix: str) -> list[ScaleGroup]:
 def unquantized_groups(groups: list[ScaleGroup], run: RunContext, pass_name: str) -> list[ScaleGroup]:
     """Drop groups touching a module an earlier pass already quantized: rescaling would break its codes.
 
-    Each dropped group is recorded in `run.fallbacks`; scaling passes belong before quantization passes.
+    Each dropped group is recorded in `run.results.fallbacks`; scaling passes belong before quantization passes.
     """
     kept = []
     for group in groups:
-        done = [name for name in (group.previous, *group.linears) if name in run.quantized]
+        done = [name for name in (group.previous, *group.linears) if name in run.results.records]
         if done:
-            run.fallbacks.append({"pass": pass_name, "module": done[0], "fallback": "not rescaled",
+            run.results.fallbacks.append({"pass": pass_name, "module": done[0], "fallback": "not rescaled",
                                   "reason": "already quantized by an earlier pass; put scaling passes first"})
         else:
             kept.append(group)

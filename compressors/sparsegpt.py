@@ -151,6 +151,6 @@ def prune_module(fqn: str, module: nn.Module, hessian: HessianAccumulator, targe
                      dead_columns=result.dead_columns)
     except HessianNotPositiveDefinite as exc:
         keep, new_weight = magnitude_mask(weight, target, nm), None
-        run.fallbacks.append({"pass": "sparsegpt", "module": fqn, "fallback": "magnitude", "reason": str(exc)})
+        run.results.fallbacks.append({"pass": "sparsegpt", "module": fqn, "fallback": "magnitude", "reason": str(exc)})
         extra["fallback"] = "magnitude"
     return {**apply_mask(fqn, module, keep, new_weight, target, nm, run), **extra}

@@ -237,7 +237,8 @@ def _check_compensation(config: Any, cfg: WidthPruneConfig) -> None:
 
 
 @register_pass("width_prune", WidthPruneConfig, scope="model", kind="prune", needs_calibration=True)
-def run_width_prune(handle: ModelHandle, cfg: WidthPruneConfig, run: RunContext) -> dict[str, Any]:
+def run_width_prune(handle: ModelHandle, cfg: WidthPruneConfig, run: RunContext,
+                    next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Width pruning: remove attention heads (KV groups) and MLP channels by activation importance (FLAP)."""
     config: Any = handle.model.config
     _check_compensation(config, cfg)

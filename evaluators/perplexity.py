@@ -125,17 +125,18 @@ def sliding_perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: in
 @register_evaluator("perplexity", PerplexityConfig)
 def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunContext) -> EvalResult:
     """Token perplexity on a text, non-overlapping windows (GPTQ/SparseGPT/AWQ protocol)."""
-    key = ("token_ids", cfg.dataset)
-    if key not in run.cache:  # the baseline and the compressed evaluation read the same text
-        run.cache[key] = tokenize_text(handle.tokenizer, load_text(cfg.dataset, cfg.data_dir))
-    token_ids = run.cache[key]
+    def tokenize() -> torch.Tensor:
+        return tokenize_text(handle.tokenizer, load_text(cfg.dataset, cfg.data_dir))
+
+    # the baseline and the compressed evaluation read the same text
+    token_ids = run.cache.token_ids(cfg.dataset, tokenize)
     with model_on_device(handle, handle.device):
         if cfg.stride is None:
             value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device,
-                                          cfg.max_windows, run.reporter)
+                                          cfg.max_windows, run.inputs.reporter)
         else:
             value, counts = sliding_perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.stride, cfg.batch_size,
-                                                  handle.device, cfg.max_windows, run.reporter)
+                                                  handle.device, cfg.max_windows, run.inputs.reporter)
     protocol = PROTOCOL if cfg.stride is None else {**SLIDING_PROTOCOL, "stride": cfg.stride}
     details = {**protocol, "seq_len": cfg.seq_len, "dataset": cfg.dataset, **counts}
     return EvalResult("perplexity", dataset_label(cfg.dataset), value, details)

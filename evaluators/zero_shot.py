@@ -306,13 +306,11 @@ def evaluate_zero_shot(handle: ModelHandle, cfg: ZeroShotConfig, run: RunContext
     max_length = cfg.max_length or model_max_length(handle.model, handle.tokenizer)
     results = []
     for ref in cfg.tasks:
-        key = ("zero_shot_docs", ref, str(data_dir), cfg.limit)
-        if key not in run.cache:  # the baseline and the compressed evaluation score the same documents
-            run.cache[key] = load_task(ref, data_dir, cfg.limit)
-        task: TaskDocs = run.cache[key]
+        # the baseline and the compressed evaluation score the same documents
+        task: TaskDocs = run.cache.task_docs(ref, str(data_dir), cfg.limit, lambda: load_task(ref, data_dir, cfg.limit))
         with model_on_device(handle, handle.device):
             metrics = score_task(handle.model, handle.tokenizer, task, batch_size=cfg.batch_size,
-                                 max_length=max_length, device=handle.device, reporter=run.reporter)
+                                 max_length=max_length, device=handle.device, reporter=run.inputs.reporter)
         details = {**PROTOCOL, "task": task.name, "task_version": task.version, "source": task.source,
                    "docs": len(task.docs), "max_length": max_length}
         for metric, (value, stderr) in metrics.items():

@@ -7,14 +7,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import torch
 
 import compress.app.builtins  # noqa: F401  (registers the built-in passes and evaluators)
 from compress.engine.activations import OffloadSettings
 from compress.engine.checkpoint import Checkpointer, checkpoint_dir_for, recipe_fingerprint
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import sample_windows, tokenize_text, load_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
@@ -31,11 +31,9 @@ from compress.report.summary import (
     peak_memory,
     render_markdown,
     summarize_modules,
-    shards_digest,
     versions,
-    weights_digest,
 )
-from compress.recipe.registry import EvalResult
+from compress.recipe.registry import EvalResult, StrictConfig
 
 log = logging.getLogger("compress")
 
@@ -55,6 +53,11 @@ def plan_stages(steps: tuple[PassStep, ...]) -> list[list[PassStep]]:
     return stages
 
 
+def next_quantizer(steps: tuple[PassStep, ...], step: PassStep) -> StrictConfig | None:
+    """The config of the first quantize pass after `step`: a model pass's fourth argument (see PassDef)."""
+    return next((s.config for s in steps if s.index > step.index and s.definition.kind == "quantize"), None)
+
+
 def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext) -> tuple[list[dict[str, Any]], float]:
     """Apply every pass; returns one report entry per pass and the seconds spent propagating activations."""
     entries: dict[int, dict[str, Any]] = {}
@@ -62,10 +65,8 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
     for stage in plan_stages(steps):
         if stage[0].definition.scope == "model":
             step = stage[0]
-            run.next_quantizer = next(
-                (s.config for s in steps if s.index > step.index and s.definition.kind == "quantize"), None)
             start = time.perf_counter()
-            modules = step.definition.apply(handle, step.config, run)
+            modules = step.definition.apply(handle, step.config, run, next_quantizer(steps, step))
             entries[step.index] = _pass_entry(step, time.perf_counter() - start, modules)
             continue
         sweep = run_sweep(
@@ -128,18 +129,18 @@ def _expert_accounting(handle: ModelHandle, recipe: Recipe, run: RunContext) -> 
     from compress.engine import distributed, moe
 
     cal = recipe.calibration
-    if run.calibration is None or cal is None:
+    if run.inputs.calibration is None or cal is None:
         yield
         return
-    batches = -(-run.calibration.shape[0] // run.calibration_batch_size)
+    batches = -(-run.inputs.calibration.shape[0] // run.inputs.calibration_batch_size)
     with moe.calibrating(handle.model, route_all=cal.route_all_experts, batches=batches) as stats:
         yield
     if stats.modules:
         section, flagged = moe.expert_report(
-            stats, route_all=cal.route_all_experts, calibration_tokens=distributed.sum_over_ranks(run.calibration.numel()),
+            stats, route_all=cal.route_all_experts, calibration_tokens=distributed.sum_over_ranks(run.inputs.calibration.numel()),
             top_k=getattr(handle.model.config, "num_experts_per_tok", None), min_tokens=cal.min_expert_tokens)
-        run.report_sections["experts"] = section
-        run.fallbacks.extend(flagged)
+        run.results.report_sections["experts"] = section
+        run.results.fallbacks.extend(flagged)
 
 
 @contextlib.contextmanager
@@ -153,22 +154,6 @@ def _log_to(path: Path) -> Iterator[None]:
     finally:
         log.removeHandler(handler)
         handler.close()
-
-
-def _streaming_export(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: Path,
-                      scope: contextlib.ExitStack) -> StreamingCompressedTensors | None:
-    """A lazy run with `export:` packs each layer as it finishes (compress/export/streaming.py); the export folder
-    appears, like the run folder, only when the whole run succeeds."""
-    if handle.lazy is None or recipe.export is None:
-        return None
-    from compress.engine.model_io import DTYPES
-
-    target = Path(recipe.export.path) if recipe.export.path else staging / f"export-{recipe.export.format}"
-    folder = scope.enter_context(atomic_output(target))
-    dtype = handle.checkpoint_dtype if recipe.export.dtype == "auto" else DTYPES[recipe.export.dtype]
-    streaming = StreamingCompressedTensors(folder, dtype, run)
-    handle.lazy.on_layer_written = streaming.write_layer
-    return streaming
 
 
 def _check_data_parallel(recipe: Recipe) -> None:
@@ -203,133 +188,242 @@ def run_recipe(
     """
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
-    from compress.engine import distributed
-
-    if not _worker and distributed.init_from_env() and distributed.rank() != 0:
-        # torchrun: every rank calibrates on its share of the windows; only rank 0 keeps a run folder
-        import shutil
-        import tempfile
-
-        scratch = Path(tempfile.mkdtemp(prefix=f"compress-rank{distributed.rank()}-"))
-        try:
-            return run_recipe(recipe, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if distributed.is_distributed():
-        _check_data_parallel(recipe)
-    check_output_target(output, overwrite)
-    preflight_output(output, needed_bytes=_disk_needed(recipe.model, checkpoints))
-    # A lazy model's finished layers go straight to the output shards; layer checkpoints (and --resume) cover eager runs.
-    checkpointer = (Checkpointer(checkpoint_dir_for(output), recipe_fingerprint(recipe.to_dict()), resume=resume)
-                    if checkpoints and recipe.passes and not recipe.lazy else None)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    if not _worker and (elsewhere := _run_on_other_rank(recipe, allow_pickle)) is not None:
+        return elsewhere
+    _preflight(recipe, output, overwrite, checkpoints)
+    checkpointer = _checkpointer(recipe, output, checkpoints, resume)
+    clock = _Stopwatch()
     seed = recipe.calibration.seed if recipe.calibration is not None else 0
     torch.manual_seed(seed)  # passes that draw random numbers repeat exactly, which --resume relies on
     with _checkpoint_lifetime(checkpointer), atomic_output(output, overwrite=overwrite) as staging, \
             _log_to(staging / "run.log"), contextlib.ExitStack() as export_scope:
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
-        t = time.perf_counter()
-        with reporter.status(f"loading {recipe.model}"):
-            if recipe.lazy:
-                from compress.engine.lazy import load_lazy
+        with clock.phase("load"):
+            handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging)
+        outputs = _run_outputs(handle, recipe, run, staging, export_scope)
+        with clock.phase("baseline_eval"):
+            baseline = evaluate_all(handle, recipe.evaluations, run)
+        passes, passes_cuda_peak = _apply_passes(handle, recipe, run, clock)
+        outputs.finish_model(handle, clock)
+        with clock.phase("eval"):
+            compressed = evaluate_all(handle, recipe.evaluations, run)
+        clock.stop()
+        report = _report(recipe, output, handle, run, seed=seed, resume=resume, passes=passes,
+                         metrics=merge_metrics(baseline, compressed), clock=clock, passes_cuda_peak=passes_cuda_peak)
+        export = outputs.save(handle, run, recipe, report, staging, output)
+        if export is not None:
+            report["export"] = export
+        _write_run_folder(staging, output, recipe, run, report)
+    return report
 
-                handle = load_lazy(recipe.model, dtype=recipe.dtype, device=recipe.device,
-                                   trust_remote_code=recipe.trust_remote_code, save_to=staging / "model")
-            else:
-                handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
-                                    trust_remote_code=recipe.trust_remote_code)
-            handle.max_memory = recipe.max_memory
-            run = RunContext(device=handle.device, reporter=reporter, checkpoint=checkpointer,
-                             offload=_offload_settings(recipe, staging))
-            run.calibration = calibration_windows(handle, recipe)
-        if recipe.calibration is not None:
-            run.calibration_batch_size = recipe.calibration.batch_size
-        if run.calibration is not None:  # all windows when not distributed
-            run.calibration = distributed.shard_windows(run.calibration, run.calibration_batch_size)
-        timings["load"] = time.perf_counter() - t
 
-        streaming = _streaming_export(handle, recipe, run, staging, export_scope)
+def _run_on_other_rank(recipe: Recipe, allow_pickle: bool) -> dict[str, Any] | None:
+    """Under torchrun, a rank other than 0 runs in a scratch folder it deletes; None on rank 0 or alone.
 
-        t = time.perf_counter()
-        baseline = evaluate_all(handle, recipe.evaluations, run)
-        timings["baseline_eval"] = time.perf_counter() - t
+    Every rank calibrates on its share of the windows; only rank 0 keeps a run folder.
+    """
+    from compress.engine import distributed
 
-        t = time.perf_counter()
-        if handle.device.type == "cuda":  # so the report can show that compression peaks at one layer, not the model
+    if not distributed.init_from_env() or distributed.rank() == 0:
+        return None
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"compress-rank{distributed.rank()}-"))
+    try:
+        return run_recipe(recipe, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _preflight(recipe: Recipe, output: Path, overwrite: bool, checkpoints: bool) -> None:
+    """Refuse what would fail later: passes that cannot calibrate data-parallel, an output in the way, a full disk."""
+    from compress.engine import distributed
+
+    if distributed.is_distributed():
+        _check_data_parallel(recipe)
+    check_output_target(output, overwrite)
+    preflight_output(output, needed_bytes=_disk_needed(cast(str, recipe.model), checkpoints))
+
+
+def _checkpointer(recipe: Recipe, output: Path, checkpoints: bool, resume: bool) -> Checkpointer | None:
+    # A lazy model's finished layers go straight to the output shards; layer checkpoints (and --resume) cover eager runs.
+    if not checkpoints or not recipe.passes or recipe.lazy:
+        return None
+    return Checkpointer(checkpoint_dir_for(output), recipe_fingerprint(recipe.to_dict()), resume=resume)
+
+
+class _Stopwatch:
+    """Seconds per phase of a run, in the order they ran (report.json `timings`), and the total since creation."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+    def stop(self) -> None:
+        self.seconds["total"] = time.perf_counter() - self.started
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+def _load(recipe: Recipe, allow_pickle: bool, reporter: Reporter, checkpointer: Checkpointer | None,
+          staging: Path) -> tuple[ModelHandle, RunContext]:
+    """The model, and the run that reads its calibration windows (this rank's share of them under torchrun)."""
+    from compress.engine import distributed
+
+    with reporter.status(f"loading {recipe.model}"):
+        handle = _load_model(recipe, allow_pickle, staging)
+        handle.max_memory = recipe.max_memory
+        inputs = RunInputs(device=handle.device, reporter=reporter, checkpoint=checkpointer,
+                           offload=_offload_settings(recipe, staging))
+        inputs.calibration = calibration_windows(handle, recipe)
+    if recipe.calibration is not None:
+        inputs.calibration_batch_size = recipe.calibration.batch_size
+    if inputs.calibration is not None:  # all windows when not distributed
+        inputs.calibration = distributed.shard_windows(inputs.calibration, inputs.calibration_batch_size)
+    return handle, RunContext(inputs)
+
+
+def _load_model(recipe: Recipe, allow_pickle: bool, staging: Path) -> ModelHandle:
+    """In host memory, or (`lazy: true`) on `meta` with each finished layer written to <output>/model."""
+    model = cast(str, recipe.model)
+    if recipe.lazy:
+        from compress.engine.lazy import load_lazy
+
+        return load_lazy(model, dtype=recipe.dtype, device=recipe.device, trust_remote_code=recipe.trust_remote_code,
+                         save_to=staging / "model")
+    return load_model(model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
+                      trust_remote_code=recipe.trust_remote_code)
+
+
+def _apply_passes(handle: ModelHandle, recipe: Recipe, run: RunContext,
+                  clock: _Stopwatch) -> tuple[list[dict[str, Any]], int | None]:
+    """Every pass, timed; returns their report entries and the CUDA peak they reached (None on the CPU).
+
+    The peak is measured from here so the report can show that compression peaks at one layer, not the model.
+    """
+    on_cuda = handle.device.type == "cuda"
+    with clock.phase("passes"):
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats(handle.device)
         with _expert_accounting(handle, recipe, run):
             passes, propagation = run_passes(handle, recipe.passes, run)
-        timings["passes"] = time.perf_counter() - t
-        passes_cuda_peak = torch.cuda.max_memory_allocated(handle.device) if handle.device.type == "cuda" else None
-        timings["propagation"] = propagation
+    cuda_peak = torch.cuda.max_memory_allocated(handle.device) if on_cuda else None
+    clock.seconds["propagation"] = propagation
+    return passes, cuda_peak
 
-        lazy_model_dir: Path | None = None
-        streaming_details: dict[str, Any] = {}
-        if handle.lazy is not None:
-            t = time.perf_counter()
-            index = handle.lazy.finish(handle)  # the layers are written already; this adds embeddings, config and index
-            lazy_model_dir = index.parent if index is not None else None
-            if streaming is not None:
-                streaming_details = streaming.finish(handle, handle.lazy.outside_tensors(handle))
-            timings["save"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        compressed = evaluate_all(handle, recipe.evaluations, run)
-        timings["eval"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - started
+class _SavedAtTheEnd:
+    """Outputs of a model held in memory: its state (RUN_DIR/state) and the export are saved from it at the end."""
 
-        memory = peak_memory(handle.device)
-        if passes_cuda_peak is not None:
-            memory["cuda_passes_bytes"] = passes_cuda_peak
-        report = {
-            "schema_version": REPORT_SCHEMA_VERSION,
-            "status": "ok",
-            "seed": seed,
-            "resumed": resume,
-            "recipe": recipe.to_dict(),
-            "recipe_file": str(recipe.source) if recipe.source else None,
-            "model": {
-                "name": recipe.model,
-                "architecture": type(handle.model).__name__,
-                "parameters": handle.parameter_count(),
-                "decoder_layers": len(handle.layers),
-                "device": str(handle.device),
-                "dtype": str(next(handle.model.parameters()).dtype).replace("torch.", ""),
-            },
-            "passes": passes,
-            "metrics": merge_metrics(baseline, compressed),
-            "size": model_size(handle.model, run.quantized, handle.checkpoint_dtype),
-            # a lazy model is on `meta` by now: digest what was written, one tensor at a time
-            "weights_sha256": (weights_digest(handle.model) if lazy_model_dir is None
-                               else shards_digest(lazy_model_dir)),
-            **run.report_sections,
-            "activation_quantization": run.activation_quant,
-            "fallbacks": run.fallbacks,
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-            "peak_memory_bytes": memory.get("cuda_allocated_bytes", memory["cpu_rss_bytes"]),
-            "peak_memory": memory,
-            "versions": versions(),
-            "output": str(output.resolve()),
-        }
-        if handle.lazy is None:  # a lazy run's layers are in <output>/model already and its codes were not kept
-            export = save_run_outputs(handle, run, recipe.export, report, staging, output)
-        else:
-            export = (finish_streamed_export(streaming.writer.folder, recipe.export, report, streaming_details, output)
-                      if streaming is not None and recipe.export is not None else None)
-        if export is not None:
-            report["export"] = export
-        for name, text in run.run_files.items():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            (staging / name).write_text(text, encoding="utf-8")
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
-        (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
-        try:
-            write_html_report(report, staging / "report.html")
-        except Exception as exc:  # a plotting problem must not throw away hours of compression
-            log.warning("report.html not written (%s: %s); run `compress report %s` to retry", type(exc).__name__, exc, output)
-    return report
+    def finish_model(self, handle: ModelHandle, clock: _Stopwatch) -> None:
+        """Nothing to complete: no layer was written as it finished."""
+
+    def save(self, handle: ModelHandle, run: RunContext, recipe: Recipe, report: dict[str, Any], staging: Path,
+             output: Path) -> dict[str, Any] | None:
+        return save_run_outputs(handle, run, recipe.export, report, staging, output)
+
+
+class _WrittenLayerByLayer:
+    """Outputs of a model whose layers were written as they finished (`lazy: true`): the layers are in
+    <output>/model already and their codes were not kept, so an `export:` was packed layer by layer too
+    (compress/export/streaming.py); its folder appears, like the run folder, only when the whole run succeeds."""
+
+    def __init__(self, streaming: StreamingCompressedTensors | None):
+        self.streaming = streaming
+        self.details: dict[str, Any] = {}
+
+    def finish_model(self, handle: ModelHandle, clock: _Stopwatch) -> None:
+        """Add what is outside the layers (embeddings, config, index) to the model folder and to the export."""
+        with clock.phase("save"):
+            handle.finish_saving()
+            if self.streaming is not None:
+                self.details = self.streaming.finish(handle, handle.outside_tensors())
+
+    def save(self, handle: ModelHandle, run: RunContext, recipe: Recipe, report: dict[str, Any], staging: Path,
+             output: Path) -> dict[str, Any] | None:
+        if self.streaming is None or recipe.export is None:
+            return None
+        return finish_streamed_export(self.streaming.writer.folder, recipe.export, report, self.details, output)
+
+
+def _run_outputs(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: Path,
+                 scope: contextlib.ExitStack) -> _SavedAtTheEnd | _WrittenLayerByLayer:
+    if not handle.weights.saves_layers_as_they_finish:
+        return _SavedAtTheEnd()
+    if recipe.export is None:
+        return _WrittenLayerByLayer(None)
+    from compress.engine.model_io import DTYPES
+
+    target = Path(recipe.export.path) if recipe.export.path else staging / f"export-{recipe.export.format}"
+    folder = scope.enter_context(atomic_output(target))
+    dtype = handle.checkpoint_dtype if recipe.export.dtype == "auto" else DTYPES[recipe.export.dtype]
+    streaming = StreamingCompressedTensors(folder, dtype, run)
+    handle.weights.on_layer_written = streaming.write_layer
+    return _WrittenLayerByLayer(streaming)
+
+
+def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, *, seed: int, resume: bool,
+            passes: list[dict[str, Any]], metrics: dict[str, Any], clock: _Stopwatch,
+            passes_cuda_peak: int | None) -> dict[str, Any]:
+    """report.json (compress/report/report.schema.json), less the `export` entry, which comes after saving."""
+    memory = peak_memory(handle.device)
+    if passes_cuda_peak is not None:
+        memory["cuda_passes_bytes"] = passes_cuda_peak
+    results = run.results
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "status": "ok",
+        "seed": seed,
+        "resumed": resume,
+        "recipe": recipe.to_dict(),
+        "recipe_file": str(recipe.source) if recipe.source else None,
+        "model": _model_section(recipe, handle),
+        "passes": passes,
+        "metrics": metrics,
+        "size": model_size(handle.model, results.records, handle.checkpoint_dtype),
+        "weights_sha256": handle.weights_digest(),
+        **results.report_sections,
+        "activation_quantization": results.activation_quant,
+        "fallbacks": results.fallbacks,
+        "timings": clock.rounded(),
+        "peak_memory_bytes": memory.get("cuda_allocated_bytes", memory["cpu_rss_bytes"]),
+        "peak_memory": memory,
+        "versions": versions(),
+        "output": str(output.resolve()),
+    }
+
+
+def _model_section(recipe: Recipe, handle: ModelHandle) -> dict[str, Any]:
+    return {
+        "name": recipe.model,
+        "architecture": type(handle.model).__name__,
+        "parameters": handle.parameter_count(),
+        "decoder_layers": len(handle.layers),
+        "device": str(handle.device),
+        "dtype": str(next(handle.model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def _write_run_folder(staging: Path, output: Path, recipe: Recipe, run: RunContext, report: dict[str, Any]) -> None:
+    """The passes' run files, then report.json, report.md, recipe.yaml and report.html into the staging folder."""
+    for name, text in run.results.run_files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_text(text, encoding="utf-8")
+    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
+    try:
+        write_html_report(report, staging / "report.html")
+    except Exception as exc:  # a plotting problem must not throw away hours of compression
+        log.warning("report.html not written (%s: %s); run `compress report %s` to retry", type(exc).__name__, exc, output)
 
 
 @contextlib.contextmanager

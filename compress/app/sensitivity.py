@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.app.runner import calibration_windows, run_passes
+from compress.app.runner import calibration_windows, next_quantizer, run_passes
 from compress.compressors.allocate import compute_sensitivities, following_quantizer
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.model_io import load_model
 from compress.engine.progress import SILENT
 from compress.recipe.errors import UserError
@@ -20,18 +20,16 @@ def recipe_sensitivities(recipe: Any, *, allow_pickle: bool = False, reporter: A
     if position is None:
         raise UserError("the recipe has no `allocate` pass whose sensitivities could be computed")
     step = recipe.passes[position]
-    quantizer = next((s.config for s in recipe.passes[position + 1 :] if s.definition.kind == "quantize"), None)
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
     handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
                         trust_remote_code=recipe.trust_remote_code)
-    run = RunContext(device=handle.device, reporter=reporter or SILENT, next_quantizer=quantizer)
-    run.calibration = calibration_windows(handle, recipe)
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration_windows(handle, recipe),
+                               reporter=reporter or SILENT))
     if recipe.calibration is not None:
-        run.calibration_batch_size = recipe.calibration.batch_size
+        run.inputs.calibration_batch_size = recipe.calibration.batch_size
     run_passes(handle, recipe.passes[:position], run)
-    run.next_quantizer = quantizer
-    document = compute_sensitivities(handle, step.config, following_quantizer(run), run)
+    document = compute_sensitivities(handle, step.config, following_quantizer(next_quantizer(recipe.passes, step)), run)
     document["model"] = recipe.model
     document["candidates"] = step.config.candidates
     return document

@@ -3,8 +3,8 @@
 After each decoder layer of a sweep the engine saves, atomically (written into a temporary folder, then
 renamed):
 - the layer's compressed weights (its whole state dict, in its own dtype, so restoring is bit-exact);
-- the pass state that layer produced: `run.quantized` records (their tensors and kind), `run.masks`, `run.bit_plan` and
-  `run.activation_quant` entries of its modules, the fallbacks it added, and its per-module report entries;
+- the pass state that layer produced: `run.results.records` records (their tensors and kind), `run.handoff.masks`, `run.handoff.bit_plan` and
+  `run.results.activation_quant` entries of its modules, the fallbacks it added, and its per-module report entries;
 - the *actual* inputs of the next layer. Recomputing them on resume would drift (auto-round measured a 20x
   larger loss on the first resumed block), so they are stored, not recomputed. Only the newest layer keeps
   them; older layers' inputs are deleted as soon as a newer layer is saved. One file per calibration batch,
@@ -27,7 +27,7 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,6 +37,9 @@ from compress.quant.activation import ActivationQuantConfig, install_activation_
 from compress.recipe.errors import UserError
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import restore_record, saved_form
+
+if TYPE_CHECKING:  # context.py imports this module for `Checkpointer`
+    from compress.engine.context import RunContext
 
 MANIFEST = "manifest.json"
 INPUTS = "inputs"  # folder of a layer's checkpoint holding the next layer's inputs, one file per batch
@@ -129,7 +132,7 @@ class Checkpointer:
         self.sweeps_started += 1
         return folder
 
-    def restore(self, sweep: Path, layers: nn.ModuleList, prefix: str, run: Any) -> Resumed:
+    def restore(self, sweep: Path, layers: nn.ModuleList, prefix: str, run: RunContext) -> Resumed:
         """Load every consecutive finished layer of `sweep` into the model and `run`; say where to go on."""
         states: list[LayerState] = []
         index = 0
@@ -143,26 +146,26 @@ class Checkpointer:
                 hidden_files = sorted(inputs.glob("batch-*.safetensors"))
         return Resumed(index, hidden_files, states)
 
-    def _restore_layer(self, folder: Path, layer: nn.Module, prefix: str, run: Any) -> LayerState:
+    def _restore_layer(self, folder: Path, layer: nn.Module, prefix: str, run: RunContext) -> LayerState:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "weights.safetensors"))
         layer.load_state_dict({k[len("layer."):]: v for k, v in tensors.items() if k.startswith("layer.")}, strict=True)
         for fqn, entry in state["quantized"].items():
-            run.quantized[fqn] = restore_record(entry, lambda part: tensors[f"quantized.{fqn}.{part}"])
+            run.results.records[fqn] = restore_record(entry, lambda part: tensors[f"quantized.{fqn}.{part}"])
         for fqn in state["masks"]:
-            run.masks[fqn] = tensors[f"mask.{fqn}"]
+            run.handoff.masks[fqn] = tensors[f"mask.{fqn}"]
         for fqn, described in state["bit_plan"].items():
-            run.bit_plan[fqn] = QuantSpec.from_description(described)
+            run.handoff.bit_plan[fqn] = QuantSpec.from_description(described)
         self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
-        run.fallbacks.extend(state["fallbacks"])
+        run.results.fallbacks.extend(state["fallbacks"])
         return LayerState(state["modules"], state["seconds"])
 
     @staticmethod
-    def _reinstall_activation_quant(layer: nn.Module, prefix: str, settings: dict[str, Any], run: Any) -> None:
+    def _reinstall_activation_quant(layer: nn.Module, prefix: str, settings: dict[str, Any], run: RunContext) -> None:
         # Activation quantization lives in forward hooks, which a state dict does not carry.
         modules = dict(layer.named_modules(prefix=prefix))
         for fqn, cfg in settings.items():
-            install_activation_quant(fqn, modules[fqn], ActivationQuantConfig(**cfg), run.activation_quant)
+            install_activation_quant(fqn, modules[fqn], ActivationQuantConfig(**cfg), run.results.activation_quant)
 
     def save(
         self,
@@ -170,7 +173,7 @@ class Checkpointer:
         index: int,
         layer: nn.Module,
         prefix: str,
-        run: Any,
+        run: RunContext,
         layer_state: LayerState,
         fallbacks: list[dict[str, Any]],
         next_hidden: Iterable[torch.Tensor] | None,
@@ -186,12 +189,12 @@ class Checkpointer:
         owned = f"{prefix}."
         tensors = {f"layer.{k}": v for k, v in layer.state_dict().items()}
         records: dict[str, dict[str, Any]] = {}  # fqn -> the entry that rebuilds its record from the tensors
-        for fqn, record in run.quantized.items():
+        for fqn, record in run.results.records.items():
             if fqn.startswith(owned):
                 parts, records[fqn] = saved_form(record)
                 tensors.update({f"quantized.{fqn}.{part}": tensor for part, tensor in parts.items()})
-        masks = [fqn for fqn in run.masks if fqn.startswith(owned)]
-        tensors.update({f"mask.{fqn}": run.masks[fqn] for fqn in masks})
+        masks = [fqn for fqn in run.handoff.masks if fqn.startswith(owned)]
+        tensors.update({f"mask.{fqn}": run.handoff.masks[fqn] for fqn in masks})
         save_file(_contiguous_copy(tensors), str(staging / "weights.safetensors"))
         if next_hidden is not None:
             (staging / INPUTS).mkdir()
@@ -203,8 +206,8 @@ class Checkpointer:
             "seconds": layer_state.seconds,
             "quantized": records,
             "masks": masks,
-            "bit_plan": {fqn: s.describe() for fqn, s in run.bit_plan.items() if fqn.startswith(owned)},
-            "activation_quant": {fqn: c for fqn, c in run.activation_quant.items() if fqn.startswith(owned)},
+            "bit_plan": {fqn: s.describe() for fqn, s in run.handoff.bit_plan.items() if fqn.startswith(owned)},
+            "activation_quant": {fqn: c for fqn, c in run.results.activation_quant.items() if fqn.startswith(owned)},
             "fallbacks": fallbacks,
         }
         (staging / "state.json").write_text(json.dumps(state), encoding="utf-8")

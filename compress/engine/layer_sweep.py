@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -33,12 +33,12 @@ from compress.engine.activations import (
 )
 from compress.engine.checkpoint import LayerState, read_hidden
 from compress.engine.context import RunContext
+from compress.engine.eager import OFFLOAD_DEVICE, dispatched, evaluation_device_map  # noqa: F401  (re-exported)
 from compress.recipe.errors import UserError
 from compress.engine.faults import check_finite_inputs, check_finite_output, check_finite_weights, split_batches
 from compress.engine.model_io import ModelHandle
 from compress.quant.modules import DEFAULT_IGNORE, find_linears, select
 
-OFFLOAD_DEVICE = torch.device("cpu")
 log = logging.getLogger("compress")
 
 
@@ -75,7 +75,7 @@ class LayerContext:
     def new_store(self) -> ActivationStore:
         """An empty store in the same place as the inputs (device, host memory or disk)."""
         inputs = self.calibration_inputs()
-        return inputs[0].store.sibling() if inputs else DeviceStore(self.run.device)
+        return inputs[0].store.sibling() if inputs else DeviceStore(self.run.inputs.device)
 
     def forward(self) -> ActivationStore:
         """The layer's outputs for every calibration batch, stored beside the inputs; `for out in ctx.forward()`
@@ -127,27 +127,6 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-@contextlib.contextmanager
-def _outside_layers_on(handle: ModelHandle, device: torch.device) -> Iterator[None]:
-    """Move every parameter and buffer outside the decoder layers (embeddings, rotary tables) to `device`."""
-    moved: list[tuple[nn.Module, str, torch.device, bool]] = []
-    for name, module in handle.model.named_modules():
-        if name == handle.layers_prefix or name.startswith(handle.layers_prefix + "."):
-            continue
-        for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None and tensor.device != device:
-                is_param = key in module._parameters
-                moved.append((module, key, tensor.device, is_param))
-                tensor.data = tensor.data.to(device)
-    try:
-        yield
-    finally:
-        for module, key, original, is_param in moved:
-            tensor = (module._parameters if is_param else module._buffers)[key]
-            if tensor is not None:
-                tensor.data = tensor.data.to(original)
-
-
 @torch.no_grad()
 def capture_layer_inputs(handle: ModelHandle, run: RunContext,
                          store: ActivationStore | None = None) -> list[LayerInput]:
@@ -155,8 +134,8 @@ def capture_layer_inputs(handle: ModelHandle, run: RunContext,
 
     Hidden states go into `store` as each batch produces them (default: a store on the compute device).
     """
-    assert run.calibration is not None
-    store = store if store is not None else DeviceStore(run.device)
+    assert run.inputs.calibration is not None
+    store = store if store is not None else DeviceStore(run.inputs.device)
     captured_kwargs: list[dict[str, Any]] = []
 
     def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -166,37 +145,20 @@ def capture_layer_inputs(handle: ModelHandle, run: RunContext,
         captured_kwargs.append(kwargs)
         raise _StopForward
 
-    layer0 = bring_in(handle, 0, run.device)
+    layer0 = handle.bring_in(0, run.inputs.device)
     hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        batches = run.calibration.split(run.calibration_batch_size)
-        outside = (handle.lazy.outside_on(handle, run.device, with_head=False) if handle.lazy
-                   else _outside_layers_on(handle, run.device))
-        with outside, run.reporter.task("calibration inputs", total=len(batches), unit="batch") as advance:
+        batches = run.inputs.calibration.split(run.inputs.calibration_batch_size)
+        with handle.outside_layers_on(run.inputs.device, with_head=False), \
+                run.inputs.reporter.task("calibration inputs", total=len(batches), unit="batch") as advance:
             for batch in batches:
                 with contextlib.suppress(_StopForward):
-                    handle.model(batch.to(run.device), use_cache=False)
+                    handle.model(batch.to(run.inputs.device), use_cache=False)
                 advance(1)
     finally:
         hook.remove()
-        put_away(handle, 0, save=False)
+        handle.put_away(0)
     return layer_inputs(store, captured_kwargs)
-
-
-def bring_in(handle: ModelHandle, index: int, device: torch.device) -> nn.Module:
-    """Decoder layer `index` on `device`: moved there, or read from the shards when the model is lazy."""
-    if handle.lazy is not None:
-        return handle.lazy.load_layer(handle, index, device)
-    layer = cast(nn.Module, handle.layers[index])
-    return layer.to(device)
-
-
-def put_away(handle: ModelHandle, index: int, *, save: bool) -> None:
-    """Back to the CPU, or (lazy model) written to the output shards when `save` and freed."""
-    if handle.lazy is not None:
-        handle.lazy.unload_layer(handle, index, save=save)
-    else:
-        handle.layers[index].to(OFFLOAD_DEVICE)
 
 
 LayerApply = Callable[[LayerContext, Any], dict[str, Any]]
@@ -222,23 +184,23 @@ class SweepResult:
 def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> SweepResult:
     """Apply consecutive layer passes decoder layer by decoder layer (see module docstring).
 
-    With `run.checkpoint` set, every finished layer is checkpointed and a resumed run skips the layers
+    With `run.inputs.checkpoint` set, every finished layer is checkpointed and a resumed run skips the layers
     already done, continuing from their saved outputs (compress/engine/checkpoint.py). Calibration activations live
-    where `run.offload` says; the choice and the peak of them in memory go into report.json (`calibration.offload`).
+    where `run.inputs.offload` says; the choice and the peak of them in memory go into report.json (`calibration.offload`).
     """
     if not any(step.needs_calibration for step in steps):
         return _sweep_layers(handle, steps, run, None)
-    with activation_pool(run.offload, _calibration_bytes(handle, run), run.device) as pool:
+    with activation_pool(run.inputs.offload, _calibration_bytes(handle, run), run.inputs.device) as pool:
         if pool.choice.requested == "auto" and pool.choice.placement != "device":  # slower: say why
-            run.reporter.note(f"calibration activations offloaded to {pool.choice.placement}: {pool.choice.reason}")
+            run.inputs.reporter.note(f"calibration activations offloaded to {pool.choice.placement}: {pool.choice.reason}")
         result = _sweep_layers(handle, steps, run, pool)
-        run.report_sections.setdefault("calibration", {}).setdefault("offload", []).append(pool.describe())
+        run.results.report_sections.setdefault("calibration", {}).setdefault("offload", []).append(pool.describe())
     return result
 
 
 def _calibration_bytes(handle: ModelHandle, run: RunContext) -> int:
-    assert run.calibration is not None
-    windows, seq_len = run.calibration.shape
+    assert run.inputs.calibration is not None
+    windows, seq_len = run.inputs.calibration.shape
     dtype = next(handle.model.parameters()).dtype  # the embeddings' output, which every layer keeps
     model: Any = handle.model
     hidden_size = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
@@ -254,10 +216,10 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
     seconds = {step.label: 0.0 for step in steps}
     propagation = 0.0
     layers = handle.layers
-    sweep = run.checkpoint.begin_sweep() if run.checkpoint is not None else None
+    sweep = run.inputs.checkpoint.begin_sweep() if run.inputs.checkpoint is not None else None
     first = 0
-    if sweep is not None and run.checkpoint is not None:
-        resumed = run.checkpoint.restore(sweep, layers, handle.layers_prefix, run)
+    if sweep is not None and run.inputs.checkpoint is not None:
+        resumed = run.inputs.checkpoint.restore(sweep, layers, handle.layers_prefix, run)
         first = resumed.next_layer
         for state in resumed.layers:
             _merge_layer_state(modules, seconds, state)
@@ -265,11 +227,11 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
             inputs = _restored_inputs(inputs, resumed.hidden_files)
         if first:
             log.info("resuming at decoder layer %d of %d", first, len(layers))
-    with run.reporter.task(", ".join(s.label for s in steps), total=len(layers), unit="layer") as advance:
+    with run.inputs.reporter.task(", ".join(s.label for s in steps), total=len(layers), unit="layer") as advance:
         advance(first)
         for index in range(first, len(layers)):
-            fallbacks_before = len(run.fallbacks)
-            layer = bring_in(handle, index, run.device)
+            fallbacks_before = len(run.results.fallbacks)
+            layer = handle.bring_in(index, run.inputs.device)
             ctx = LayerContext(index, f"{handle.layers_prefix}.{index}", layer, inputs, run)
             check_finite_weights(layer, ctx.prefix, f"before {', '.join(step.label for step in steps)}")
             state = apply_with_oom_fallback(ctx, steps)
@@ -280,12 +242,11 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
                 start = time.perf_counter()
                 inputs = _propagate(ctx)
                 propagation += time.perf_counter() - start
-            if sweep is not None and run.checkpoint is not None:
+            if sweep is not None and run.inputs.checkpoint is not None:
                 layer.to(OFFLOAD_DEVICE)  # the checkpoint stores CPU tensors; a lazy layer is still in memory here
-                run.checkpoint.save(sweep, index, layer, ctx.prefix, run, state, run.fallbacks[fallbacks_before:],
+                run.inputs.checkpoint.save(sweep, index, layer, ctx.prefix, run, state, run.results.fallbacks[fallbacks_before:],
                                     (item.hidden for item in inputs) if feeds_next and inputs is not None else None)
-            put_away(handle, index, save=True)
-            if handle.lazy is not None:  # the layer is on disk now; keep only what the size report needs
+            if handle.layer_done(index):  # the layer left memory: keep only what the size report needs of it
                 shed_records(run, f"{handle.layers_prefix}.{index}.")
             advance(1)
     return SweepResult(modules, seconds, propagation)
@@ -334,7 +295,7 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
     """Run the passes on one layer; on accelerator out-of-memory, halve the calibration batches and retry.
 
     The layer's weights are restored before each retry so a pass that failed half-way is not applied twice.
-    Every retry is recorded in `run.fallbacks` and the log; batch size 1 running out of memory is an error.
+    Every retry is recorded in `run.results.fallbacks` and the log; batch size 1 running out of memory is an error.
     """
     if ctx.inputs is None:
         return _apply_steps(ctx, steps)
@@ -346,19 +307,19 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
             batch = ctx.inputs[0].shape[0]
             if batch <= 1:
                 raise UserError(
-                    f"out of memory on {ctx.run.device} at {ctx.prefix} even with calibration batches of 1 window; "
+                    f"out of memory on {ctx.run.inputs.device} at {ctx.prefix} even with calibration batches of 1 window; "
                     "lower calibration.seq_len, or run on a device with more memory"
                 ) from None
-            if ctx.run.device.type == "cuda":
+            if ctx.run.inputs.device.type == "cuda":
                 torch.cuda.empty_cache()
             ctx.layer.load_state_dict(snapshot)
             whole = ctx.inputs
             ctx.inputs = split_batches(whole, max(1, batch // 2))
             whole[0].store.close()
             message = f"out of memory at {ctx.prefix}: retrying with calibration batches of {max(1, batch // 2)} windows"
-            ctx.run.reporter.note(message)  # printed unless --quiet, and always logged
-            ctx.run.fallbacks.append({"pass": "engine", "module": ctx.prefix, "fallback": "smaller calibration batches",
-                                      "reason": message})
+            ctx.run.inputs.reporter.note(message)  # printed unless --quiet, and always logged
+            ctx.run.results.fallbacks.append({"pass": "engine", "module": ctx.prefix,
+                                              "fallback": "smaller calibration batches", "reason": message})
 
 
 def shed_records(run: RunContext, prefix: str) -> None:
@@ -367,9 +328,9 @@ def shed_records(run: RunContext, prefix: str) -> None:
     A lazy model must not collect the codes of every layer in host memory (1 byte per weight); the report's
     size accounting and the export config need only their shapes and settings.
     """
-    for fqn, record in list(run.quantized.items()):
+    for fqn, record in list(run.results.records.items()):
         if fqn.startswith(prefix):
-            run.quantized[fqn] = record.to("meta")
+            run.results.records[fqn] = record.to("meta")
 
 
 def input_groups(ctx: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -418,69 +379,12 @@ def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
-def evaluation_device_map(handle: ModelHandle) -> dict[str, Any]:
-    """accelerate's placement of the model under `handle.max_memory`, never splitting a decoder layer."""
-    from accelerate import infer_auto_device_map
-
-    budget: dict[int | str, str] = {int(k) if k.isdigit() else k: v for k, v in (handle.max_memory or {}).items()}
-    layer_class = type(handle.layers[0]).__name__
-    return dict(infer_auto_device_map(handle.model, max_memory=budget, no_split_module_classes=[layer_class]))
-
-
-@contextlib.contextmanager
-def dispatched(handle: ModelHandle) -> Iterator[None]:
-    """Spread the model over the devices of `max_memory` (accelerate hooks move activations between them)."""
-    from accelerate import dispatch_model
-    from accelerate.hooks import remove_hook_from_module
-
-    dispatch_model(handle.model, device_map=evaluation_device_map(handle))
-    try:
-        yield
-    finally:
-        remove_hook_from_module(handle.model, recurse=True)
-        handle.model.to(OFFLOAD_DEVICE)
-
-
-def _fits_on(model: nn.Module, device: torch.device) -> bool:
-    if device.type != "cuda":
-        return True
-    free, _total = torch.cuda.mem_get_info(device)
-    needed = sum(p.numel() * p.element_size() for p in model.parameters())
-    return needed < 0.7 * free  # leave room for activations and logits
-
-
 @contextlib.contextmanager
 def model_on_device(handle: ModelHandle, device: torch.device) -> Iterator[None]:
-    """Make the whole model runnable on `device` for evaluation, then put it back on the CPU.
+    """Make the whole model runnable on `device` for evaluation, then put it back (see `ModelHandle.runnable_on`).
 
-    If it fits, it is moved at once; otherwise each decoder layer is moved in just before its forward and
-    out right after, so peak GPU memory follows one layer, as during compression.
+    An eager model is moved at once if it fits, else over `max_memory`, else one decoder layer at a time, so
+    peak GPU memory follows one layer, as during compression; a lazy one reads each layer just before its forward.
     """
-    if handle.lazy is not None:
-        with handle.lazy.streaming(handle, device):
-            yield
-        return
-    if handle.max_memory:
-        with dispatched(handle):
-            yield
-        return
-    if device == OFFLOAD_DEVICE:
+    with handle.runnable_on(device):
         yield
-        return
-    if _fits_on(handle.model, device):
-        handle.model.to(device)
-        try:
-            yield
-        finally:
-            handle.model.to(OFFLOAD_DEVICE)
-        return
-    hooks = []
-    for layer in handle.layers:
-        hooks.append(layer.register_forward_pre_hook(lambda module, _args: module.to(device)))
-        hooks.append(layer.register_forward_hook(lambda module, _args, _out: module.to(OFFLOAD_DEVICE)))
-    try:
-        with _outside_layers_on(handle, device):
-            yield
-    finally:
-        for hook in hooks:
-            hook.remove()

@@ -2,10 +2,11 @@
 
 `load_lazy` builds the model skeleton with accelerate's `init_empty_weights` (parameters on `meta`, no memory)
 and keeps a map from each tensor name to the safetensors shard that holds it. The engine then asks for one
-decoder layer at a time (`load_layer`): its tensors are read from the memory-mapped shards, converted to the
-compute dtype and placed on the compute device; when the layer's passes are done, `unload_layer` writes it to
-the output shards (see compress/engine/shards.py) and puts it back on `meta`. The tensors outside the decoder layers
-(embeddings, final norm, lm_head) are materialised only while a forward pass needs them.
+decoder layer at a time (`bring_in`): its tensors are read from the memory-mapped shards, converted to the
+compute dtype and placed on the compute device; when the layer's passes are done, `layer_done` writes it to
+the output shards (see compress/engine/shards.py) and puts it back on `meta`. The tensors outside the decoder
+layers (embeddings, final norm, lm_head) are materialised only while a forward pass needs them. `LazyWeights` is
+the handle's `ModelWeights`, with the same methods as `EagerWeights` (compress/engine/eager.py).
 
 Peak host memory is therefore one layer (in the compute dtype) plus the embeddings while inputs are captured
 plus the calibration activations, never the model. Evaluation streams the layers the same way.
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from compress.recipe.errors import UserError
+from compress.engine.digest import shards_digest, weights_digest
 from compress.engine.model_io import DTYPES, ModelHandle, find_decoder_layers, pick_device, pick_dtype
 from compress.engine.shards import INDEX_NAME, ShardWriter
 
@@ -75,6 +77,8 @@ def _assign(root: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
 class LazyWeights:
     """Where each tensor of a meta-device model currently lives on disk, and the writer for finished layers."""
 
+    saves_layers_as_they_finish = True  # finished layers go to `writer` and leave memory
+
     def __init__(self, source: dict[str, Path], compute_dtype: torch.dtype, save_dtype: torch.dtype,
                  writer: ShardWriter | None):
         self.source = source  # tensor name -> shard; a layer's entries move to the output once it is written
@@ -84,6 +88,7 @@ class LazyWeights:
         self.loaded_bytes_peak = 0  # largest set of tensors materialised at once (for the report)
         # called with (index, prefix, layer) for each finished layer before it is freed: a streaming export
         self.on_layer_written: Callable[[int, str, nn.Module], None] | None = None
+        self.written: Path | None = None  # the finished output folder, once `finish` wrote its index
 
     # --- reading and freeing ---------------------------------------------------------------------
 
@@ -133,15 +138,21 @@ class LazyWeights:
 
     # --- decoder layers ----------------------------------------------------------------------------
 
-    def load_layer(self, handle: ModelHandle, index: int, device: torch.device) -> nn.Module:
+    def bring_in(self, handle: ModelHandle, index: int, device: torch.device) -> nn.Module:
         layer = cast(nn.Module, handle.layers[index])
         self.materialize(layer, f"{handle.layers_prefix}.{index}", device)
         return layer
 
-    def unload_layer(self, handle: ModelHandle, index: int, *, save: bool) -> None:
-        """Free layer `index`; with `save`, first write it to the output shards and read it from there from now on."""
+    def put_away(self, handle: ModelHandle, index: int) -> None:
+        """Free layer `index` unchanged: it is read from its shard again when needed."""
+        self.free(cast(nn.Module, handle.layers[index]))
+
+    def layer_done(self, handle: ModelHandle, index: int) -> bool:
+        """Write layer `index` to the output shards (read from there from now on), then free it.
+
+        Returns True: the layer left memory."""
         layer = cast(nn.Module, handle.layers[index])
-        if save and self.writer is not None:
+        if self.writer is not None:
             prefix = f"{handle.layers_prefix}.{index}"
             tensors = {f"{prefix}.{name}": p.data.to(self.save_dtype) for name, p in layer.named_parameters()}
             path = self.writer.write(f"model-layer-{index:05d}.safetensors", tensors)
@@ -149,11 +160,12 @@ class LazyWeights:
             if self.on_layer_written is not None:
                 self.on_layer_written(index, prefix, layer)
         self.free(layer)
+        return True
 
     # --- everything outside the decoder layers -----------------------------------------------------
 
     @contextlib.contextmanager
-    def outside_on(self, handle: ModelHandle, device: torch.device, *, with_head: bool = True) -> Iterator[None]:
+    def outside_layers_on(self, handle: ModelHandle, device: torch.device, *, with_head: bool = True) -> Iterator[None]:
         """Materialise the parameters outside the decoder layers on `device` for the duration of the block.
 
         with_head=False leaves an untied lm_head on `meta`: capturing layer 0's inputs never reaches it, and for
@@ -171,7 +183,7 @@ class LazyWeights:
             self.free(handle.model, groups)
 
     @contextlib.contextmanager
-    def streaming(self, handle: ModelHandle, device: torch.device) -> Iterator[None]:
+    def runnable_on(self, handle: ModelHandle, device: torch.device) -> Iterator[None]:
         """Make the whole model runnable for evaluation: each layer is read just before its forward and freed after."""
         prefix = handle.layers_prefix
         hooks = []
@@ -180,7 +192,7 @@ class LazyWeights:
                 lambda module, _args, index=index: self.materialize(module, f"{prefix}.{index}", device)))
             hooks.append(layer.register_forward_hook(lambda module, _args, _out: self.free(module)))
         try:
-            with self.outside_on(handle, device):
+            with self.outside_layers_on(handle, device):
                 yield
         finally:
             for hook in hooks:
@@ -218,7 +230,15 @@ class LazyWeights:
         save_tokenizer = getattr(handle.tokenizer, "save_pretrained", None)
         if save_tokenizer is not None:
             save_tokenizer(self.writer.folder)
-        return self.writer.finish()
+        index = self.writer.finish()
+        self.written = index.parent
+        return index
+
+    def weights_digest(self, handle: ModelHandle) -> str:
+        """The digest of what `finish` wrote, one tensor at a time: the model itself is on `meta` by now."""
+        if self.written is None:
+            return weights_digest(handle.model)
+        return shards_digest(self.written)
 
 
 def return_freed_memory() -> None:
@@ -264,7 +284,7 @@ def load_lazy(
     trust_remote_code: bool = False,
     save_to: Path | None = None,
 ) -> ModelHandle:
-    """Build the model on `meta` and return a handle whose `lazy` reads layers from the shards on demand.
+    """Build the model on `meta` and return a handle whose `weights` read layers from the shards on demand.
 
     save_to: the folder the compressed layers are written to as they finish (see compress/engine/shards.py).
     """
@@ -291,9 +311,7 @@ def load_lazy(
     source = checkpoint_files(folder)
     _check_names(model, source)
     lazy = LazyWeights(source, compute_dtype, stored, ShardWriter(save_to) if save_to is not None else None)
-    handle = ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored)
-    handle.lazy = lazy
-    return handle
+    return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored, weights=lazy)
 
 
 def _output_embedding_prefix(model: nn.Module) -> str | None:

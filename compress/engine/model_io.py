@@ -2,24 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, cast
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from compress.engine.eager import EagerWeights
 from compress.recipe.errors import UserError
-
-if TYPE_CHECKING:
-    from compress.engine.lazy import LazyWeights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Where the decoder-layer list lives in the families we test (Llama, Mistral, Qwen2, OPT, GPT-2, NeoX);
 # other models fall back to the longest ModuleList of identical blocks.
 KNOWN_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
+
+
+LayerWritten = Callable[[int, str, nn.Module], None]  # (index, prefix, layer), e.g. a streaming export's writer
+
+
+class ModelWeights(Protocol):
+    """Where a model's parameters live between uses, and what each step of a run does about it.
+
+    Two kinds: `EagerWeights` (compress/engine/eager.py: all in host memory, saved at the end of the run) and
+    `LazyWeights` (compress/engine/lazy.py: on `meta`, read one decoder layer at a time from memory-mapped shards,
+    each finished layer written to the output shards and freed). Callers go through `ModelHandle`'s methods
+    and never ask which kind they have.
+    """
+
+    # True when each finished layer goes to the output shards and leaves memory (lazy): the run cannot save the
+    # model, or export its codes, at the end, so an export is packed layer by layer through `on_layer_written`.
+    saves_layers_as_they_finish: bool
+    on_layer_written: LayerWritten | None  # called for each finished layer, before it is put away
+
+    def bring_in(self, handle: ModelHandle, index: int, device: torch.device) -> nn.Module: ...
+
+    def put_away(self, handle: ModelHandle, index: int) -> None: ...
+
+    def layer_done(self, handle: ModelHandle, index: int) -> bool: ...
+
+    def outside_layers_on(self, handle: ModelHandle, device: torch.device, *,
+                          with_head: bool = True) -> contextlib.AbstractContextManager[None]: ...
+
+    def runnable_on(self, handle: ModelHandle, device: torch.device) -> contextlib.AbstractContextManager[None]: ...
+
+    def outside_tensors(self, handle: ModelHandle) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def finish(self, handle: ModelHandle) -> Path | None: ...
+
+    def weights_digest(self, handle: ModelHandle) -> str: ...
 
 
 @dataclass
@@ -32,7 +66,8 @@ class ModelHandle:
     layers_prefix: str  # fully qualified name of the decoder-layer ModuleList, e.g. "model.layers"
     device: torch.device  # where the layer being processed (and evaluation) runs
     checkpoint_dtype: torch.dtype  # precision the weights are stored in, which may differ from the compute dtype
-    lazy: LazyWeights | None = None  # set by compress.engine.lazy.load_lazy: parameters live on `meta` until a layer is needed
+    # in host memory (load_model) or read layer by layer from the shards (compress.engine.lazy.load_lazy)
+    weights: ModelWeights = field(default_factory=EagerWeights)
     max_memory: dict[str, str] | None = None  # evaluation: accelerate device map budget per device ("0", "cpu")
 
     @property
@@ -41,6 +76,50 @@ class ModelHandle:
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    # --- delegated to `weights` -------------------------------------------------------------------
+
+    def bring_in(self, index: int, device: torch.device) -> nn.Module:
+        """Decoder layer `index`, with its weights, on `device`."""
+        return self.weights.bring_in(self, index, device)
+
+    def put_away(self, index: int) -> None:
+        """Decoder layer `index` is not needed for now (unchanged): off the compute device."""
+        self.weights.put_away(self, index)
+
+    def layer_done(self, index: int) -> bool:
+        """Decoder layer `index` is compressed: off the compute device, and (lazy) written to the output shards.
+
+        Returns True when the layer has left memory, so what was kept only for saving it at the end (its
+        quantization codes) can go too.
+        """
+        return self.weights.layer_done(self, index)
+
+    def outside_layers_on(self, device: torch.device, *,
+                          with_head: bool = True) -> contextlib.AbstractContextManager[None]:
+        """For a `with` block: the parameters outside the decoder layers (embeddings, norms, lm_head) on `device`.
+
+        with_head=False allows leaving a lm_head that no forward will reach where it is (a lazy model's stays on
+        `meta`: for a 128k vocabulary it is 2 GB in float32).
+        """
+        return self.weights.outside_layers_on(self, device, with_head=with_head)
+
+    def runnable_on(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        """For a `with` block: the whole model runnable on `device` (evaluation), put back afterwards."""
+        return self.weights.runnable_on(self, device)
+
+    def outside_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors outside the decoder layers, one at a time, tied ones once (a streaming export's last shards)."""
+        return self.weights.outside_tensors(self)
+
+    def finish_saving(self) -> Path | None:
+        """Complete what was saved layer by layer into a loadable folder (lazy) and return it; None when nothing
+        was (eager: the runner saves the model from memory)."""
+        return self.weights.finish(self)
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the weights, from memory or (once written layer by layer) from the written shards."""
+        return self.weights.weights_digest(self)
 
 
 def pick_device(requested: str) -> torch.device:

@@ -72,8 +72,8 @@ def save_run_outputs(handle: Any, run: Any, export: ExportConfig | None, report:
     `staging` is the run folder being built, `output` the name it gets when the run finishes; an export
     without a `path` goes inside the run folder, so it appears (or not) together with the run.
     """
-    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.quantized, run.masks,
-                                 run.activation_quant, bitsandbytes=holds_bitsandbytes(handle.model))
+    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.results.records, run.handoff.masks,
+                                 run.results.activation_quant, bitsandbytes=holds_bitsandbytes(handle.model))
     save_state(compressed, staging / STATE_DIR)
     if export is None:
         return None

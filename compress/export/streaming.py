@@ -42,8 +42,8 @@ class StreamingCompressedTensors:
 
     def write_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
         """Write layer `index` (named `prefix`, still materialised) in the compressed-tensors layout."""
-        records = holdable({fqn: r for fqn, r in self.run.quantized.items() if fqn.startswith(prefix + ".")},
-                           self.run.activation_quant)  # refused before this layer's shard is written
+        records = holdable({fqn: r for fqn, r in self.run.results.records.items() if fqn.startswith(prefix + ".")},
+                           self.run.results.activation_quant)  # refused before this layer's shard is written
         tensors: dict[str, torch.Tensor] = {}
         for name, param in layer.named_parameters():
             full = f"{prefix}.{name}"
@@ -52,9 +52,9 @@ class StreamingCompressedTensors:
             tensors[full] = param.detach().to(self.dtype) if param.is_floating_point() else param.detach()
         for fqn, record in records.items():
             module = layer.get_submodule(fqn.removeprefix(prefix + "."))
-            tensors.update(module_tensors(fqn, module, record, self.dtype, self.run.activation_quant.get(fqn)))
-        for fqn in [f for f in self.run.masks if f.startswith(prefix + ".")]:
-            self.masks[fqn] = mask_summary(self.run.masks.pop(fqn))  # a byte per weight: not kept past its layer
+            tensors.update(module_tensors(fqn, module, record, self.dtype, self.run.results.activation_quant.get(fqn)))
+        for fqn in [f for f in self.run.handoff.masks if f.startswith(prefix + ".")]:
+            self.masks[fqn] = mask_summary(self.run.handoff.masks.pop(fqn))  # a byte per weight: not kept past its layer
         self.writer.write(f"model-layer-{index:05d}.safetensors", tensors)
 
     def finish(self, handle: ModelHandle, outside: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
@@ -62,8 +62,8 @@ class StreamingCompressedTensors:
         for number, (name, tensor) in enumerate(outside):
             stored = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
             self.writer.write(f"model-outside-{number:03d}.safetensors", {name: stored})
-        shapes = CompressedModel(handle.model, handle.tokenizer, self.dtype, self.run.quantized, {},
-                                 self.run.activation_quant)
+        shapes = CompressedModel(handle.model, handle.tokenizer, self.dtype, self.run.results.records, {},
+                                 self.run.results.activation_quant)
         config = quantization_config(shapes, sparsity=sparsity_config_of(self.masks))
         write_config(shapes, self.writer.folder, self.dtype, {"quantization_config": config})
         self.writer.finish()

@@ -1,6 +1,6 @@
 """Weight records: what one compressed weight matrix stores, behind the one protocol every storage format implements.
 
-A pass that compresses a linear's weight leaves a `WeightRecord` in `run.quantized[fqn]`. Everything downstream
+A pass that compresses a linear's weight leaves a `WeightRecord` in `run.results.records[fqn]`. Everything downstream
 asks the record, never takes it apart:
 
     shape                     (out_features, in_features)

@@ -20,6 +20,18 @@ from pydantic import BaseModel, ConfigDict
 
 Scope = Literal["layer", "model"]
 
+PassKind = Literal["quantize", "prune", "allocate", "allocate_sparsity", "transform"]
+"""What a pass does, which recipe checks and the runner read (compress/recipe/schema.py, export_config.py):
+
+- "quantize": rounds weights to integer codes (rtn, gptq, awq, bnb); the first one after a model pass is that
+  pass's `next_quantizer`, and an export format must match it.
+- "prune": zeroes or removes weights (magnitude, wanda, sparsegpt, layer_drop, width_prune).
+- "allocate": writes the bit plan a later quantizer follows (allocate, quantize_plan); needs a quantize pass after it.
+- "allocate_sparsity": writes the per-layer sparsity later pruning follows (owl); needs a prune pass after it.
+- "transform": rescales weights, leaving what the model computes unchanged (smoothquant); must come before
+  any quantizer.
+"""
+
 
 class StrictConfig(BaseModel):
     """Base of every pass and evaluator config: unknown keys are errors and configs are immutable."""
@@ -33,8 +45,11 @@ class PassDef:
 
     scope="layer": `apply(layer_ctx, cfg) -> {module_fqn: result}` runs inside the sequential decoder-layer
     engine, once per layer; consecutive layer passes share one sweep over the model.
-    scope="model": `apply(model_handle, cfg, run_ctx) -> {module_fqn: result}` sees the whole model
-    (bit allocation, export-time transforms).
+    scope="model": `apply(model_handle, cfg, run_ctx, next_quantizer) -> {module_fqn: result}` sees the whole
+    model (bit and sparsity allocation, structured pruning, bitsandbytes). `next_quantizer` is the config of the
+    first pass of kind "quantize" after this one in the recipe, or None when there is none: an allocation pass
+    takes the group size, symmetry and ignore list its plan must fit from there. Every model pass accepts it
+    (default None, so a test can call one with three arguments); most ignore it.
     """
 
     name: str
@@ -42,7 +57,7 @@ class PassDef:
     apply: Callable[..., dict[str, Any]]
     scope: Scope
     needs_calibration: bool
-    kind: str  # "quantize" | "prune" | "allocate" | "transform": used by recipe-level checks
+    kind: PassKind  # what the pass does to the model, for recipe-level checks (see PassKind)
     # Calibrates correctly when each torchrun rank sees only its share of the windows (its statistics are summed
     # across ranks); a calibrated pass without it would quietly calibrate on a fraction of the data.
     data_parallel: bool = False
@@ -90,7 +105,7 @@ def register_pass(
     config: type[StrictConfig],
     *,
     scope: Scope,
-    kind: str,
+    kind: PassKind,
     needs_calibration: bool = False,
     data_parallel: bool = False,
     stores: Iterable[str] = (),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.recipe.errors import RecipeError, UserError
 from compress.engine.model_io import load_model
 from compress.recipe.schema import parse_recipe
@@ -21,14 +21,14 @@ def run_chain(model, text_file, passes: str, samples: int = 4):
     """Apply the passes to a fresh tiny model without evaluating; returns (handle, run, report entries)."""
     recipe = parse_recipe(recipe_text(model, text_file, passes, text_file, samples=samples))
     handle = load_model(recipe.model, dtype="float32", device="cpu")
-    run = RunContext(device=handle.device, calibration=calibration_windows(handle, recipe))
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration_windows(handle, recipe)))
     entries, _ = run_passes(handle, recipe.passes, run)
     return handle, run, entries
 
 
 def allocated_bits(handle, run):
     """Storage bits of every quantized matrix, counted independently of the allocator."""
-    return sum(q.storage_bits().total for q in run.quantized.values())
+    return sum(q.storage_bits().total for q in run.results.records.values())
 
 
 @pytest.mark.parametrize("sensitivity", ["hessian_trace", "fisher", "delta_loss", "io_similarity"])
@@ -37,20 +37,20 @@ def test_plan_fits_the_budget_and_the_quantizer_stores_exactly_that(tiny_llama, 
               f" max_probes: 3, samples: 2, constraints: {{min_bits: {{'*down_proj': 4}}}}}}\n"
               f"  - rtn: {{bits: 8, group_size: {GROUP}}}")
     handle, run, _ = run_chain(tiny_llama, text_file, passes)
-    section = run.report_sections["allocation"]
+    section = run.results.report_sections["allocation"]
     params = section["parameters"]
     assert params == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 160 * 64 * 3)  # q, o; k, v (2 kv heads); gate, up, down
     assert section["budget"]["bits"] == int(3.3 * params)
     stored = allocated_bits(handle, run)
     assert stored == section["used"]["bits"] <= section["budget"]["bits"]
-    for name, quantized in run.quantized.items():
+    for name, quantized in run.results.records.items():
         assert quantized.spec.bits == section["plan"][name]
         assert quantized.spec.group_size == GROUP
         if name.endswith("down_proj"):
             assert quantized.spec.bits >= 4
     assert set(section["plan"].values()) <= {2, 3, 4, 8} and len(set(section["plan"].values())) > 1
     assert section["cost"] <= section["greedy_cost"] + 1e-12
-    size = model_size(handle.model, run.quantized, handle.checkpoint_dtype)
+    size = model_size(handle.model, run.results.records, handle.checkpoint_dtype)
     assert size["quantized_bits_per_weight"] == pytest.approx(stored / params, abs=1e-4)
     assert section["estimator"] == sensitivity and len(section["frontier"]) > 1
 
@@ -60,10 +60,10 @@ def test_layer_granularity_gives_a_layer_one_width(tiny_llama, text_file):
               f"  - rtn: {{group_size: {GROUP}}}")
     handle, run, _ = run_chain(tiny_llama, text_file, passes)
     per_layer = {}
-    for name, quantized in run.quantized.items():
+    for name, quantized in run.results.records.items():
         per_layer.setdefault(name.split(".")[2], set()).add(quantized.spec.bits)
     assert sorted(map(tuple, per_layer.values())) == [(2,), (4,)]  # 2.5 and 4.5 bits with scales: one of each
-    assert allocated_bits(handle, run) <= run.report_sections["allocation"]["budget"]["bits"]
+    assert allocated_bits(handle, run) <= run.results.report_sections["allocation"]["budget"]["bits"]
 
 
 def test_bytes_and_ratio_budgets(tiny_llama, text_file):
@@ -71,7 +71,7 @@ def test_bytes_and_ratio_budgets(tiny_llama, text_file):
         passes = (f"  - allocate: {{sensitivity: io_similarity, budget: {budget}}}\n"
                   f"  - rtn: {{group_size: {GROUP}}}")
         handle, run, _ = run_chain(tiny_llama, text_file, passes)
-        section = run.report_sections["allocation"]
+        section = run.results.report_sections["allocation"]
         # The tiny checkpoint is float32, so ratio 0.25 means 8 bits per weight.
         assert section["budget"]["bits"] == (expected_bits or section["parameters"] * 8)
         assert allocated_bits(handle, run) <= section["budget"]["bits"]
@@ -103,7 +103,7 @@ def test_hand_edited_plan_through_quantize_plan_and_gptq_plan(tiny_llama, text_f
     for passes in (f"  - quantize_plan: {{file: {plan_file}}}\n  - rtn: {{bits: 4, group_size: {GROUP}}}",
                    f"  - gptq: {{bits: 4, group_size: {GROUP}, plan: {plan_file}}}"):
         _, run, _ = run_chain(tiny_llama, text_file, passes)
-        bits = {name: q.spec.bits for name, q in run.quantized.items()}
+        bits = {name: q.spec.bits for name, q in run.results.records.items()}
         assert bits["model.layers.0.mlp.down_proj"] == 8
         assert bits["model.layers.0.self_attn.q_proj"] == bits["model.layers.1.self_attn.q_proj"] == 2
         assert bits["model.layers.1.mlp.up_proj"] == bits["model.layers.1.mlp.down_proj"] == 3
@@ -153,7 +153,7 @@ def test_sensitivity_command_saves_costs_that_allocate_reuses_across_budgets(tin
     for budget in (3.0, 4.0):
         reuse = f"  - allocate: {{sensitivity_file: {saved}, budget: {{avg_bits: {budget}}}}}\n  - rtn: {{group_size: {GROUP}}}"
         _, run, _ = run_chain(tiny_llama, text_file, reuse)
-        section = run.report_sections["allocation"]
+        section = run.results.report_sections["allocation"]
         assert section["estimator"] == "fisher" and section["sensitivity_seconds"] == document["seconds"]
         assert section["used"]["bits"] <= section["budget"]["bits"]
         plans[budget] = section["plan"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import sample_windows, tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
@@ -28,7 +28,7 @@ FAST = dict(grid=10, clip_grid=10, max_tokens=256)
 def _calibrated(path: Path, samples: int = 4, seq_len: int = 32) -> tuple[ModelHandle, RunContext]:
     handle = load_model(str(path), device="cpu")
     windows = sample_windows(tokenize_text(handle.tokenizer, synthetic_text()), samples, seq_len, seed=0)
-    return handle, RunContext(device=torch.device("cpu"), calibration=windows)
+    return handle, RunContext(RunInputs(device=torch.device("cpu"), calibration=windows))
 
 
 def _awq(handle: ModelHandle, run: RunContext, cfg: AWQConfig) -> dict:
@@ -37,7 +37,7 @@ def _awq(handle: ModelHandle, run: RunContext, cfg: AWQConfig) -> dict:
 
 def _logits(handle: ModelHandle, run: RunContext) -> torch.Tensor:
     with torch.no_grad():
-        return handle.model(run.calibration[:2]).logits
+        return handle.model(run.inputs.calibration[:2]).logits
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
@@ -47,7 +47,7 @@ def test_folding_scales_leaves_the_model_unchanged(tmp_path, family):
     results = _awq(handle, run, AWQConfig(bits=3, group_size=16, quantize=False, **FAST))
     after = _logits(handle, run)
     assert (after - before).norm() / before.norm() < 1e-4
-    assert results and not run.quantized  # scales searched, nothing rounded
+    assert results and not run.results.records  # scales searched, nothing rounded
     assert all(r["awq_output_mse"] <= r["rtn_output_mse"] for r in results.values())
 
 
@@ -104,16 +104,16 @@ def test_quantized_weights_are_on_the_grid_and_masks_stay_zero(tiny_llama):
     module = handle.model.get_submodule(down)
     mask = torch.rand(module.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
     module.weight.data *= mask
-    run.masks[down] = mask
-    run.bit_plan["model.layers.0.self_attn.v_proj"] = QuantSpec(8, False, PerGroup(32))
+    run.handoff.masks[down] = mask
+    run.handoff.bit_plan["model.layers.0.self_attn.v_proj"] = QuantSpec(8, False, PerGroup(32))
     results = _awq(handle, run, AWQConfig(bits=3, group_size=16, **FAST))
 
-    assert set(results) == set(run.quantized) and len(results) == 14  # 7 linears x 2 layers
-    for fqn, qweight in run.quantized.items():
+    assert set(results) == set(run.results.records) and len(results) == 14  # 7 linears x 2 layers
+    for fqn, qweight in run.results.records.items():
         spec = qweight.spec
         assert spec.qmin <= int(qweight.codes.min()) and int(qweight.codes.max()) <= spec.qmax, fqn
         torch.testing.assert_close(handle.model.get_submodule(fqn).weight.data, qweight.dequantize())
-    assert run.quantized["model.layers.0.self_attn.v_proj"].spec.bits == 8  # the bit plan wins
+    assert run.results.records["model.layers.0.self_attn.v_proj"].spec.bits == 8  # the bit plan wins
     assert torch.all(module.weight.data[~mask] == 0)
     assert "clip_ratio_mean" not in results["model.layers.0.self_attn.q_proj"]  # q/k are never clipped
     assert "clip_ratio_mean" in results["model.layers.0.self_attn.o_proj"]
@@ -122,7 +122,7 @@ def test_quantized_weights_are_on_the_grid_and_masks_stay_zero(tiny_llama):
 def test_ignored_linears_are_not_quantized(tiny_llama):
     handle, run = _calibrated(tiny_llama)
     results = _awq(handle, run, AWQConfig(bits=4, group_size=16, ignore=["lm_head", "k_proj"], **FAST))
-    assert not any("k_proj" in fqn for fqn in results) and not any("k_proj" in fqn for fqn in run.quantized)
+    assert not any("k_proj" in fqn for fqn in results) and not any("k_proj" in fqn for fqn in run.results.records)
 
 
 def test_unsupported_architecture_is_a_user_error():

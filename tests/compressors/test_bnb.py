@@ -68,10 +68,10 @@ def test_bnb_nf4_follows_what_the_installed_bitsandbytes_does(tiny_llama, text_f
     from compress.engine.model_io import load_model
 
     handle = load_model(str(tiny_llama), device="cpu")
-    from compress.engine.context import RunContext
+    from compress.engine.context import RunContext, RunInputs
     from compress.compressors.bnb import BnbConfig, run_bnb
 
-    run_bnb(handle, BnbConfig(mode="nf4"), RunContext(device=handle.device))
+    run_bnb(handle, BnbConfig(mode="nf4"), RunContext(RunInputs(device=handle.device)))
     quantized = dict(handle.model.named_modules())
     for name, weight in linears.items():
         module = quantized[name]

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import Handoff, RunContext, RunInputs
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import RecipeError
 from compress.engine.model_io import load_model
@@ -274,9 +274,9 @@ def calibration(samples=8, seq_len=32, seed=0):
     return torch.randint(2, 300, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def gptq_sweep(model_path, cfg, **run_fields):
+def gptq_sweep(model_path, cfg, **handoff):
     handle = load_model(str(model_path))
-    run = RunContext(device=handle.device, calibration=calibration(), calibration_batch_size=4, **run_fields)
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration(), calibration_batch_size=4), Handoff(**handoff))
     sweep = run_sweep(handle, [SweepStep("gptq", run_gptq, cfg, True)], run)
     return handle, run, sweep.modules["gptq"]
 
@@ -286,11 +286,11 @@ def test_pass_stores_weights_that_dequantize_to_the_module_weights(tiny_llama):
     cfg = GPTQConfig(bits=3, group_size=16, act_order=True)
     handle, run, modules = gptq_sweep(tiny_llama, cfg)
     linears = find_linears(handle.layers, handle.layers_prefix)
-    assert set(modules) == set(linears) == set(run.quantized)
+    assert set(modules) == set(linears) == set(run.results.records)
     for fqn, module in linears.items():
-        assert torch.equal(run.quantized[fqn].dequantize(), weight_matrix(module))
+        assert torch.equal(run.results.records[fqn].dequantize(), weight_matrix(module))
         assert modules[fqn]["hessian_samples"] == 8 and modules[fqn]["gptq_loss"] > 0
-    assert run.fallbacks == []
+    assert run.results.fallbacks == []
 
 
 def test_pass_honours_bit_plan_and_mask(tiny_llama):
@@ -301,7 +301,7 @@ def test_pass_honours_bit_plan_and_mask(tiny_llama):
     plan = {q_proj: QuantSpec(8, False, PerGroup(32))}
     handle, run, modules = gptq_sweep(tiny_llama, GPTQConfig(bits=3, group_size=16), bit_plan=plan,
                                       masks={down_proj: mask})
-    assert run.quantized[q_proj].spec == plan[q_proj] and modules[q_proj]["bits"] == 8
+    assert run.results.records[q_proj].spec == plan[q_proj] and modules[q_proj]["bits"] == 8
     assert modules["model.layers.0.self_attn.k_proj"]["bits"] == 3
     assert modules[q_proj]["weight_rel_error"] < 0.02 < modules["model.layers.0.self_attn.k_proj"]["weight_rel_error"]
     pruned = weight_matrix(find_linears(handle.layers, handle.layers_prefix)[down_proj])
@@ -315,11 +315,11 @@ def test_cholesky_failure_falls_back_to_rtn_and_is_recorded(tiny_llama):
     expected = quantize_rtn(weight_matrix(module), QuantSpec(4, True, PerGroup(16))).dequantize()
     broken = HessianAccumulator(64, torch.device("cpu"))
     broken.hessian.sub_(torch.eye(64))
-    run = RunContext(device=handle.device)
+    run = RunContext(RunInputs(device=handle.device))
     result = quantize_module(fqn, module, broken, GPTQConfig(bits=4, group_size=16), run)
     assert result["fallback"] == "rtn"
-    assert run.fallbacks == [{"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": run.fallbacks[0]["reason"]}]
-    assert "not positive definite" in run.fallbacks[0]["reason"]
+    assert run.results.fallbacks == [{"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": run.results.fallbacks[0]["reason"]}]
+    assert "not positive definite" in run.results.fallbacks[0]["reason"]
     assert torch.equal(weight_matrix(module), expected)
 
 
@@ -373,7 +373,7 @@ def demo_ppl(demo, name, pass_fn, cfg, calibrated=True):
     """Perplexity on the whole eval text after one pass; each configuration runs once per module."""
     if name not in demo["cache"]:
         handle = load_model(str(DEMO_MODEL))
-        run = RunContext(device=handle.device, calibration=demo["calib"], calibration_batch_size=8)
+        run = RunContext(RunInputs(device=handle.device, calibration=demo["calib"], calibration_batch_size=8))
         run_sweep(handle, [SweepStep(name, pass_fn, cfg, calibrated)], run)
         demo["cache"][name] = demo["ppl"](handle)
         print(f"demo {name}: ppl {demo['cache'][name]:.4f} (baseline {demo['baseline']:.4f})")

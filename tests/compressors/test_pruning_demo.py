@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import sample_windows, tokenize_text
 from compress.engine.model_io import load_model
 from compress.recipe.schema import parse_recipe
@@ -36,7 +36,7 @@ def demo():
     def compress(passes: str):
         recipe = parse_recipe(f"calibration: {{dataset: calib.txt}}\npasses: {passes}\n", base_dir=DEMO_DIR)
         pruned = load_model(str(DEMO_MODEL))
-        run = RunContext(device=pruned.device, calibration=calib, calibration_batch_size=8)
+        run = RunContext(RunInputs(device=pruned.device, calibration=calib, calibration_batch_size=8))
         entries, _ = run_passes(pruned, recipe.passes, run)
         return pruned, entries
 

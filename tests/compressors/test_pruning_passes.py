@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import RecipeError, UserError
 from compress.engine.model_io import load_model
@@ -30,7 +30,7 @@ def calibration(samples=8, seq_len=32, seed=0):
 def prune(model_path, name, **params):
     apply, config, calibrated = PASSES[name]
     handle = load_model(str(model_path))
-    run = RunContext(device=handle.device, calibration=calibration(), calibration_batch_size=4)
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration(), calibration_batch_size=4))
     sweep = run_sweep(handle, [SweepStep(name, apply, config(**params), calibrated)], run)
     return handle, run, sweep.modules[name]
 
@@ -46,12 +46,12 @@ def test_exact_sparsity_per_module_and_ignore_untouched(tiny_llama, name, sparsi
     for fqn, module in linears(handle).items():
         weight = weight_matrix(module)
         if fqn.endswith("v_proj"):
-            assert torch.equal(weight, original[fqn]) and fqn not in modules and fqn not in run.masks
+            assert torch.equal(weight, original[fqn]) and fqn not in modules and fqn not in run.handoff.masks
             continue
         assert int((weight == 0).sum()) == round(sparsity * weight.numel()), fqn  # every tiny width divides
-        assert torch.equal(run.masks[fqn], weight != 0)
+        assert torch.equal(run.handoff.masks[fqn], weight != 0)
         assert modules[fqn]["sparsity"] == pytest.approx(sparsity)
-    assert len(modules) == 12 and run.fallbacks == []
+    assert len(modules) == 12 and run.results.fallbacks == []
     assert torch.equal(handle.model.lm_head.weight, load_model(str(tiny_llama)).model.lm_head.weight)
 
 
@@ -64,7 +64,7 @@ def test_nm_pattern_in_every_group_of_the_input_dimension(tiny_llama, name, patt
         weight = weight_matrix(module)
         groups = (weight != 0).reshape(weight.shape[0], -1, nm.m).sum(dim=2)
         assert groups.max() <= nm.n and int((weight == 0).sum()) == weight.numel() // 2, fqn
-        assert is_nm(run.masks[fqn], nm) and modules[fqn]["nm_valid"] is True
+        assert is_nm(run.handoff.masks[fqn], nm) and modules[fqn]["nm_valid"] is True
 
 
 def test_wanda_and_sparsegpt_differ_from_magnitude(tiny_llama):
@@ -95,14 +95,14 @@ passes:
 """
     recipe = parse_recipe(text)
     handle = load_model(str(tiny_llama))
-    run = RunContext(device=handle.device, calibration=calibration(), calibration_batch_size=4)
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration(), calibration_batch_size=4))
     entries, _ = run_passes(handle, recipe.passes, run)
-    assert len(entries[1]["modules"]) == 14 and len(run.masks) == 14
+    assert len(entries[1]["modules"]) == 14 and len(run.handoff.masks) == 14
     for fqn, module in linears(handle).items():
-        weight, keep = weight_matrix(module), run.masks[fqn]
+        weight, keep = weight_matrix(module), run.handoff.masks[fqn]
         assert torch.equal(weight[~keep], torch.zeros(int((~keep).sum()))), fqn
         assert (weight[keep] != 0).float().mean() > 0.9  # the kept weights stay (nearly all) nonzero
-        assert torch.equal(run.quantized[fqn].dequantize(), weight)
+        assert torch.equal(run.results.records[fqn].dequantize(), weight)
         assert is_nm(weight != 0, NM(2, 4))
 
 
@@ -111,7 +111,7 @@ def test_nm_needs_divisible_widths(tiny_llama):
     layer = handle.layers[0]
     layer.mlp.down_proj = torch.nn.Linear(158, 64, bias=False)  # an odd width; never run forward
     layer.mlp.gate_proj = layer.mlp.up_proj = torch.nn.Linear(64, 158, bias=False)
-    run = RunContext(device=handle.device)
+    run = RunContext(RunInputs(device=handle.device))
     with pytest.raises(UserError, match="158 input features, not a multiple of 4.*add it to `ignore`"):
         run_sweep(handle, [SweepStep("magnitude", run_magnitude, MagnitudeConfig(pattern="2:4"), False)], run)
 
@@ -136,9 +136,9 @@ passes:
   - wanda: {{sparsity: 0.5}}
 """
     handle = load_model(str(tiny_llama))
-    run = RunContext(device=handle.device, calibration=calibration(), calibration_batch_size=4)
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration(), calibration_batch_size=4))
     entries, _ = run_passes(handle, parse_recipe(text).passes, run)
-    plan = run.layer_sparsity
+    plan = run.handoff.layer_sparsity
     assert set(plan) == {"model.layers.0", "model.layers.1"}
     assert sum(plan.values()) / 2 == pytest.approx(0.5) and max(plan.values()) - min(plan.values()) == pytest.approx(0.2)
     shares = {k: v["outlier_share"] for k, v in entries[0]["modules"].items()}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.engine.model_io import load_model
@@ -26,7 +26,7 @@ def ppl_after_rtn(demo, **cfg) -> float:
     handle, original, token_ids = demo
     handle.model.load_state_dict(original)
     if cfg:
-        run_sweep(handle, [SweepStep("rtn", run_rtn, RTNConfig(**cfg), False)], RunContext(device=handle.device))
+        run_sweep(handle, [SweepStep("rtn", run_rtn, RTNConfig(**cfg), False)], RunContext(RunInputs(device=handle.device)))
     value, _ = perplexity_of(handle.model, token_ids, 512, 8, handle.device)
     return value
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import sample_windows, tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.engine.model_io import ModelHandle, load_model
@@ -24,19 +24,19 @@ from tests.tiny_models import save_tiny_model, synthetic_text
 def _calibrated(path: Path) -> tuple[ModelHandle, RunContext]:
     handle = load_model(str(path), device="cpu")
     windows = sample_windows(tokenize_text(handle.tokenizer, synthetic_text()), 4, 32, seed=0)
-    return handle, RunContext(device=torch.device("cpu"), calibration=windows)
+    return handle, RunContext(RunInputs(device=torch.device("cpu"), calibration=windows))
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_smoothing_leaves_the_model_unchanged(tmp_path, family):
     handle, run = _calibrated(save_tiny_model(tmp_path, family))
     with torch.no_grad():
-        before = handle.model(run.calibration[:2]).logits
+        before = handle.model(run.inputs.calibration[:2]).logits
         results = run_sweep(handle, [SweepStep("sq", run_smoothquant, SmoothQuantConfig(), True)], run).modules["sq"]
-        after = handle.model(run.calibration[:2]).logits
+        after = handle.model(run.inputs.calibration[:2]).logits
     assert (after - before).norm() / before.norm() < 1e-4
     assert results and all(r["act_max_ratio_after"] < r["act_max_ratio_before"] for r in results.values())
-    assert not run.quantized  # a transform, not a quantizer
+    assert not run.results.records  # a transform, not a quantizer
 
 
 def test_only_norm_fed_groups_are_smoothed(tiny_llama):
@@ -51,8 +51,8 @@ def test_already_quantized_modules_are_not_rescaled_and_the_skip_is_recorded(tin
     steps = [SweepStep("rtn", run_rtn, RTNConfig(bits=8), False), SweepStep("sq", run_smoothquant, SmoothQuantConfig(), True)]
     results = run_sweep(handle, steps, run).modules["sq"]
     assert results == {}
-    assert len(run.fallbacks) == 4 and run.fallbacks[0]["pass"] == "smoothquant"  # 2 groups x 2 layers
-    for fqn, qweight in run.quantized.items():
+    assert len(run.results.fallbacks) == 4 and run.results.fallbacks[0]["pass"] == "smoothquant"  # 2 groups x 2 layers
+    for fqn, qweight in run.results.records.items():
         torch.testing.assert_close(handle.model.get_submodule(fqn).weight.data, qweight.dequantize())
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import tokenize_text
 from compress.engine.model_io import load_model
 from compress.recipe.schema import parse_recipe
@@ -51,7 +51,7 @@ def perplexity_with(passes: str, inject: bool = True, channels: tuple[int, ...] 
     handle = load_model(recipe.model)
     if inject:
         inject_outlier_channels(handle.model, channels)
-    run = RunContext(device=handle.device, calibration=calibration_windows(handle, recipe))
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration_windows(handle, recipe)))
     run_passes(handle, recipe.passes, run)
     token_ids = tokenize_text(handle.tokenizer, Path(DEMO_DIR / "eval.txt").read_text(encoding="utf-8"))
     return perplexity_of(handle.model, token_ids, 512, 8, handle.device, max_windows=40)[0]

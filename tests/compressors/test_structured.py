@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.recipe.errors import UserError
 from compress.engine.model_io import load_model
 from compress.compressors.layer_drop import LayerDropConfig, block_influence, layers_to_drop, run_layer_drop
@@ -29,7 +29,7 @@ def calibration(samples=8, seq_len=32, seed=0):
 
 def run_model_pass(path, apply, cfg):
     handle = load_model(str(path))
-    run = RunContext(device=handle.device, calibration=calibration(), calibration_batch_size=4)
+    run = RunContext(RunInputs(device=handle.device, calibration=calibration(), calibration_batch_size=4))
     return handle, apply(handle, cfg, run)
 
 

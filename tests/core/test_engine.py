@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress.engine.activations import layer_inputs
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.layer_sweep import LayerContext, SweepStep, capture_layer_inputs, input_groups, run_sweep
 from compress.engine.model_io import load_model
 from compress.quant.modules import find_linears, set_weight_matrix, weight_matrix
@@ -32,10 +32,10 @@ def _calibration(seed=0, samples=4, seq_len=24):
 def test_layer_inputs_match_full_forward(models, family):
     """Propagating layer by layer reproduces the hidden states of a normal forward pass."""
     handle = load_model(str(models[family]))
-    run = RunContext(device=handle.device, calibration=_calibration(), calibration_batch_size=2)
+    run = RunContext(RunInputs(device=handle.device, calibration=_calibration(), calibration_batch_size=2))
     inputs = capture_layer_inputs(handle, run)
     with torch.no_grad():
-        full = handle.model(torch.cat([b for b in run.calibration.split(2)]), output_hidden_states=True).hidden_states
+        full = handle.model(torch.cat([b for b in run.inputs.calibration.split(2)]), output_hidden_states=True).hidden_states
     for index, layer in enumerate(handle.layers):
         got = torch.cat([item.hidden for item in inputs])
         torch.testing.assert_close(got, full[index], rtol=1e-4, atol=1e-5)
@@ -50,7 +50,7 @@ def test_sequential_rtn_equals_whole_model_rtn(models, family, text_file):
 
     spec = QuantSpec(3, True, PerGroup(32))
     sequential = load_model(str(models[family]))
-    run = RunContext(device=sequential.device)
+    run = RunContext(RunInputs(device=sequential.device))
     run_sweep(sequential, [SweepStep("rtn", run_rtn, RTNConfig(bits=3, group_size=32), False)], run)
 
     whole = load_model(str(models[family]))
@@ -62,13 +62,13 @@ def test_sequential_rtn_equals_whole_model_rtn(models, family, text_file):
     ppl_whole, _ = perplexity_of(whole.model, ids, 64, 8, torch.device("cpu"))
     assert math.isfinite(ppl_sequential)
     assert ppl_sequential == pytest.approx(ppl_whole, rel=1e-6)
-    assert len(run.quantized) == len(find_linears(whole.layers, whole.layers_prefix))
-    assert not any("lm_head" in name for name in run.quantized)
+    assert len(run.results.records) == len(find_linears(whole.layers, whole.layers_prefix))
+    assert not any("lm_head" in name for name in run.results.records)
 
 
 def test_input_groups_follow_execution_order(models):
     handle = load_model(str(models["llama"]))
-    run = RunContext(device=handle.device, calibration=_calibration(), calibration_batch_size=2)
+    run = RunContext(RunInputs(device=handle.device, calibration=_calibration(), calibration_batch_size=2))
     ctx = LayerContext(0, "model.layers.0", handle.layers[0].to("cpu"), capture_layer_inputs(handle, run), run)
     groups = [[name.rsplit(".", 1)[1] for name in group] for group in input_groups(ctx, ctx.linears())]
     assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
@@ -76,7 +76,7 @@ def test_input_groups_follow_execution_order(models):
 
 def test_observe_sees_every_calibration_token(models):
     handle = load_model(str(models["llama"]))
-    run = RunContext(device=handle.device, calibration=_calibration(samples=5), calibration_batch_size=2)
+    run = RunContext(RunInputs(device=handle.device, calibration=_calibration(samples=5), calibration_batch_size=2))
     ctx = LayerContext(0, "model.layers.0", handle.layers[0], capture_layer_inputs(handle, run), run)
     seen = {}
     ctx.observe(ctx.linears(), lambda name, x: seen.__setitem__(name, seen.get(name, 0) + x.shape[0] * x.shape[1]))

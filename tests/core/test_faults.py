@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import load_text, sample_windows, tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
@@ -18,7 +18,7 @@ from compress.compressors.gptq import GPTQConfig, run_gptq
 def setup(tiny_llama, text_file):
     handle = load_model(str(tiny_llama), device="cpu")
     windows = sample_windows(tokenize_text(handle.tokenizer, load_text(text_file)), 8, 32, 0)
-    return handle, RunContext(device=handle.device, calibration=windows, calibration_batch_size=4)
+    return handle, RunContext(RunInputs(device=handle.device, calibration=windows, calibration_batch_size=4))
 
 
 def gptq_step(apply=run_gptq) -> SweepStep:
@@ -40,11 +40,11 @@ def test_out_of_memory_retries_the_layer_with_half_batches(setup, tiny_llama, te
 
     result = run_sweep(handle, [gptq_step(flaky_gptq)], run)
     assert seen_batches == [2, 2, 4]  # layer 0: 2 batches of 4 windows; layer 1: failed, then 4 batches of 2
-    assert [f["fallback"] for f in run.fallbacks] == ["smaller calibration batches"]
-    assert "model.layers.1" in run.fallbacks[0]["module"] and "batches of 2" in run.fallbacks[0]["reason"]
+    assert [f["fallback"] for f in run.results.fallbacks] == ["smaller calibration batches"]
+    assert "model.layers.1" in run.results.fallbacks[0]["module"] and "batches of 2" in run.results.fallbacks[0]["reason"]
 
     reference_handle = load_model(str(tiny_llama), device="cpu")
-    reference_run = RunContext(device=reference_handle.device, calibration=run.calibration, calibration_batch_size=4)
+    reference_run = RunContext(RunInputs(device=reference_handle.device, calibration=run.inputs.calibration, calibration_batch_size=4))
     reference = run_sweep(reference_handle, [gptq_step()], reference_run)
     errors = {fqn: r["weight_rel_error"] for fqn, r in result.modules["passes[0].gptq"].items()}
     expected = {fqn: r["weight_rel_error"] for fqn, r in reference.modules["passes[0].gptq"].items()}
@@ -63,7 +63,7 @@ def test_out_of_memory_with_single_windows_gives_up_with_advice(setup):
 
     with pytest.raises(UserError, match=r"out of memory .* at model\.layers\.0 even with calibration batches of 1"):
         run_sweep(handle, [gptq_step(always_oom)], run)
-    assert len(run.fallbacks) == 2  # 4 -> 2 -> 1, each said out loud
+    assert len(run.results.fallbacks) == 2  # 4 -> 2 -> 1, each said out loud
 
 
 def test_nan_weight_is_reported_with_its_module(setup):

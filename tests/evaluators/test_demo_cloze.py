@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.model_io import load_model
 from compress.recipe.schema import parse_recipe
 from compress.app.runner import run_passes
@@ -28,7 +28,7 @@ def test_demo_model_beats_chance_and_low_bits_hurt():
         handle = load_model(str(DEMO_MODEL), device="cpu")
         if bits is not None:
             recipe = parse_recipe(f"passes:\n  - rtn: {{bits: {bits}, group_size: 128}}\n", base_dir=DEMO_DIR)
-            run_passes(handle, recipe.passes, RunContext(device=torch.device("cpu")))
+            run_passes(handle, recipe.passes, RunContext(RunInputs(device=torch.device("cpu"))))
         accuracy[bits] = cloze_acc(handle, task)
     assert accuracy[None] > 0.45  # chance is 0.25; the standard error at 100 documents is about 0.05
     assert accuracy[None] - accuracy[2] > 0.1  # RTN W2 g128 (W3 costs ~1 point, within the noise of 100 docs)

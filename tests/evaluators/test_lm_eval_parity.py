@@ -38,12 +38,12 @@ def test_acc_and_acc_norm_equal_lm_eval_on_the_demo_model():
 @requires_shared_data("winogrande", "winogrande.jsonl")
 def test_lm_eval_evaluator_on_the_in_memory_model(tiny_llama):
     pytest.importorskip("lm_eval")
-    from compress.engine.context import RunContext
+    from compress.engine.context import RunContext, RunInputs
     from compress.evaluators.lm_eval_adapter import LmEvalConfig, evaluate_lm_eval
     from compress.evaluators.zero_shot import ZeroShotConfig, evaluate_zero_shot
 
     handle = load_model(str(tiny_llama), device="cpu")
-    run = RunContext(device=torch.device("cpu"))
+    run = RunContext(RunInputs(device=torch.device("cpu")))
     theirs = evaluate_lm_eval(handle, LmEvalConfig(tasks=["winogrande"], limit=20, data_dir=str(SHARED_DATA)), run)
     ours = evaluate_zero_shot(handle, ZeroShotConfig(tasks=["winogrande"], limit=20, data_dir=str(SHARED_DATA)), run)
     by_metric = {r.metric: r for r in theirs}

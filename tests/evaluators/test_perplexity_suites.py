@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import load_text
 from compress.engine.model_io import load_model
 from compress.evaluators.perplexity import PerplexityConfig, evaluate_perplexity, perplexity_of, sliding_perplexity_of, sliding_windows
@@ -58,7 +58,7 @@ def test_stride_equal_to_seq_len_reproduces_v1_on_whole_windows(tiny):
 
 
 def test_protocol_versions_in_the_report(tiny, text_file):
-    run = RunContext(device=CPU)
+    run = RunContext(RunInputs(device=CPU))
     v1 = evaluate_perplexity(tiny, PerplexityConfig(dataset=str(text_file), seq_len=64, max_windows=2), run)
     v2 = evaluate_perplexity(tiny, PerplexityConfig(dataset=str(text_file), seq_len=64, stride=32, max_windows=2), run)
     assert (v1.details["version"], v2.details["version"], v2.details["stride"]) == (1, 2, 32)

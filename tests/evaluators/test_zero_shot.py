@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.model_io import load_model
 from compress.evaluators.tasks import Doc
 from compress.evaluators.zero_shot import (
@@ -101,7 +101,7 @@ def test_evaluator_reports_acc_acc_norm_stderr_and_protocol(tiny, tmp_path):
     path = tmp_path / "task.jsonl"
     docs = [{"context": "the model", "choices": ["layer weight", "zero one two three"], "gold": i % 2} for i in range(6)]
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    results = evaluate_zero_shot(tiny, ZeroShotConfig(tasks=[str(path)], batch_size=4), RunContext(device=CPU))
+    results = evaluate_zero_shot(tiny, ZeroShotConfig(tasks=[str(path)], batch_size=4), RunContext(RunInputs(device=CPU)))
     by_metric = {r.metric: r for r in results}
     assert set(by_metric) == {"acc", "acc_norm"}
     # Same context and choices in every document: the model picks the same choice each time, right on half.

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import load_text, sample_windows, tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.export import CompressedModel, export_checkpoint
@@ -56,12 +56,12 @@ def mixed_plan(handle) -> dict[str, QuantSpec]:
 
 def compress_demo(variant: str):
     handle = load_model(str(DEMO_MODEL), device="cpu")
-    run = RunContext(device=torch.device("cpu"))
-    run.calibration = sample_windows(tokenize_text(handle.tokenizer, load_text(str(DEMO_DIR / "calib.txt"))), 8, 128, 0)
+    run = RunContext(RunInputs(device=torch.device("cpu")))
+    run.inputs.calibration = sample_windows(tokenize_text(handle.tokenizer, load_text(str(DEMO_DIR / "calib.txt"))), 8, 128, 0)
     if variant == "mixed":
-        run.bit_plan = mixed_plan(handle)
+        run.handoff.bit_plan = mixed_plan(handle)
     if variant == "2:4":
-        run.masks = two_four_masks(handle)
+        run.handoff.masks = two_four_masks(handle)
     run_sweep(handle, [SweepStep("gptq", run_gptq, GPTQConfig(bits=4, group_size=128), True)], run)
     return handle, run
 
@@ -88,7 +88,7 @@ def test_compressed_tensors_round_trip_keeps_perplexity(variant, eval_ids, tmp_p
 
     handle, run = compressed_demo(variant)
     in_memory = perplexity(handle.model, eval_ids)
-    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.quantized, run.masks)
+    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.results.records, run.handoff.masks)
     export_checkpoint(compressed, "compressed-tensors", tmp_path / "ct")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     reloaded = perplexity(loaded, eval_ids)
@@ -101,7 +101,7 @@ def test_compressed_tensors_round_trip_keeps_perplexity(variant, eval_ids, tmp_p
     assert bit_widths == ([3, 4, 8] if variant == "mixed" else [4])  # one config group per bit width
     assert qconfig["sparsity_config"].get("sparsity_structure") == ("2:4" if variant == "2:4" else None)
 
-    size = model_size(handle.model, run.quantized, handle.checkpoint_dtype)
+    size = model_size(handle.model, run.results.records, handle.checkpoint_dtype)
     summary = inspect_checkpoint(tmp_path / "ct")
     assert summary.totals["bytes_on_disk"] == size["bytes"] + summary.totals["overhead_bytes"]
     assert summary.totals["overhead_bytes"] < 0.01 * summary.totals["bytes_on_disk"]
@@ -114,11 +114,11 @@ def test_gptq_layout_round_trip_keeps_perplexity(eval_ids, tmp_path):
 
     handle, run = compressed_demo("w4")
     in_memory = perplexity(handle.model, eval_ids)
-    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.quantized, run.masks)
+    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.results.records, run.handoff.masks)
     export_checkpoint(compressed, "gptq", tmp_path / "gptq")
-    original = {fqn: handle.model.get_submodule(fqn).weight.data.clone() for fqn in run.quantized}
+    original = {fqn: handle.model.get_submodule(fqn).weight.data.clone() for fqn in run.results.records}
     tensors = load_file(str(tmp_path / "gptq" / "model.safetensors"))
-    for fqn in run.quantized:
+    for fqn in run.results.records:
         module = handle.model.get_submodule(fqn)
         local = {k: tensors[f"{fqn}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
         module.weight.data.copy_(unpack_gptq_reference(local, 4))
@@ -134,7 +134,7 @@ def test_vllm_loads_the_compressed_tensors_export_and_generates(tmp_path):
         "vllm", reason="vLLM is not installed: its PyPI wheels are CUDA builds (vllm 0.33.0 pins torch==2.14.0 and "
                        "compressed-tensors==0.17.0) and the CPU backend is built from source; see README 'Export'")
     handle, run = compressed_demo("w4")
-    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.quantized, run.masks)
+    compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.results.records, run.handoff.masks)
     export_checkpoint(compressed, "compressed-tensors", tmp_path / "ct")
     llm = vllm.LLM(str(tmp_path / "ct"), max_model_len=256)
     outputs = llm.generate(["def main():"], vllm.SamplingParams(max_tokens=16, temperature=0))

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from compress.cli.main import app
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import RecipeError
 from compress.export import CompressedModel, export_checkpoint, export_run, load_state, save_state
@@ -86,19 +86,19 @@ def test_sparsity_config_marks_two_four_only_when_every_mask_is():
 def quantized_tiny(tiny_llama):
     """The tiny Llama after RTN W4 g32, with a 2:4 mask on one projection; weights stored in float32."""
     handle = load_model(str(tiny_llama), device="cpu")
-    run = RunContext(device=torch.device("cpu"))
+    run = RunContext(RunInputs(device=torch.device("cpu")))
     fqn = "model.layers.0.mlp.up_proj"
     weight = handle.model.get_submodule(fqn).weight.data
     keep = weight.abs().reshape(weight.shape[0], -1, 4).topk(2, dim=-1).indices
     mask = torch.zeros(weight.shape[0], weight.shape[1] // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(weight.shape)
     weight.mul_(mask)
-    run.masks[fqn] = mask
+    run.handoff.masks[fqn] = mask
     run_sweep(handle, [SweepStep("rtn", run_rtn, RTNConfig(bits=4, group_size=32), False)], run)
     return handle, run
 
 
 def compressed_of(handle, run) -> CompressedModel:
-    return CompressedModel(handle.model, handle.tokenizer, torch.float32, run.quantized, run.masks, run.activation_quant)
+    return CompressedModel(handle.model, handle.tokenizer, torch.float32, run.results.records, run.handoff.masks, run.results.activation_quant)
 
 
 def logits(model, seed=0):
@@ -128,8 +128,8 @@ def test_dense_export_and_state_round_trip(quantized_tiny, tmp_path):
     handle, run = quantized_tiny
     save_state(compressed_of(handle, run), tmp_path / "run" / "state")
     restored = load_state(tmp_path / "run" / "state")
-    assert set(restored.quantized) == set(run.quantized) and torch.equal(restored.masks["model.layers.0.mlp.up_proj"],
-                                                                        run.masks["model.layers.0.mlp.up_proj"])
+    assert set(restored.quantized) == set(run.results.records) and torch.equal(restored.masks["model.layers.0.mlp.up_proj"],
+                                                                        run.handoff.masks["model.layers.0.mlp.up_proj"])
     torch.testing.assert_close(logits(restored.model), logits(handle.model), rtol=0, atol=0)
     export_run(tmp_path / "run", "dense", tmp_path / "dense")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
@@ -152,7 +152,7 @@ def test_interrupted_export_leaves_no_folder(quantized_tiny, tmp_path, monkeypat
 def test_inspect_bytes_equal_report_bits_plus_itemised_overhead(quantized_tiny, tmp_path):
     handle, run = quantized_tiny
     export_checkpoint(compressed_of(handle, run), "compressed-tensors", tmp_path / "ct", dtype="float16")
-    size = model_size(handle.model, run.quantized, torch.float16)
+    size = model_size(handle.model, run.results.records, torch.float16)
     summary = inspect_checkpoint(tmp_path / "ct")
     assert summary.totals["parameters"] == size["parameters"]
     assert summary.totals["bytes_on_disk"] == size["bytes"] + summary.totals["overhead_bytes"]
@@ -162,12 +162,12 @@ def test_inspect_bytes_equal_report_bits_plus_itemised_overhead(quantized_tiny, 
 
 def test_gptq_export_itemises_its_extra_bytes(quantized_tiny, tmp_path):
     handle, run = quantized_tiny
-    unmasked = CompressedModel(handle.model, handle.tokenizer, torch.float32, run.quantized)
+    unmasked = CompressedModel(handle.model, handle.tokenizer, torch.float32, run.results.records)
     export_checkpoint(unmasked, "gptq", tmp_path / "gptq", dtype="float16")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert {k: config[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym")} == \
         {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
-    size = model_size(handle.model, run.quantized, torch.float16)
+    size = model_size(handle.model, run.results.records, torch.float16)
     summary = inspect_checkpoint(tmp_path / "gptq")
     assert summary.overhead["stored_symmetric_zero_points"] > 0 and summary.overhead["shape_and_index_tensors"] > 0
     assert summary.totals["bytes_on_disk"] == size["bytes"] + summary.totals["overhead_bytes"]

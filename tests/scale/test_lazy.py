@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.layer_sweep import SweepStep, model_on_device, run_sweep
 from compress.recipe.errors import UserError
 from compress.engine.lazy import load_lazy
@@ -36,15 +36,14 @@ def test_lazy_equals_eager_and_reloads(sharded, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
     eager = load_model(str(sharded))
-    run = RunContext(device=eager.device, calibration=_calibration(), calibration_batch_size=2)
+    run = RunContext(RunInputs(device=eager.device, calibration=_calibration(), calibration_batch_size=2))
     run_sweep(eager, [STEPS[method]()], run)
 
     lazy = load_lazy(str(sharded), save_to=tmp_path / "out")
-    lazy_run = RunContext(device=lazy.device, calibration=_calibration(), calibration_batch_size=2)
+    lazy_run = RunContext(RunInputs(device=lazy.device, calibration=_calibration(), calibration_batch_size=2))
     run_sweep(lazy, [STEPS[method]()], lazy_run)
     assert all(p.device.type == "meta" for p in lazy.model.parameters())  # every layer was freed after writing
-    assert lazy.lazy is not None
-    lazy.lazy.finish(lazy)
+    lazy.finish_saving()
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
     expected = {name: p.detach().to(torch.bfloat16) for name, p in eager.model.named_parameters()}
@@ -56,8 +55,8 @@ def test_lazy_equals_eager_and_reloads(sharded, tmp_path, method):
         changed += int(".layers." in name and name.endswith("proj.weight"))
     assert changed == 3 * 7
     # the records kept for the size report stay shape-only, not a byte per weight
-    assert all(r.codes.device.type == "meta" for r in lazy_run.quantized.values())
-    assert {k: r.codes.shape for k, r in lazy_run.quantized.items()} == {k: r.codes.shape for k, r in run.quantized.items()}
+    assert all(r.codes.device.type == "meta" for r in lazy_run.results.records.values())
+    assert {k: r.codes.shape for k, r in lazy_run.results.records.items()} == {k: r.codes.shape for k, r in run.results.records.items()}
 
 
 def test_lazy_evaluation_streams_layers(sharded, text_file):
@@ -65,7 +64,6 @@ def test_lazy_evaluation_streams_layers(sharded, text_file):
 
     eager = load_model(str(sharded))
     lazy = load_lazy(str(sharded))
-    assert lazy.lazy is not None
     ids = tokenize_text(eager.tokenizer, text_file.read_text())
     expected, _ = perplexity_of(eager.model, ids, 32, 4, torch.device("cpu"), max_windows=6)
     with model_on_device(lazy, lazy.device):
@@ -75,7 +73,7 @@ def test_lazy_evaluation_streams_layers(sharded, text_file):
     total = sum(p.numel() * 4 for p in eager.model.parameters())
     layer = sum(p.numel() * 4 for p in eager.layers[0].parameters())
     # at most one layer, or the pieces outside the layers, at once: never the model
-    assert lazy.lazy.loaded_bytes_peak <= max(layer, total - 3 * layer) < total
+    assert lazy.weights.loaded_bytes_peak <= max(layer, total - 3 * layer) < total
 
 
 def test_lazy_refuses_unmatched_checkpoint_names(sharded, tmp_path):

@@ -14,7 +14,7 @@ import compress.engine.activations
 import compress.report
 from compress.engine.activations import SCRATCH_PREFIX, OffloadSettings, choose_placement
 from compress.engine.checkpoint import Checkpointer, recipe_fingerprint
-from compress.engine.context import RunContext
+from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import load_text, sample_windows, tokenize_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.engine.faults import NonFiniteError
@@ -34,8 +34,8 @@ PASSES = {
 def calibrated(model: Path, text: Path, mode: str = "device", folder: Path | None = None) -> tuple[ModelHandle, RunContext]:
     handle = load_model(str(model), device="cpu")
     windows = sample_windows(tokenize_text(handle.tokenizer, load_text(text)), BATCH * BATCHES, SEQ_LEN, 0)
-    run = RunContext(device=handle.device, calibration=windows, calibration_batch_size=BATCH,
-                     offload=OffloadSettings(mode, folder))  # type: ignore[arg-type]
+    run = RunContext(RunInputs(device=handle.device, calibration=windows, calibration_batch_size=BATCH,
+                     offload=OffloadSettings(mode, folder)))  # type: ignore[arg-type]
     return handle, run
 
 
@@ -44,7 +44,7 @@ def batch_bytes(handle: ModelHandle) -> int:
 
 
 def offload_entry(run: RunContext) -> dict:
-    [entry] = run.report_sections["calibration"]["offload"]
+    [entry] = run.results.report_sections["calibration"]["offload"]
     return entry
 
 
@@ -141,7 +141,7 @@ def test_out_of_memory_fallback_on_disk_matches_the_device(tiny_llama, text_file
     for mode in ("device", "disk"):
         handle, run = calibrated(tiny_llama, text_file, mode, tmp_path)
         run_sweep(handle, [SweepStep("gptq", flaky([]), GPTQConfig(bits=4, group_size=32), True)], run)
-        assert [f["fallback"] for f in run.fallbacks] == ["smaller calibration batches"]
+        assert [f["fallback"] for f in run.results.fallbacks] == ["smaller calibration batches"]
         weights[mode] = handle.model.state_dict()
     assert all(torch.equal(weights["disk"][k], weights["device"][k]) for k in weights["device"])
     assert scratch_left(tmp_path) == []
@@ -161,7 +161,7 @@ def test_resume_from_a_checkpoint_with_disk_offload(device_results, tiny_llama, 
     """Layer 0's checkpoint holds layer 1's inputs, written from and read back into disk stores."""
     checkpoints = tmp_path / "checkpoints"
     handle, run = calibrated(tiny_llama, text_file, "disk", tmp_path)
-    run.checkpoint = Checkpointer(checkpoints, "fingerprint", resume=False)
+    run.inputs.checkpoint = Checkpointer(checkpoints, "fingerprint", resume=False)
 
     def stops_at_layer_1(ctx, cfg):
         if ctx.index == 1:
@@ -173,7 +173,7 @@ def test_resume_from_a_checkpoint_with_disk_offload(device_results, tiny_llama, 
     assert len(list((checkpoints / "sweep-0" / "layer-0000" / "inputs").iterdir())) == BATCHES
 
     handle, run = calibrated(tiny_llama, text_file, "disk", tmp_path)
-    run.checkpoint = Checkpointer(checkpoints, "fingerprint", resume=True)
+    run.inputs.checkpoint = Checkpointer(checkpoints, "fingerprint", resume=True)
     run_sweep(handle, [PASSES["gptq"]], run)
     expected, _ = device_results["gptq"]
     got = handle.model.state_dict()
