@@ -68,7 +68,7 @@ def test_nm_pattern_in_every_group_of_the_input_dimension(tiny_llama, name, patt
 
 
 def test_wanda_and_sparsegpt_differ_from_magnitude(tiny_llama):
-    masks = {name: prune(tiny_llama, name, sparsity=0.5)[1].masks for name in PASSES}
+    masks = {name: prune(tiny_llama, name, sparsity=0.5)[1].handoff.masks for name in PASSES}
     fqn = "model.layers.1.mlp.down_proj"
     assert not torch.equal(masks["wanda"][fqn], masks["magnitude"][fqn])
     assert not torch.equal(masks["sparsegpt"][fqn], masks["wanda"][fqn])
