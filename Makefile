@@ -46,13 +46,14 @@ test: typecheck
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-# The scheduled check: a venv of the newest allowed releases, the whole suite, and the versions that moved
+# The scheduled check: a venv of the newest allowed releases (torch stays TORCH_SPEC: an eager upgrade would pull
+# a multi-GB CUDA build), the whole suite, and the versions that moved
 # against constraints.txt (scripts/versions_moved.py). Exit status is the suite's.
 LATEST_VENV ?= .venv-latest
 test-latest:
 	@test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
 	@$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
-	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH_SPEC)"
 	$(LATEST_VENV)/bin/python scripts/versions_moved.py $(CONSTRAINTS)
 	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q
 
