@@ -29,7 +29,8 @@ from compress.quant.modules import matches, weight_matrix
 from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
 from compress.quant.records import quantize_rtn
 from compress.recipe.registry import register_pass
-from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+from compress.quant.activation import install_activation_quant
+from compress.compressors.base import WeightQuantConfig, keep_pruned_zeros, spec_for, write_back
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
 
 # Query/key errors only show up through the softmax, not in their own outputs, so the reference skips them.

@@ -11,7 +11,7 @@ from torch import nn
 from compress.quant.bit_plan import bits_for
 from compress.engine.context import RunContext
 from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
-from compress.quant.activation import ActivationQuantConfig, install_activation_quant  # noqa: F401  (re-exported)
+from compress.quant.activation import ActivationQuantConfig
 from compress.quant.primitives import PerChannel, PerGroup, QuantSpec
 from compress.quant.records import WeightRecord
 from compress.recipe.registry import StrictConfig

@@ -33,7 +33,8 @@ from compress.quant.modules import weight_matrix
 from compress.quant.primitives import QuantSpec, codes_dtype, compute_qparams, dequantize_codes, group_bounds, quantize_codes
 from compress.quant.records import UniformAffine, quantize_rtn
 from compress.recipe.registry import register_pass
-from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+from compress.quant.activation import install_activation_quant
+from compress.compressors.base import WeightQuantConfig, keep_pruned_zeros, spec_for, write_back
 from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
     HessianAccumulator,
     HessianNotPositiveDefinite,

@@ -8,7 +8,8 @@ from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
 from compress.quant.records import quantize_rtn
 from compress.recipe.registry import register_pass
-from compress.compressors.base import WeightQuantConfig, install_activation_quant, keep_pruned_zeros, spec_for, write_back
+from compress.quant.activation import install_activation_quant
+from compress.compressors.base import WeightQuantConfig, keep_pruned_zeros, spec_for, write_back
 
 
 class RTNConfig(WeightQuantConfig):

@@ -34,22 +34,18 @@ def test_layer_contracts_hold():
     assert "Contracts: 2 kept, 0 broken." in done.stdout
 
 
-def test_a_plugin_importing_the_app_breaks_the_layers(tmp_path):
+@pytest.mark.parametrize("module,planted,chain", [
+    ("compressors/rtn.py", "from compress.app import runner", "compress.compressors.rtn -> compress.app.runner"),  # plugin -> app
+    ("engine/checkpoint.py", "from compress.compressors import base",  # core -> plugin
+     "compress.engine.checkpoint -> compress.compressors.base"),
+])
+def test_a_wrong_way_import_breaks_the_layers(tmp_path, module, planted, chain):
     root = staged_copy(tmp_path)
-    planted = root / "compress" / "compressors" / "rtn.py"
-    planted.write_text(planted.read_text() + "\nfrom compress.app import runner  # noqa: E402\n")
+    path = root / "compress" / module
+    path.write_text(path.read_text() + f"\n{planted}  # noqa: E402\n")
     done = lint(root)
     assert done.returncode == 1
-    assert "compress.compressors.rtn -> compress.app.runner" in done.stdout, done.stdout
-
-
-def test_the_core_importing_a_plugin_breaks_the_layers(tmp_path):
-    root = staged_copy(tmp_path)
-    planted = root / "compress" / "engine" / "checkpoint.py"
-    planted.write_text(planted.read_text() + "\nfrom compress.compressors import base  # noqa: E402\n")
-    done = lint(root)
-    assert done.returncode == 1
-    assert "compress.engine.checkpoint -> compress.compressors.base" in done.stdout, done.stdout
+    assert chain in done.stdout, done.stdout
 
 
 def test_the_design_card_folders_are_the_packages_subfolders():
