@@ -38,6 +38,7 @@ def evaluate(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (*.bin) weights.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    strict_weights: Annotated[bool, typer.Option("--strict-weights/--no-strict-weights", help="Refuse a checkpoint whose tensors do not match its config.json (missing, unexpected or reshaped); --no-strict-weights scores it anyway.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
@@ -48,7 +49,7 @@ def evaluate(
 
         from compress.engine.context import RunContext, RunInputs
         from compress.recipe.errors import UserError
-        from compress.engine.model_io import DTYPES, load_model
+        from compress.engine.model_io import DTYPES, PositionsNeeded, load_model
         from compress.engine.progress import Reporter
         from compress.cli.common import register_builtins
         from compress.recipe.registry import StrictConfig, available_evaluators
@@ -84,14 +85,18 @@ def evaluate(
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         with reporter.status(f"loading {model}"):
-            handle = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            handle = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                strict_weights=strict_weights,
+                                positions=[PositionsNeeded(seq_len, "--seq-len")] if perplexity else [])
         run = RunContext(RunInputs(device=handle.device, reporter=reporter))
         results = []
         for name, config in steps:
             returned = registry[name].apply(handle, config, run)
             results.extend(returned if isinstance(returned, list) else [returned])
         if as_json:
-            typer.echo(json.dumps(results_payload(model, results), indent=2))
+            from compress.report.summary import finite_or_null
+
+            typer.echo(json.dumps(finite_or_null(results_payload(model, results)), indent=2, allow_nan=False))
         elif not quiet:
             err_console.print(results_table(model, results))
 

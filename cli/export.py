@@ -41,6 +41,6 @@ def export(
         target = output or run_dir / f"export-{fmt}"
         summary = export_run(run_dir, fmt, target, dtype=dtype, overwrite=overwrite)
         if as_json:
-            typer.echo(json.dumps(summary, indent=2))
+            typer.echo(json.dumps(summary, indent=2, allow_nan=False))
         elif not quiet:
             err_console.print(f"wrote {summary['format']} checkpoint to {summary['path']} ({summary['bytes']:,} bytes)")

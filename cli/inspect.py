@@ -33,7 +33,9 @@ def inspect(
 
         summary = inspect_checkpoint(checkpoint)
         if as_json:
-            typer.echo(json.dumps(summary.to_dict(), indent=2))
+            from compress.report.summary import finite_or_null
+
+            typer.echo(json.dumps(finite_or_null(summary.to_dict()), indent=2, allow_nan=False))
             return
         table = Table(title=f"{checkpoint} ({summary.format})")
         for column in ("module", "format", "bits", "group", "zeros", "parameters", "bytes"):

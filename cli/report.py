@@ -59,7 +59,9 @@ def compare(
         runs = [(str(path), read_report(path)) for path in run_dirs]
         header, rows = compare_rows(runs)
         if as_json:
-            typer.echo(json.dumps([dict(zip(header, row)) for row in rows], indent=2))
+            from compress.report.summary import finite_or_null
+
+            typer.echo(json.dumps(finite_or_null([dict(zip(header, row)) for row in rows]), indent=2, allow_nan=False))
         else:
             table = Table(title="compress: runs compared")
             for column in header:

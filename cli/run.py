@@ -108,7 +108,7 @@ def run(
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
         if as_json:
-            typer.echo(json.dumps(report, indent=2))
+            typer.echo(json.dumps(report, indent=2, allow_nan=False))  # the runner made it strict (finite_or_null)
         elif not quiet:
             from compress.report.summary import summary_table
 

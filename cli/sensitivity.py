@@ -42,7 +42,9 @@ def sensitivity(
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         with reporter.status("estimating sensitivities"):
             document = recipe_sensitivities(parsed, allow_pickle=allow_pickle, reporter=reporter)
-        text = json.dumps(document, indent=2) + "\n"
+        from compress.report.summary import finite_or_null
+
+        text = json.dumps(finite_or_null(document), indent=2, allow_nan=False) + "\n"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text, encoding="utf-8")
         if as_json:

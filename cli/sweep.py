@@ -68,7 +68,9 @@ def _run_one(spec: Sweep, index: int, as_json: bool) -> None:
     result = sweeps.run_loaded_trial(spec, spec.trials[index])
     _print_status(result)
     if as_json:
-        typer.echo(json.dumps(result))
+        from compress.report.summary import finite_or_null
+
+        typer.echo(json.dumps(finite_or_null(result), allow_nan=False))
     if result["status"] == "failed":
         err_console.print(result.get("traceback", ""), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(ExitCode.INTERNAL_ERROR)

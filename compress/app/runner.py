@@ -20,7 +20,7 @@ from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
 from compress.export import finish_streamed_export, save_run_outputs
 from compress.export.streaming import StreamingCompressedTensors
-from compress.engine.model_io import ModelHandle, load_model
+from compress.engine.model_io import ModelHandle, PositionsNeeded, load_model
 from compress.engine.output import atomic_output, check_output_target, preflight_output
 from compress.engine.progress import SILENT, Reporter
 from compress.recipe.schema import EvalStep, PassStep, Recipe, dump_yaml
@@ -29,6 +29,7 @@ from compress.report.summary import (
     REPORT_SCHEMA_VERSION,
     model_size,
     peak_memory,
+    finite_or_null,
     render_markdown,
     summarize_modules,
     versions,
@@ -288,7 +289,9 @@ def _load(recipe: Recipe, allow_pickle: bool, reporter: Reporter, checkpointer: 
         inputs.calibration_batch_size = recipe.calibration.batch_size
     if inputs.calibration is not None:  # all windows when not distributed
         inputs.calibration = distributed.shard_windows(inputs.calibration, inputs.calibration_batch_size)
-    return handle, RunContext(inputs)
+    run = RunContext(inputs)
+    run.results.fallbacks.extend(handle.load_notes)  # tensors `strict_weights: false` let through
+    return handle, run
 
 
 def _load_model(recipe: Recipe, allow_pickle: bool, staging: Path) -> ModelHandle:
@@ -298,9 +301,27 @@ def _load_model(recipe: Recipe, allow_pickle: bool, staging: Path) -> ModelHandl
         from compress.engine.lazy import load_lazy
 
         return load_lazy(model, dtype=recipe.dtype, device=recipe.device, trust_remote_code=recipe.trust_remote_code,
-                         save_to=staging / "model")
+                         save_to=staging / "model", strict_weights=recipe.strict_weights,
+                         positions=positions_needed(recipe))
     return load_model(model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
-                      trust_remote_code=recipe.trust_remote_code)
+                      trust_remote_code=recipe.trust_remote_code, strict_weights=recipe.strict_weights,
+                      positions=positions_needed(recipe))
+
+
+SEQUENCE_FIELDS = ("seq_len", "max_length")  # evaluator settings that set how many positions a forward uses
+
+
+def positions_needed(recipe: Recipe) -> list[PositionsNeeded]:
+    """Every sequence length the run will feed the model, with its place in the recipe (checked against the config)."""
+    needs = []
+    if recipe.needs_calibration and recipe.calibration is not None:
+        needs.append(PositionsNeeded(recipe.calibration.seq_len, recipe.where(("calibration", "seq_len"))))
+    for step in recipe.evaluations:
+        for name in SEQUENCE_FIELDS:
+            tokens = getattr(step.config, name, None)
+            if isinstance(tokens, int):
+                needs.append(PositionsNeeded(tokens, recipe.where(step.loc + (name,))))
+    return needs
 
 
 def _apply_passes(handle: ModelHandle, recipe: Recipe, run: RunContext,
@@ -378,7 +399,7 @@ def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, 
     if passes_cuda_peak is not None:
         memory["cuda_passes_bytes"] = passes_cuda_peak
     results = run.results
-    return {
+    return finite_or_null({
         "schema_version": REPORT_SCHEMA_VERSION,
         "status": "ok",
         "seed": seed,
@@ -398,7 +419,7 @@ def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, 
         "peak_memory": memory,
         "versions": versions(),
         "output": str(output.resolve()),
-    }
+    })
 
 
 def _model_section(recipe: Recipe, handle: ModelHandle) -> dict[str, Any]:
@@ -417,7 +438,7 @@ def _write_run_folder(staging: Path, output: Path, recipe: Recipe, run: RunConte
     for name, text in run.results.run_files.items():
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_text(text, encoding="utf-8")
-    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (staging / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
     (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
     try:
@@ -456,5 +477,6 @@ def _offload_settings(recipe: Recipe, staging: Path) -> OffloadSettings:
 
 def _disk_needed(model: str, checkpoints: bool) -> int:
     """Room a run needs beside its output: the report, plus about the model's weights when checkpointing."""
-    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) if Path(model).is_dir() else 0
+    # exists(): a dangling symlink is refused by the loader, with its name, not here with an OSError
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors") if f.exists()) if Path(model).is_dir() else 0
     return 16 * 2**20 + (weights if checkpoints else 0)

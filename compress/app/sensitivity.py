@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.app.runner import calibration_windows, next_quantizer, run_passes
+from compress.app.runner import calibration_windows, next_quantizer, positions_needed, run_passes
 from compress.compressors.allocate import compute_sensitivities, following_quantizer
 from compress.engine.context import RunContext, RunInputs
 from compress.engine.model_io import load_model
@@ -23,7 +23,8 @@ def recipe_sensitivities(recipe: Any, *, allow_pickle: bool = False, reporter: A
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
     handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
-                        trust_remote_code=recipe.trust_remote_code)
+                        trust_remote_code=recipe.trust_remote_code, strict_weights=recipe.strict_weights,
+                        positions=positions_needed(recipe))
     run = RunContext(RunInputs(device=handle.device, calibration=calibration_windows(handle, recipe),
                                reporter=reporter or SILENT))
     if recipe.calibration is not None:

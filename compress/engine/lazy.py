@@ -20,34 +20,40 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
+import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
 
 from compress.recipe.errors import UserError
 from compress.engine.digest import shards_digest, weights_digest
-from compress.engine.model_io import DTYPES, ModelHandle, find_decoder_layers, pick_device, pick_dtype
-from compress.engine.shards import INDEX_NAME, ShardWriter
+from compress.engine.checkpoint_files import StoredTensor, describe_names, stored_tensors
+from compress.engine.model_io import (
+    DTYPES,
+    ModelHandle,
+    PositionsNeeded,
+    accept_loading_problems,
+    check_finite,
+    check_positions,
+    find_decoder_layers,
+    pick_device,
+    pick_dtype,
+    read_config,
+)
+from compress.engine.shards import ShardWriter
 
 OUTSIDE_SHARD = "model-outside.safetensors"
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the index when there is one, else from every shard's header."""
-    from safetensors import safe_open
+    """Tensor name -> safetensors file, from the index when there is one, else from every shard's header.
 
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    found: dict[str, Path] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            found.update({name: file for name in handle.keys()})
+    Every header is checked against its file first (compress/engine/checkpoint_files.py).
+    """
+    found = {name: stored.file for name, stored in stored_tensors(folder, every_file=True).items()}
     if not found:
         raise UserError(f"{folder} holds no safetensors weights; lazy loading reads safetensors shards only")
     return found
@@ -89,6 +95,13 @@ class LazyWeights:
         # called with (index, prefix, layer) for each finished layer before it is freed: a streaming export
         self.on_layer_written: Callable[[int, str, nn.Module], None] | None = None
         self.written: Path | None = None  # the finished output folder, once `finish` wrote its index
+        self.checked: set[str] = set()  # tensors read from the input checkpoint and found free of NaN/Inf
+
+    def _check_finite_once(self, name: str, tensor: torch.Tensor) -> None:
+        """A decoder layer's tensors are first read when its turn comes: checked then, as eager loading checks all."""
+        if name not in self.checked:
+            check_finite([(name, tensor)], str(self.source[name]))
+            self.checked.add(name)
 
     # --- reading and freeing ---------------------------------------------------------------------
 
@@ -107,6 +120,7 @@ class LazyWeights:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in file_names:
                     raw = handle.get_tensor(name)
+                    self._check_finite_once(name, raw)
                     if convert:
                         raw = raw.to(device, self.compute_dtype if raw.is_floating_point() else raw.dtype)
                     tensors[name] = raw
@@ -283,20 +297,26 @@ def load_lazy(
     device: str = "auto",
     trust_remote_code: bool = False,
     save_to: Path | None = None,
+    strict_weights: bool = True,
+    positions: Sequence[PositionsNeeded] = (),
 ) -> ModelHandle:
     """Build the model on `meta` and return a handle whose `weights` read layers from the shards on demand.
 
     save_to: the folder the compressed layers are written to as they finish (see compress/engine/shards.py).
+    The checks of `load_model` apply, against the shards' headers: positions, corrupt files, missing, unexpected
+    or reshaped tensors (only unexpected ones can be let through with `strict_weights=False`: there is nothing
+    to read for a missing one), and NaN/Inf: in the tensors outside the layers now, in each layer's when it is read.
     """
     import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()
     folder = resolve_local(ref)
     compute_device = pick_device(device)
+    config = read_config(str(folder), trust_remote_code)
+    check_positions(config, positions, ref)
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{ref}': {exc}") from exc
@@ -308,10 +328,19 @@ def load_lazy(
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.config.use_cache = False
-    source = checkpoint_files(folder)
-    _check_names(model, source)
-    lazy = LazyWeights(source, compute_dtype, stored, ShardWriter(save_to) if save_to is not None else None)
-    return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored, weights=lazy)
+    tensors = stored_tensors(folder, every_file=True)
+    if not tensors:
+        raise UserError(f"{folder} holds no safetensors weights; lazy loading reads safetensors shards only")
+    notes = _check_names(model, tensors, ref, strict_weights)
+    lazy = LazyWeights({name: t.file for name, t in tensors.items()}, compute_dtype, stored,
+                       ShardWriter(save_to) if save_to is not None else None)
+    handle = ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored, weights=lazy,
+                         load_notes=notes)
+    # NaN/Inf: the embeddings, final norm and head are checked now, read one at a time and dropped (a layer's
+    # tensors are checked when the layer is first read; reading the whole checkpoint here would double the I/O).
+    for _name, _tensor in lazy.outside_tensors(handle):
+        pass
+    return handle
 
 
 def _output_embedding_prefix(model: nn.Module) -> str | None:
@@ -320,12 +349,31 @@ def _output_embedding_prefix(model: nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
 
 
-def _check_names(model: nn.Module, source: dict[str, Any]) -> None:
-    """Every parameter (or one name of each tied group) must be stored under its own name."""
-    missing = [g[0] for g in _tied_groups(model) if not any(n in source for n in g)]
+def _check_names(model: nn.Module, stored: dict[str, StoredTensor], ref: str, strict: bool) -> list[dict[str, Any]]:
+    """Every parameter (or one name of each tied group) must be stored under its own name with its own shape.
+
+    Returns the report's fallbacks for unexpected tensors let through by `strict=False`.
+    """
+    groups = _tied_groups(model)
+    missing = [g[0] for g in groups if not any(n in stored for n in g)]
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise UserError(
-            f"lazy loading needs checkpoint tensor names that match the model's parameters; missing {shown}. "
-            "This checkpoint needs transformers' key conversion: load it without `lazy`."
+            f"model '{ref}': lazy loading found no tensor for {describe_names(missing)} in the checkpoint. Check "
+            "config.json (num_hidden_layers, model_type) against the weights; a checkpoint whose names need "
+            "transformers' key conversion loads without `lazy`."
         )
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    mismatched = sorted((name, stored[name].shape, shape) for name, shape in shapes.items()
+                        if name in stored and stored[name].shape != shape)
+    if mismatched:
+        shown = ", ".join(f"{n} (checkpoint {list(a)}, config {list(b)})" for n, a, b in mismatched[:5])
+        raise UserError(f"model '{ref}': {len(mismatched)} tensors are of another shape than config.json gives "
+                        f"them: {shown}{' and more' if len(mismatched) > 5 else ''}. Fix config.json or the weights.")
+    expected = set(shapes) | {name for name, _ in model.named_buffers()}
+    # what transformers' own loader ignores (see PreTrainedModel._adjust_missing_and_unexpected_keys)
+    patterns = [r"rotary_emb\.inv_freq", r"(^|\.)position_ids$", *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    ignored = re.compile("|".join(patterns))
+    unexpected = [name for name in stored if name not in expected and not ignored.search(name)]
+    problems = [f"in the checkpoint but not in the model (they would be dropped): {describe_names(unexpected)}"] \
+        if unexpected else []
+    return accept_loading_problems(problems, type(model).__name__, ref, strict, names_differ=False)

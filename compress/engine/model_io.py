@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, cast
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, cast
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from compress.engine.checkpoint_files import INDEX_NAME, describe_names, stored_tensors
 from compress.engine.eager import EagerWeights
 from compress.recipe.errors import UserError
+
+log = logging.getLogger("compress")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,6 +73,8 @@ class ModelHandle:
     # in host memory (load_model) or read layer by layer from the shards (compress.engine.lazy.load_lazy)
     weights: ModelWeights = field(default_factory=EagerWeights)
     max_memory: dict[str, str] | None = None  # evaluation: accelerate device map budget per device ("0", "cpu")
+    # what `strict_weights=False` let through (missing, unexpected or reshaped tensors): the report lists it
+    load_notes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -125,8 +131,15 @@ class ModelHandle:
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{requested}' was requested but CUDA is not available on this machine")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{requested}' was requested but CUDA is not available on this machine")
+        index = torch.device(requested).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UserError(f"device '{requested}' was requested but this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' was requested but MPS (Apple silicon) is not available on this machine")
     return torch.device(requested)
 
 
@@ -158,6 +171,42 @@ def find_decoder_layers(model: nn.Module) -> str:
     return max(candidates)[1]
 
 
+@dataclass(frozen=True)
+class PositionsNeeded:
+    """A sequence length some part of the run feeds the model, and where it was asked for (for the message)."""
+
+    tokens: int
+    where: str  # e.g. "recipe.yaml:4 calibration.seq_len" or "--seq-len"
+
+
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_positions(config: Any) -> tuple[int, str] | None:
+    """The most positions the model was built for, and the config key that says so; None when it declares none.
+
+    With rope scaling the config's max_position_embeddings is already the scaled limit (Llama 3.1: 131,072).
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_LIMITS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_positions(config: Any, needs: Sequence[PositionsNeeded], ref: str) -> None:
+    """Refuse sequence lengths beyond the model's positions: past them a model reads garbage, and the metric with it."""
+    limit = max_positions(config)
+    if limit is None:
+        return
+    too_long = [need for need in needs if need.tokens > limit[0]]
+    if too_long:
+        lines = [f"{need.where}: {need.tokens} tokens, but model '{ref}' has {limit[0]} positions "
+                 f"({limit[1]} in its config.json); use at most {limit[0]}" for need in too_long]
+        raise UserError("sequence longer than the model's positions:\n  " + "\n  ".join(lines))
+
+
 def load_model(
     ref: str,
     *,
@@ -165,11 +214,19 @@ def load_model(
     device: str = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    strict_weights: bool = True,
+    positions: Sequence[PositionsNeeded] = (),
 ) -> ModelHandle:
     """Load a causal LM and its tokenizer from a local folder or hub id, on the CPU.
 
     Only safetensors weights are read unless `allow_pickle` (pickle can run arbitrary code); remote code
     runs only with `trust_remote_code`. Layers move to `device` one at a time during compression.
+
+    Nothing is loaded silently wrong: the config is read first and `positions` checked against it; a local
+    folder's safetensors headers are checked before transformers opens them (compress/engine/checkpoint_files.py);
+    tensors missing from the checkpoint (which transformers would initialise randomly), left over in it (dropped)
+    or of another shape are a UserError naming them, unless `strict_weights=False` (then they are logged and kept
+    in `handle.load_notes`); and no weight may hold NaN or Inf.
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,24 +241,113 @@ def load_model(
         _check_local_weights(local, allow_pickle)
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in ref and not local.exists():
         raise UserError(f"model '{ref}' is neither a local folder nor reachable: offline mode is on (HF_HUB_OFFLINE=1)")
+    config = read_config(ref, trust_remote_code)
+    check_positions(config, positions, ref)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             ref,
+            config=config,
             dtype=pick_dtype(dtype, compute_device),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
             low_cpu_mem_usage=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # a shape mismatch comes back in `info` (a UserError below), not as a RuntimeError
         )
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{ref}': {exc}") from exc
+    model, info = cast(tuple[Any, dict[str, Any]], loaded)
+    notes = accept_loading_problems(loading_problems(info), type(model).__name__, ref, strict_weights,
+                                    names_differ=bool(info.get("missing_keys") and info.get("unexpected_keys")))
+    check_finite(model.named_parameters(), ref)
     stored_dtype = _stored_dtype(model)  # read before anything rewrites config.dtype
     from compress.engine.moe import unfuse_experts
 
     unfuse_experts(model)  # fused MoE experts become nn.Linears, so quantizers do not skip them silently
     model.eval()
     model.config.use_cache = False
-    return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored_dtype)
+    return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored_dtype,
+                       load_notes=notes)
+
+
+def read_config(ref: str, trust_remote_code: bool) -> Any:
+    """The model's config, read before any weight (so what it implies can be checked first)."""
+    from transformers import AutoConfig
+
+    if Path(ref).is_dir() and not (Path(ref) / "config.json").is_file():
+        raise UserError(f"{ref} has no config.json: a model folder needs one beside its weights (save_pretrained writes it)")
+    try:
+        return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # not JSON, not UTF-8 (a ValueError), unknown model_type, missing file
+        raise UserError(f"could not read the config of model '{ref}': {exc}") from exc
+
+
+def loading_problems(info: dict[str, Any]) -> list[str]:
+    """What transformers' loading info says went wrong, one phrase per kind (empty when every tensor fit).
+
+    `info` is from_pretrained's `output_loading_info`: missing_keys (initialised randomly), unexpected_keys
+    (dropped) and mismatched_keys (name, checkpoint shape, model shape: initialised randomly too). Tied weights
+    and the buffers a class deliberately ignores (rotary inv_freq) are not listed there.
+    """
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"not in the checkpoint (they would be randomly initialised): {describe_names(list(info['missing_keys']))}")
+    if info.get("unexpected_keys"):
+        problems.append(f"in the checkpoint but not in the model (they would be dropped): "
+                        f"{describe_names(list(info['unexpected_keys']))}")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shapes = ", ".join(f"{name} (checkpoint {list(stored)}, config {list(built)})" for name, stored, built in mismatched[:5])
+        more = f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""
+        problems.append(f"of another shape than config.json gives them: {len(mismatched)} tensors: {shapes}{more}")
+    return problems
+
+
+def accept_loading_problems(problems: list[str], architecture: str, ref: str, strict: bool, *,
+                            names_differ: bool) -> list[dict[str, Any]]:
+    """Raise on what did not load, unless not `strict`; then return it as fallbacks for the report.
+
+    names_differ: both missing and unexpected tensors, the mark of a `model_type` that builds another class.
+    """
+    if not problems:
+        return []
+    hint = " Some tensor names differ: does `model_type` in config.json match the weights?" if names_differ else ""
+    if strict:
+        raise UserError(
+            f"model '{ref}': the checkpoint does not match the {architecture} its config.json describes. Tensors "
+            + "; tensors ".join(problems) + "." + hint + " Fix config.json (num_hidden_layers, model_type, sizes) "
+            "or the weights; to load anyway, set `strict_weights: false` in the recipe (`--no-strict-weights` for "
+            "compress eval)."
+        )
+    for problem in problems:
+        log.warning("model %s loaded with strict_weights off: tensors %s", ref, problem)
+    return [{"pass": "load", "module": ref, "fallback": "strict_weights: false", "reason": f"tensors {problem}"}
+            for problem in problems]
+
+
+CHECK_CHUNK = 1 << 22  # elements per isfinite(): a 4 MB temporary, not a bool copy of a 1 GB embedding
+
+
+def non_finite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of a tensor, read in chunks; (0, 0) for integer tensors or finite ones."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta":
+        return 0, 0
+    flat = tensor.detach().reshape(-1)
+    if all(bool(torch.isfinite(flat[i:i + CHECK_CHUNK]).all()) for i in range(0, flat.numel(), CHECK_CHUNK)):
+        return 0, 0
+    nan = sum(int(torch.isnan(flat[i:i + CHECK_CHUNK]).sum()) for i in range(0, flat.numel(), CHECK_CHUNK))
+    inf = sum(int(torch.isinf(flat[i:i + CHECK_CHUNK]).sum()) for i in range(0, flat.numel(), CHECK_CHUNK))
+    return nan, inf
+
+
+def check_finite(named: Iterable[tuple[str, torch.Tensor]], ref: str) -> None:
+    """Refuse a model with NaN or Inf in any weight: every later number would be NaN or a silent wrong result."""
+    for name, tensor in named:
+        nan, inf = non_finite_counts(tensor)
+        if nan or inf:
+            raise UserError(f"model '{ref}': {name} holds {nan} NaN and {inf} Inf values (of {tensor.numel()}); the "
+                            "checkpoint is damaged or overflowed its dtype: re-download or re-save it")
 
 
 def _stored_dtype(model: nn.Module) -> torch.dtype:
@@ -214,7 +360,8 @@ def _stored_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _check_local_weights(folder: Path, allow_pickle: bool) -> None:
-    if any(folder.glob("*.safetensors")):
+    if any(folder.glob("*.safetensors")) or (folder / INDEX_NAME).exists():
+        stored_tensors(folder)  # every header checked against its file: a UserError naming a corrupt one
         return
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         if not allow_pickle:

@@ -52,7 +52,7 @@ def export_checkpoint(
         details = _writers()[fmt](compressed, staging, dtype)
         (staging / "README.md").write_text(model_card(fmt, str(target), report, details), encoding="utf-8")
         if report is not None:
-            (staging / "compress_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            (staging / "compress_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     files = sorted(p for p in target.iterdir() if p.is_file())
     return {"format": fmt, "path": str(target.resolve()), "bytes": sum(p.stat().st_size for p in files),
             "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"), **details}
@@ -92,7 +92,7 @@ def finish_streamed_export(folder: Path, export: ExportConfig, report: dict[str,
 
     target = Path(export.path) if export.path else output / f"export-{export.format}"
     (folder / "README.md").write_text(model_card(export.format, str(target), report, details), encoding="utf-8")
-    (folder / "compress_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / "compress_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     files = sorted(p for p in folder.iterdir() if p.is_file())
     return {"format": export.format, "path": str(target.resolve()), "bytes": sum(p.stat().st_size for p in files),
             "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"), **details}

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -71,6 +71,9 @@ class RecipeFile(StrictConfig):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     trust_remote_code: bool = False
+    strict_weights: bool = Field(True, description="refuse a checkpoint whose tensors do not match the model its "
+                                 "config.json describes (missing ones would be randomly initialised, unexpected ones "
+                                 "dropped); false loads it anyway and lists them in the report's fallbacks")
     lazy: bool = Field(False, description="build the model on `meta`, read one decoder layer at a time from the "
                        "shards and write each compressed layer to <output>/model as it finishes (compress/engine/lazy.py)")
     max_memory: dict[int | str, str] | None = Field(None, description="evaluation: spread the model over devices with "
@@ -98,6 +101,7 @@ class EvalStep:
     name: str
     definition: EvaluatorDef
     config: StrictConfig
+    loc: Loc = ()  # where in the recipe, e.g. ("evaluate", "perplexity", 0)
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,14 @@ class Recipe:
     export: ExportConfig | None = None
     lazy: bool = False
     max_memory: dict[str, str] | None = None
+    strict_weights: bool = True
+    # 1-based line of a YAML path in the recipe file (None for --set values): for problems found after validation
+    line_of: Callable[[Loc], int | None] = dataclasses.field(default=lambda loc: None, compare=False, repr=False)
+
+    def where(self, loc: Loc) -> str:
+        """`recipe.yaml:12 calibration.seq_len`: a recipe location for a message about a value found wrong later."""
+        line, filename = self.line_of(loc), str(self.source or "<recipe>")
+        return f"{filename}:{line} {format_loc(loc)}" if line is not None else f"{filename} (--set) {format_loc(loc)}"
 
     @property
     def needs_calibration(self) -> bool:
@@ -128,6 +140,7 @@ class Recipe:
             "dtype": self.dtype,
             "device": self.device,
             "trust_remote_code": self.trust_remote_code,
+            "strict_weights": self.strict_weights,
             "lazy": self.lazy,
             "max_memory": self.max_memory,
             "calibration": self.calibration.model_dump(mode="json") if self.calibration else None,
@@ -365,9 +378,11 @@ class _Checker:
         self.issues: list[RecipeIssue] = []
 
     def add(self, loc: Loc, message: str) -> None:
+        self.issues.append(RecipeIssue(format_loc(loc), message, self.line(loc)))
+
+    def line(self, loc: Loc) -> int | None:
         from_override = any(loc[: len(o)] == o for o in self.overridden)
-        line = None if from_override else line_of(self.root, loc)
-        self.issues.append(RecipeIssue(format_loc(loc), message, line))
+        return None if from_override else line_of(self.root, loc)
 
     def validate(self, model: type[StrictConfig], data: Any, loc: Loc) -> StrictConfig | None:
         try:
@@ -407,6 +422,8 @@ class _Checker:
             export=export,
             lazy=top.lazy,
             max_memory={str(k): str(v) for k, v in top.max_memory.items()} if top.max_memory else None,
+            strict_weights=top.strict_weights,
+            line_of=self.line,
         )
 
     def check_export(self, export: ExportConfig | None, steps: list[PassStep]) -> ExportConfig | None:
@@ -540,7 +557,7 @@ class _Checker:
                 config = self.validate(registry[name].config, params, loc)
                 if config is None:
                     continue
-                steps.append(EvalStep(name, registry[name], self.resolve_eval_paths(config, loc)))
+                steps.append(EvalStep(name, registry[name], self.resolve_eval_paths(config, loc), loc))
         return steps
 
     def resolve_eval_paths(self, config: StrictConfig, loc: Loc) -> StrictConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
 import sys
@@ -37,6 +38,27 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[package] = "not installed"
     return found
+
+
+def finite_or_null(value: Any) -> Any:
+    """A copy of `value` that strict JSON can hold: every NaN or Inf float becomes None.
+
+    In a mapping, `key: nan` becomes `key: null` plus `key_reason: "not a finite number (nan)"`, so a reader sees
+    why the number is missing; in a list the element becomes null. (json.dumps would write bare `NaN`, which
+    strict parsers, jq and JavaScript among them, reject.)
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            out[key] = finite_or_null(item)
+            if isinstance(item, float) and not math.isfinite(item):
+                out[f"{key}_reason"] = f"not a finite number ({item})"
+        return out
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
