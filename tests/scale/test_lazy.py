@@ -80,11 +80,16 @@ def test_lazy_refuses_unmatched_checkpoint_names(sharded, tmp_path):
     import json
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     broken = tmp_path / "broken"
     shutil.copytree(sharded, broken)
     index = json.loads((broken / "model.safetensors.index.json").read_text())
     index["weight_map"] = {k.replace("mlp.down_proj", "mlp.w2"): v for k, v in index["weight_map"].items()}
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    for shard in set(index["weight_map"].values()):  # the shards hold the renamed tensors too (a consistent folder)
+        tensors = load_file(broken / shard)
+        save_file({k.replace("mlp.down_proj", "mlp.w2"): v for k, v in tensors.items()}, broken / shard)
     with pytest.raises(UserError, match="down_proj"):
         load_lazy(str(broken))
 
