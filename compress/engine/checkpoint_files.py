@@ -144,20 +144,24 @@ def shard_names(index_path: Path) -> dict[str, str]:
 def stored_tensors(folder: Path, *, every_file: bool = False) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint in `folder`, each header checked, as the loader will read them.
 
-    With an index, the shards it names (each must exist and hold the tensors the index puts in it). Without,
-    `model.safetensors` (what transformers reads), or every *.safetensors file when there is none or with
-    `every_file` (lazy loading's rule).
+    transformers reads `model.safetensors` when there is one, else the shards an index names (each must exist
+    and hold the tensors the index puts in it). `every_file` is lazy loading's rule: the index, else every
+    *.safetensors file in the folder.
     """
-    index = folder / INDEX_NAME
-    if index.exists() or index.is_symlink():
+    single, index = folder / SINGLE_FILE, folder / INDEX_NAME
+    if not every_file and _present(single):
+        return read_header(single)
+    if _present(index):
         return _indexed_tensors(index)
-    single = folder / SINGLE_FILE
-    present = single.exists() or single.is_symlink()
-    files = [single] if present and not every_file else sorted(folder.glob("*.safetensors"))
     found: dict[str, StoredTensor] = {}
-    for file in files:
+    for file in sorted(folder.glob("*.safetensors")):
         found.update(read_header(file))
     return found
+
+
+def _present(path: Path) -> bool:
+    """There is an entry by that name, even a dangling symlink (which read_header then names)."""
+    return path.exists() or path.is_symlink()
 
 
 def _indexed_tensors(index: Path) -> dict[str, StoredTensor]:
@@ -165,7 +169,7 @@ def _indexed_tensors(index: Path) -> dict[str, StoredTensor]:
     headers: dict[str, dict[str, StoredTensor]] = {}
     for shard in sorted(set(weight_map.values())):
         path = index.parent / shard
-        if not path.exists() and not path.is_symlink():
+        if not _present(path):
             listed = sum(1 for v in weight_map.values() if v == shard)
             raise UserError(f"{index} lists {listed} tensors in {shard}, which is not in {index.parent}")
         headers[shard] = read_header(path)

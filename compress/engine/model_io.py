@@ -229,7 +229,6 @@ def load_model(
     in `handle.load_notes`); and no weight may hold NaN or Inf.
     """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Our own progress display and report cover loading; transformers' bars would interleave on stderr.
     transformers.utils.logging.disable_progress_bar()
@@ -241,23 +240,11 @@ def load_model(
         _check_local_weights(local, allow_pickle)
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in ref and not local.exists():
         raise UserError(f"model '{ref}' is neither a local folder nor reachable: offline mode is on (HF_HUB_OFFLINE=1)")
+    # What the config alone can refuse is refused before gigabytes of weights are read.
     config = read_config(ref, trust_remote_code)
     check_positions(config, positions, ref)
-    try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            ref,
-            config=config,
-            dtype=pick_dtype(dtype, compute_device),
-            use_safetensors=None if allow_pickle else True,
-            trust_remote_code=trust_remote_code,
-            low_cpu_mem_usage=True,
-            output_loading_info=True,
-            ignore_mismatched_sizes=True,  # a shape mismatch comes back in `info` (a UserError below), not as a RuntimeError
-        )
-        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load model '{ref}': {exc}") from exc
-    model, info = cast(tuple[Any, dict[str, Any]], loaded)
+    model, info, tokenizer = _from_pretrained(ref, config, pick_dtype(dtype, compute_device), allow_pickle,
+                                              trust_remote_code)
     notes = accept_loading_problems(loading_problems(info), type(model).__name__, ref, strict_weights,
                                     names_differ=bool(info.get("missing_keys") and info.get("unexpected_keys")))
     check_finite(model.named_parameters(), ref)
@@ -269,6 +256,29 @@ def load_model(
     model.config.use_cache = False
     return ModelHandle(model, tokenizer, ref, find_decoder_layers(model), compute_device, stored_dtype,
                        load_notes=notes)
+
+
+def _from_pretrained(ref: str, config: Any, dtype: torch.dtype | str, allow_pickle: bool,
+                     trust_remote_code: bool) -> tuple[Any, dict[str, Any], Any]:
+    """transformers' model, its loading info (what did not fit) and the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            ref,
+            config=config,
+            dtype=dtype,
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+            low_cpu_mem_usage=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # a shape mismatch comes back in `info` (then a UserError), not as a RuntimeError
+        )
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load model '{ref}': {exc}") from exc
+    model, info = loaded  # with output_loading_info, (model, info)
+    return model, info, tokenizer
 
 
 def read_config(ref: str, trust_remote_code: bool) -> Any:

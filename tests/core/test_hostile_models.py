@@ -174,7 +174,9 @@ def _past_end(folder: Path) -> str:
 
 
 def _dtype_lie(header: dict) -> None:
-    first_weight(header, "norm.weight")["dtype"] = "F16"
+    # a dtype of another width (a same-width swap, BF16 for F16, cannot be told from the header)
+    entry = first_weight(header, "norm.weight")
+    entry["dtype"] = "F16" if entry["dtype"] == "F32" else "F32"
 
 
 def _shape_lie(header: dict) -> None:
