@@ -261,6 +261,7 @@ def load_model(
 def _from_pretrained(ref: str, config: Any, dtype: torch.dtype | str, allow_pickle: bool,
                      trust_remote_code: bool) -> tuple[Any, dict[str, Any], Any]:
     """transformers' model, its loading info (what did not fit) and the tokenizer."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -277,6 +278,8 @@ def _from_pretrained(ref: str, config: Any, dtype: torch.dtype | str, allow_pick
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{ref}': {exc}") from exc
+    except SafetensorError as exc:  # a hub download's files are not checked beforehand as a local folder's are
+        raise UserError(f"could not load model '{ref}': a safetensors file is damaged ({exc}); re-download it") from exc
     model, info = loaded  # with output_loading_info, (model, info)
     return model, info, tokenizer
 
