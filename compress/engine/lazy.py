@@ -55,7 +55,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     """
     found = {name: stored.file for name, stored in stored_tensors(folder, every_file=True).items()}
     if not found:
-        raise UserError(f"{folder} holds no safetensors weights; lazy loading reads safetensors shards only")
+        raise UserError(f"{folder} holds no model weights (*.safetensors); lazy loading reads safetensors shards only")
     return found
 
 
@@ -330,7 +330,7 @@ def load_lazy(
     model.config.use_cache = False
     tensors = stored_tensors(folder, every_file=True)
     if not tensors:
-        raise UserError(f"{folder} holds no safetensors weights; lazy loading reads safetensors shards only")
+        raise UserError(f"{folder} holds no model weights (*.safetensors); lazy loading reads safetensors shards only")
     notes = _check_names(model, tensors, ref, strict_weights)
     lazy = LazyWeights({name: t.file for name, t in tensors.items()}, compute_dtype, stored,
                        ShardWriter(save_to) if save_to is not None else None)
