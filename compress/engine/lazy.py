@@ -53,7 +53,11 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 
     Every header is checked against its file first (compress/engine/checkpoint_files.py).
     """
-    found = {name: stored.file for name, stored in stored_tensors(folder, every_file=True).items()}
+    return {name: stored.file for name, stored in _shard_tensors(folder).items()}
+
+
+def _shard_tensors(folder: Path) -> dict[str, StoredTensor]:
+    found = stored_tensors(folder, every_file=True)
     if not found:
         raise UserError(f"{folder} holds no model weights (*.safetensors); lazy loading reads safetensors shards only")
     return found
@@ -328,9 +332,7 @@ def load_lazy(
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.config.use_cache = False
-    tensors = stored_tensors(folder, every_file=True)
-    if not tensors:
-        raise UserError(f"{folder} holds no model weights (*.safetensors); lazy loading reads safetensors shards only")
+    tensors = _shard_tensors(folder)
     notes = _check_names(model, tensors, ref, strict_weights)
     lazy = LazyWeights({name: t.file for name, t in tensors.items()}, compute_dtype, stored,
                        ShardWriter(save_to) if save_to is not None else None)
