@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compress.engine.eager import EagerWeights
+from compress.engine.families import check_supported_family
 from compress.recipe.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -179,6 +180,7 @@ def load_model(
     transformers.utils.logging.set_verbosity_error()
 
     compute_device = pick_device(device)
+    check_supported_family(ref)  # before any weight is read: an unproven family is refused by name
     local = Path(ref)
     if local.is_dir():
         _check_local_weights(local, allow_pickle)
