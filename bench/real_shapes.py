@@ -130,7 +130,8 @@ def render(rows: list[dict], sizes: dict[str, int], args: argparse.Namespace) ->
     for row in rows:
         head = f"| {row['shape']} | {row['method']} | {row['mode']} "
         if "refused" in row:
-            known = " Known: lazy refuses tied heads (issue 22)." if row["shape"] == "qwen-tied" and row["mode"] == "lazy" else ""
+            tied_lazy = row["shape"] == "qwen-tied" and row["mode"] == "lazy"
+            known = " Known: lazy refuses tied heads (issue 22)." if tied_lazy else ""
             lines.append(head + f"| refused (exit {row['exit']}): {row['refused']}{known} |||||||||||")
             continue
         t = row["timings"]
