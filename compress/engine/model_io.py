@@ -14,6 +14,7 @@ from torch import nn
 
 from compress.engine.checkpoint_files import INDEX_NAME, describe_names, stored_tensors
 from compress.engine.eager import EagerWeights
+from compress.engine.families import check_supported_family
 from compress.recipe.errors import UserError
 
 log = logging.getLogger("compress")
@@ -235,6 +236,7 @@ def load_model(
     transformers.utils.logging.set_verbosity_error()
 
     compute_device = pick_device(device)
+    check_supported_family(ref)  # before any weight is read: an unproven family is refused by name
     local = Path(ref)
     if local.is_dir():
         _check_local_weights(local, allow_pickle)

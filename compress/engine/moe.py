@@ -5,6 +5,9 @@ transformers 5 stores a sparse MoE block's experts as two fused 3-D parameters (
 `nn.Linear`s, so those experts would be skipped silently. `unfuse_experts` swaps each such module for
 `LinearExperts`: the same weights as one gate/up/down `nn.Linear` per expert and the same forward signature
 (hidden_states, top_k_index, top_k_weights), so every pass, hook and report sees the experts like any MLP.
+The per-expert modules carry the names of the family's own per-expert checkpoints (`mlp.experts.3.gate_proj`, Mixtral's
+`mlp.experts.3.w1`): those are the names transformers' conversion mapping merges back into the fused parameters
+when it loads a checkpoint, so an export written from these modules loads with plain `from_pretrained`.
 
 Routing: a top-k router sends each token to a few experts, so on a small calibration set a rarely chosen expert
 sees few tokens (or none), and its Hessian is poor (or zero). `route_all=True` feeds every token to every
@@ -26,18 +29,27 @@ from torch import nn
 from compress.engine import distributed
 
 
+# (gate, up, down) names of one expert's projections in a family's per-expert checkpoints; transformers merges
+# `experts.*.<gate>.weight` and `experts.*.<up>.weight` into `gate_up_proj` and `experts.*.<down>.weight` into
+# `down_proj` (transformers/conversion_mapping.py), so an export must write exactly these names.
+CHECKPOINT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2")}
+DEFAULT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # Qwen2/Qwen3-MoE, DeepSeek-V3 and their relatives
+
+
 class ExpertMLP(nn.Module):
     """One expert: down(act(gate(x)) * up(x)), as the fused implementation computes it."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module,
+                 names: tuple[str, str, str] = DEFAULT_PROJECTIONS):
         super().__init__()
-        self.gate_proj = _linear(gate)
-        self.up_proj = _linear(up)
-        self.down_proj = _linear(down)
+        self.projection_names = names
+        for name, weight in zip(names, (gate, up, down)):
+            self.add_module(name, _linear(weight))
         self.act_fn = act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = (getattr(self, name) for name in self.projection_names)
+        return down(self.act_fn(gate(x)) * up(x))
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
@@ -46,20 +58,23 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return layer
 
 
-class LinearExperts(nn.Module):
-    """Drop-in for a fused experts module, with one nn.Linear per projection per expert."""
+class LinearExperts(nn.ModuleList):
+    """Drop-in for a fused experts module, with one nn.Linear per projection per expert.
 
-    def __init__(self, fused: nn.Module):
-        super().__init__()
+    A ModuleList of the experts itself (as transformers' own `SequentialLlama4TextExperts`), so expert 3's gate is
+    `<block>.experts.3.gate_proj`, the name it has in the family's per-expert checkpoints.
+    """
+
+    def __init__(self, fused: nn.Module, names: tuple[str, str, str] = DEFAULT_PROJECTIONS):
         gate_up = cast(torch.Tensor, fused.gate_up_proj).data
         down = cast(torch.Tensor, fused.down_proj).data
         inner = gate_up.shape[1] // 2
         act_fn = fused.act_fn
         assert isinstance(act_fn, nn.Module)
-        self.num_experts: int = gate_up.shape[0]
-        self.experts = nn.ModuleList(
-            ExpertMLP(gate_up[e, :inner], gate_up[e, inner:], down[e], act_fn) for e in range(self.num_experts)
+        super().__init__(
+            ExpertMLP(gate_up[e, :inner], gate_up[e, inner:], down[e], act_fn, names) for e in range(gate_up.shape[0])
         )
+        self.num_experts: int = gate_up.shape[0]
         self.route_all = False  # calibration: every token reaches every expert's linears
         self.counter: ExpertCounter | None = None
 
@@ -68,7 +83,7 @@ class LinearExperts(nn.Module):
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts + 1)[: self.num_experts]
         if self.counter is not None:
             self.counter.add(counts)
-        for e, expert in enumerate(self.experts):
+        for e, expert in enumerate(self):
             token_idx, position = torch.where(top_k_index == e)
             if self.route_all:
                 out = expert(hidden_states)[token_idx]  # all tokens seen, only the routed ones kept
@@ -92,10 +107,12 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 def unfuse_experts(model: nn.Module) -> int:
     """Replace every fused experts module by `LinearExperts` (weights copied); returns how many were replaced."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = CHECKPOINT_PROJECTIONS.get(str(model_type), DEFAULT_PROJECTIONS)
     targets = [(name, m) for name, m in model.named_modules() if _is_fused_experts(m)]
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, LinearExperts(module))
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, LinearExperts(module, names))
     return len(targets)
 
 
@@ -154,7 +171,7 @@ def expert_report(stats: ExpertStats, *, route_all: bool, calibration_tokens: in
         under = [e for e, n in enumerate(seen) if n < min_tokens]
         layers[name] = {"routed_tokens": routed, "calibration_tokens": seen, "under_threshold": under}
         for e in under:
-            flagged.append({"pass": "calibration", "module": f"{name}.experts.{e}", "fallback": "few_tokens",
+            flagged.append({"pass": "calibration", "module": f"{name}.{e}", "fallback": "few_tokens",
                             "reason": f"expert {e} was calibrated on {seen[e]} tokens (< min_expert_tokens={min_tokens}); "
                                       "set calibration.route_all_experts: true or add calibration samples"})
     section = {"route_all_experts": route_all, "min_expert_tokens": min_tokens, "top_k": top_k,

@@ -30,6 +30,7 @@ from torch import nn
 
 from compress.recipe.errors import UserError
 from compress.engine.model_io import DTYPES
+from compress.engine.moe import unfuse_experts
 from compress.quant.records import WeightRecord, restore_record, saved_form
 
 TENSORS_FILE = "tensors.safetensors"
@@ -122,6 +123,7 @@ def load_state(folder: Path) -> CompressedModel:
     dtype = next((t.dtype for t in stored.values() if t.is_floating_point()), torch.float32)
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # the state holds MoE experts as the per-expert linears the run quantized
     for fqn, record in quantized.items():
         stored[f"{fqn}.weight"] = _module_layout(model.get_submodule(fqn), record.dequantize().to(dtype))
     for dropped, kept in json.loads(metadata.get("tied", "{}")).items():

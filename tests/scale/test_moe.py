@@ -61,7 +61,7 @@ def test_unfused_experts_compute_the_same(family):
         assert unfuse_experts(model) == 2
         got = model(ids).logits
         experts = [m for m in model.modules() if isinstance(m, LinearExperts)]
-        assert len(experts) == 2 and all(len(m.experts) == 8 for m in experts)
+        assert len(experts) == 2 and all(len(m) == 8 for m in experts)
         with calibrating(model, route_all=True, batches=1) as stats:
             routed_all = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -95,7 +95,7 @@ def test_every_expert_is_quantized_and_counted(moe_models, text_file, tmp_path, 
         assert sum(layer["routed_tokens"]) == 2 * 16 * 2  # every calibration token, top-2
         assert layer["calibration_tokens"] == layer["routed_tokens"]
         flagged = {f["module"] for f in report["fallbacks"] if f["fallback"] == "few_tokens"}
-        assert {f"{name}.experts.{e}" for e in layer["under_threshold"]} <= flagged
+        assert {f"{name}.{e}" for e in layer["under_threshold"]} <= flagged
         assert layer["under_threshold"] == [e for e, n in enumerate(layer["routed_tokens"]) if n < 8]
     # 32 tokens x 2 over 8 experts: some expert gets under 8 tokens in this tiny setup, and it is flagged
     assert any(layer["under_threshold"] for layer in section["layers"].values())
