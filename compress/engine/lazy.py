@@ -31,6 +31,7 @@ from torch import nn
 from compress.recipe.errors import UserError
 from compress.engine.digest import shards_digest, weights_digest
 from compress.engine.checkpoint_files import StoredTensor, describe_names, stored_tensors
+from compress.engine.families import check_supported_family
 from compress.engine.model_io import (
     DTYPES,
     ModelHandle,
@@ -318,6 +319,7 @@ def load_lazy(
     transformers.utils.logging.set_verbosity_error()
     folder = resolve_local(ref)
     compute_device = pick_device(device)
+    check_supported_family(str(folder))  # as load_model: an unproven family is refused by name, before any weight
     config = read_config(str(folder), trust_remote_code)
     check_positions(config, positions, ref)
     try:
