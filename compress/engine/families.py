@@ -71,18 +71,11 @@ def refusal(config: dict[str, object]) -> str | None:
             f"sublayer groups and export are untested. Set {UNTESTED_ENV}=1 to try it anyway")
 
 
-def check_supported_family(ref: str) -> None:
+def check_supported_family(ref: str, config: dict[str, object]) -> None:
     """Refuse (UserError, exit 2) a model whose family is not supported, naming it and what is missing.
 
-    Reads `ref`'s config.json (a local folder or a cached hub id); when there is none to read, the load that
-    follows reports that itself.
+    `config` is the model's config as a dict (`PretrainedConfig.to_dict()`), read before any weight.
     """
-    from transformers import PretrainedConfig
-
-    try:
-        config, _ = PretrainedConfig.get_config_dict(ref)
-    except Exception:  # no readable config.json: from_pretrained, right after, says what is wrong as a UserError
-        return
     reason = refusal(config)
     if reason is None:
         return

@@ -319,8 +319,8 @@ def load_lazy(
     transformers.utils.logging.set_verbosity_error()
     folder = resolve_local(ref)
     compute_device = pick_device(device)
-    check_supported_family(str(folder))  # as load_model: an unproven family is refused by name, before any weight
     config = read_config(str(folder), trust_remote_code)
+    check_supported_family(ref, config.to_dict())  # as load_model: an unproven family is refused by name
     check_positions(config, positions, ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

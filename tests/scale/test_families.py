@@ -230,6 +230,6 @@ def test_unsupported_layout_is_refused_by_name_unless_the_user_opts_in(tmp_path,
     falcon = write_config_only(tmp_path / "falcon", tf.FalconConfig(hidden_size=32, num_hidden_layers=1))
     with pytest.raises(UserError, match=r"model_type 'falcon' is not a supported family \(supported: Llama .*"
                                         rf"Set {UNTESTED_ENV}=1 to try it anyway"):
-        check_supported_family(str(falcon))
+        load_model(str(falcon))
     monkeypatch.setenv(UNTESTED_ENV, "1")
-    check_supported_family(str(falcon))  # the user's own risk: no refusal
+    check_supported_family(str(falcon), tf.FalconConfig().to_dict())  # the user's own risk: no refusal
