@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
 
-from compress.engine.output import check_output_target, hold_output, preflight_folder, preflight_output
+from compress.engine.output import check_output_target, hold_output, named_paths, preflight_folder, preflight_output
 from compress.recipe.errors import UserError
 from compress.recipe.schema import Recipe, line_of, load_yaml_with_marks
 
@@ -55,30 +55,10 @@ class OutputPlaces:
 
 
 def recipe_inputs(recipe: Recipe) -> tuple[Path, ...]:
-    """Every existing file or folder the resolved recipe names, but the export path (an output), and the recipe file.
-
-    Collected from the values, not from a list of fields, so a new evaluator's data file is protected too; a
-    value that only happens to name a folder (`device: cpu` beside a folder `cpu`) is protected needlessly, which
-    costs nothing but a refusal to overwrite that folder.
-    """
+    """The recipe file and every existing file or folder the resolved recipe names, but the export path (an output)."""
     data = dict(recipe.to_dict())
     data.pop("export", None)
-    found: list[Path] = [recipe.source] if recipe.source is not None else []
-
-    def visit(value: Any) -> None:
-        if isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, list):
-            for item in value:
-                visit(item)
-        elif isinstance(value, str) and value and len(value) < 4096 and "\0" not in value:
-            with contextlib.suppress(OSError, ValueError):
-                if Path(value).exists():
-                    found.append(Path(value))
-
-    visit(data)
-    return tuple(found)
+    return tuple(([recipe.source] if recipe.source is not None else []) + named_paths(data))
 
 
 def recipe_label(recipe: Recipe, loc: tuple[str, ...]) -> str:

@@ -16,7 +16,10 @@ Layout, beside the output folder (`out/run` -> `out/.run.resume/`):
                                      recipe, or weights changed in place, are refused
     sweep-0/layer-0003/weights.safetensors, state.json, inputs/batch-00000.safetensors, ...
 
-The folder is removed when the run finishes; an interrupted run leaves it for `--resume`.
+The folder is removed when the run finishes; an interrupted run (or one stopped by a full disk) leaves it for
+`--resume`. It has no lock of its own: it belongs to its output folder, whose lock (`hold_output`,
+compress/engine/output.py) the run holds from before this folder is opened until after it is removed, so no two
+live runs ever share, adopt or delete each other's checkpoints.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -87,6 +87,24 @@ def replace_refusal(target: Path, *, overwrite: bool, inputs: Iterable[Path] = (
     return None
 
 
+def named_paths(value: Any) -> list[Path]:
+    """Every existing file or folder named by a string anywhere in `value` (nested dicts and lists): a recipe's inputs.
+
+    Read from the values, not from a list of fields, so a new evaluator's data file is protected too; a value that
+    only happens to name a folder (`device: cpu` beside a folder `cpu`) is protected needlessly, which costs no
+    more than a refusal to replace that folder.
+    """
+    if isinstance(value, dict):
+        return [path for item in value.values() for path in named_paths(item)]
+    if isinstance(value, list):
+        return [path for item in value for path in named_paths(item)]
+    if isinstance(value, str) and value and len(value) < 4096 and "\0" not in value:
+        with contextlib.suppress(OSError, ValueError):
+            if Path(value).exists():
+                return [Path(value)]
+    return []
+
+
 def check_output_target(target: Path, overwrite: bool, *, inputs: Iterable[Path] = (), label: str = "--output") -> None:
     """Fail before any work is done if `target` exists and may not be replaced (see `replace_refusal`)."""
     refusal = replace_refusal(target, overwrite=overwrite, inputs=inputs, label=label)
@@ -134,7 +152,8 @@ def _write_holder(fd: int) -> None:
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join(sys.argv)[:500]}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(holder) + "\n").encode())
 
 
 def describe_holder(lock: Path) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 from compress.recipe.errors import UserError
 from compress.recipe.export_config import FORMATS, ExportConfig, format_problems
 from compress.export.state import CompressedModel, load_state, save_state
-from compress.engine.output import atomic_output, check_output_target, preflight_output, writing
+from compress.engine.output import atomic_output, check_output_target, named_paths, preflight_output, writing
 
 __all__ = ["ExportConfig", "CompressedModel", "export_checkpoint", "format_problems", "load_state", "save_state"]
 
@@ -121,8 +121,10 @@ def export_run(run_dir: Path, fmt: str, target: Path, *, dtype: str = "auto", ov
         raise UserError(f"{run_dir} has no {STATE_DIR}/ folder: export works on a finished `compress run` output "
                         "folder (runs keep their compressed state there)")
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
-    # Refused before the state is read: an existing or unwritable target, or one that is (or holds) the run itself.
-    check_output_target(target, overwrite, inputs=[run_dir], label="--output")
+    # Refused before the state is read: an existing or unwritable target, or one that is (or holds) the run itself
+    # or an input of that run (its model, its data).
+    inputs = [run_dir, *named_paths(report.get("recipe") if isinstance(report, dict) else None)]
+    check_output_target(target, overwrite, inputs=inputs, label="--output")
     preflight_output(target, label="--output")
     return export_checkpoint(load_state(state), fmt, target, dtype=dtype, report=report, overwrite=overwrite,
-                             inputs=[run_dir], label="--output")
+                             inputs=inputs, label="--output")
