@@ -323,7 +323,8 @@ def run_loaded_trial(sweep: Sweep, trial: Trial) -> Status:
         with hold_output(sweep.trial_dir(trial), "trial folder"):
             return _run_held_trial(sweep, trial, start)
     except OutputBusy as exc:
-        return {"id": trial.id, "index": trial.index, "status": "skipped", "busy": str(exc)}
+        return {"id": trial.id, "index": trial.index, "status": "skipped",
+                "busy": f"running in another launch: {exc.holder}"}
     except Exception as exc:  # one failed trial must not stop the others; it is reported in compare
         return {"id": trial.id, "index": trial.index, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=5), "seconds": round(time.perf_counter() - start, 2)}

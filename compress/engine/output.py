@@ -167,7 +167,11 @@ def describe_holder(lock: Path) -> str:
 
 
 class OutputBusy(UserError):
-    """Another live process holds the output folder's lock."""
+    """Another live process holds the output folder's lock; `holder` says which (`describe_holder`)."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
 
 
 @contextlib.contextmanager
@@ -184,8 +188,9 @@ def hold_output(target: Path, label: str = "--output") -> Iterator[None]:
         try:
             lock.acquire(blocking=False)
         except Timeout:
-            raise OutputBusy(f"{label} {target} is in use by another run: {describe_holder(path)}. Wait for it to "
-                             f"finish (or stop it), or choose another {label}") from None
+            holder = describe_holder(path)
+            raise OutputBusy(f"{label} {target} is in use by another run: {holder}. Wait for it to finish (or "
+                             f"stop it), or choose another {label}", holder) from None
     try:
         yield
     finally:
