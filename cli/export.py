@@ -23,7 +23,7 @@ def export(
     fmt: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors, gptq, dense or bitsandbytes.")] = "compressed-tensors",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint folder (default RUN_DIR/export-FORMAT).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (the source checkpoint's), float16, bfloat16 or float32.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint folder if compress wrote it; never the run being exported.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the export summary as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,

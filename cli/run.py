@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from compress.cli.common import err_console, exit_codes, load_recipe
+from compress.engine.output import DiskFull
 from compress.recipe.errors import ExitCode
 from compress.engine.progress import Reporter
 from compress.recipe.schema import Recipe, dump_yaml
@@ -51,6 +52,12 @@ def interrupted_message(recipe: str, target: Path, set_: list[str], model: str |
             f"Resume with: {resume_command(recipe, target, set_, model)}")
 
 
+def disk_full_message(exc: DiskFull, recipe: str, target: Path, set_: list[str], model: str | None) -> str:
+    if exc.checkpoints is None:
+        return f"error: {exc}"
+    return f"error: {exc}\nResume with: {resume_command(recipe, target, set_, model)}"
+
+
 def default_output(recipe_path: Path) -> Path:
     return Path("compress-out") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -73,7 +80,7 @@ def run(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for report.json, report.md, recipe.yaml and run.log. Default: compress-out/<recipe>-<time>.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe field: key.path=value (YAML value), e.g. passes[0].rtn.bits=3. Repeatable.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show the plan; load no model.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder (and export.path) if it is an earlier compress output; never an input.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (*.bin) weights, which can run code. Only for sources you trust.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (nothing else on stdout).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
@@ -103,8 +110,14 @@ def run(
             report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter,
                                 resume=resume, checkpoints=checkpoints)
         except KeyboardInterrupt:
-            err_console.print(interrupted_message(recipe, target, set_ or [], model), highlight=False, markup=False)
+            # soft_wrap: a log file is no terminal, and a command cut across lines cannot be pasted back
+            err_console.print(interrupted_message(recipe, target, set_ or [], model), highlight=False, markup=False,
+                              soft_wrap=True)
             raise typer.Exit(ExitCode.INTERRUPTED) from None
+        except DiskFull as exc:
+            err_console.print(disk_full_message(exc, recipe, target, set_ or [], model), highlight=False,
+                              markup=False, soft_wrap=True)
+            raise typer.Exit(ExitCode.USER_ERROR) from None
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
         if as_json:

@@ -96,7 +96,7 @@ def _print_status(status: Status) -> None:
         resumed = ", resumed from its checkpoints" if status.get("resumed") else ""
         line = f"{status['id']}: ok ({status.get('seconds', 0):.1f} s{resumed})"
     elif outcome == "skipped":
-        line = f"{status['id']}: skipped (finished before)"
+        line = f"{status['id']}: skipped ({status.get('busy') or 'finished before'})"
     else:
         line = f"{status['id']}: FAILED: {status.get('error')}" + (f" (log: {status['log']})" if status.get("log") else "")
     err_console.print(line, markup=False, highlight=False, soft_wrap=True)

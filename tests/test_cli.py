@@ -51,7 +51,7 @@ def test_run_writes_report_and_json_goes_to_stdout(workdir):
     assert ppl["baseline"] > 1 and ppl["compressed"] > 1
     assert report["passes"][0]["name"] == "rtn" and report["passes"][0]["summary"]["modules"] == 14
     assert report["size"]["quantized_bits_per_weight"] == pytest.approx(4 + 16 / 32)
-    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["recipe.yaml", "report.html", "report.json", "report.md", "run.log", "state"]
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == [".compress", "recipe.yaml", "report.html", "report.json", "report.md", "run.log", "state"]
     # The output folder exists now: a second run must not clobber it without --overwrite.
     again = compress("run", "good.yaml", "--output", "out", "--quiet", cwd=workdir)
     assert again.returncode == 2 and "already exists" in again.stderr

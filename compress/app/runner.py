@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ import torch
 
 import compress.app.builtins  # noqa: F401  (registers the built-in passes and evaluators)
 from compress.engine.activations import OffloadSettings
-from compress.engine.checkpoint import Checkpointer, checkpoint_dir_for, recipe_fingerprint
+from compress.engine.checkpoint import Checkpointer, checkpoint_dir_for, model_files_fingerprint, recipe_fingerprint
 from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import sample_windows, tokenize_text, load_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
@@ -21,8 +22,9 @@ from compress.recipe.errors import UserError
 from compress.export import finish_streamed_export, save_run_outputs
 from compress.export.streaming import StreamingCompressedTensors
 from compress.engine.model_io import ModelHandle, PositionsNeeded, load_model
-from compress.engine.output import atomic_output, check_output_target, preflight_output
+from compress.engine.output import DiskFull, atomic_output, stopped_by_disk
 from compress.engine.progress import SILENT, Reporter
+from compress.app.output_places import OutputPlaces, preflight_places
 from compress.recipe.schema import EvalStep, PassStep, Recipe, dump_yaml
 from compress.report.html import write_html_report
 from compress.report.summary import (
@@ -191,17 +193,35 @@ def run_recipe(
         raise UserError("no model given: set `model:` in the recipe or pass --model")
     if not _worker and (elsewhere := _run_on_other_rank(recipe, allow_pickle)) is not None:
         return elsewhere
-    _preflight(recipe, output, overwrite, checkpoints)
-    checkpointer = _checkpointer(recipe, output, checkpoints, resume)
+    places = OutputPlaces.of(recipe, output, overwrite)
+    places.check_nesting()  # before the locks, which create the folders they live in
+    with places.held():
+        _preflight(recipe, places, checkpoints)
+        checkpointer = None
+        try:
+            checkpointer = _checkpointer(recipe, output, checkpoints, resume)
+            return _run_held(recipe, places, checkpointer, allow_pickle=allow_pickle, reporter=reporter, resume=resume)
+        except Exception as exc:
+            problem = stopped_by_disk(exc)
+            if problem is None:
+                raise
+            raise DiskFull(problem, output, checkpointer.folder if checkpointer else None) from None
+
+
+def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer | None, *, allow_pickle: bool,
+              reporter: Reporter, resume: bool) -> dict[str, Any]:
+    """`run_recipe` once its output paths are locked and checked."""
+    output = places.output
     clock = _Stopwatch()
     seed = recipe.calibration.seed if recipe.calibration is not None else 0
     torch.manual_seed(seed)  # passes that draw random numbers repeat exactly, which --resume relies on
-    with _checkpoint_lifetime(checkpointer), atomic_output(output, overwrite=overwrite) as staging, \
+    with _checkpoint_lifetime(checkpointer), \
+            atomic_output(output, overwrite=places.overwrite, inputs=places.inputs) as staging, \
             _log_to(staging / "run.log"), contextlib.ExitStack() as export_scope:
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         with clock.phase("load"):
             handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging)
-        outputs = _run_outputs(handle, recipe, run, staging, export_scope)
+        outputs = _run_outputs(handle, recipe, run, staging, export_scope, places)
         with clock.phase("baseline_eval"):
             baseline = evaluate_all(handle, recipe.evaluations, run)
         passes, passes_cuda_peak = _apply_passes(handle, recipe, run, clock)
@@ -211,7 +231,7 @@ def run_recipe(
         clock.stop()
         report = _report(recipe, output, handle, run, seed=seed, resume=resume, passes=passes,
                          metrics=merge_metrics(baseline, compressed), clock=clock, passes_cuda_peak=passes_cuda_peak)
-        export = outputs.save(handle, run, recipe, report, staging, output)
+        export = outputs.save(handle, run, recipe, report, staging, places)
         if export is not None:
             report["export"] = export
         _write_run_folder(staging, output, recipe, run, report)
@@ -231,27 +251,30 @@ def _run_on_other_rank(recipe: Recipe, allow_pickle: bool) -> dict[str, Any] | N
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix=f"compress-rank{distributed.rank()}-"))
+    # Rank 0 alone exports: two ranks writing (and locking) one export.path would collide.
+    alone = dataclasses.replace(recipe, export=None)
     try:
-        return run_recipe(recipe, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False)
+        return run_recipe(alone, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _preflight(recipe: Recipe, output: Path, overwrite: bool, checkpoints: bool) -> None:
-    """Refuse what would fail later: passes that cannot calibrate data-parallel, an output in the way, a full disk."""
+def _preflight(recipe: Recipe, places: OutputPlaces, checkpoints: bool) -> None:
+    """Refuse what would fail later, before the model loads: passes that cannot calibrate data-parallel, and any
+    written path that is in the way, unwritable, an input, or out of room (compress/app/output_places.py)."""
     from compress.engine import distributed
 
     if distributed.is_distributed():
         _check_data_parallel(recipe)
-    check_output_target(output, overwrite)
-    preflight_output(output, needed_bytes=_disk_needed(cast(str, recipe.model), checkpoints))
+    preflight_places(places, needed_bytes=_disk_needed(cast(str, recipe.model), checkpoints))
 
 
 def _checkpointer(recipe: Recipe, output: Path, checkpoints: bool, resume: bool) -> Checkpointer | None:
     # A lazy model's finished layers go straight to the output shards; layer checkpoints (and --resume) cover eager runs.
     if not checkpoints or not recipe.passes or recipe.lazy:
         return None
-    return Checkpointer(checkpoint_dir_for(output), recipe_fingerprint(recipe.to_dict()), resume=resume)
+    return Checkpointer(checkpoint_dir_for(output), recipe_fingerprint(recipe.to_dict()), resume=resume,
+                        model_files=model_files_fingerprint(recipe.model))
 
 
 class _Stopwatch:
@@ -348,8 +371,9 @@ class _SavedAtTheEnd:
         """Nothing to complete: no layer was written as it finished."""
 
     def save(self, handle: ModelHandle, run: RunContext, recipe: Recipe, report: dict[str, Any], staging: Path,
-             output: Path) -> dict[str, Any] | None:
-        return save_run_outputs(handle, run, recipe.export, report, staging, output)
+             places: OutputPlaces) -> dict[str, Any] | None:
+        return save_run_outputs(handle, run, recipe.export, report, staging, places.output,
+                                overwrite=places.overwrite, inputs=places.inputs, label=places.export_label)
 
 
 class _WrittenLayerByLayer:
@@ -369,14 +393,14 @@ class _WrittenLayerByLayer:
                 self.details = self.streaming.finish(handle, handle.outside_tensors())
 
     def save(self, handle: ModelHandle, run: RunContext, recipe: Recipe, report: dict[str, Any], staging: Path,
-             output: Path) -> dict[str, Any] | None:
+             places: OutputPlaces) -> dict[str, Any] | None:
         if self.streaming is None or recipe.export is None:
             return None
-        return finish_streamed_export(self.streaming.writer.folder, recipe.export, report, self.details, output)
+        return finish_streamed_export(self.streaming.writer.folder, recipe.export, report, self.details, places.output)
 
 
 def _run_outputs(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: Path,
-                 scope: contextlib.ExitStack) -> _SavedAtTheEnd | _WrittenLayerByLayer:
+                 scope: contextlib.ExitStack, places: OutputPlaces) -> _SavedAtTheEnd | _WrittenLayerByLayer:
     if not handle.weights.saves_layers_as_they_finish:
         return _SavedAtTheEnd()
     if recipe.export is None:
@@ -384,7 +408,8 @@ def _run_outputs(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: 
     from compress.engine.model_io import DTYPES
 
     target = Path(recipe.export.path) if recipe.export.path else staging / f"export-{recipe.export.format}"
-    folder = scope.enter_context(atomic_output(target))
+    folder = scope.enter_context(atomic_output(target, overwrite=places.overwrite, inputs=places.inputs,
+                                               label=places.export_label, kind="export"))
     dtype = handle.checkpoint_dtype if recipe.export.dtype == "auto" else DTYPES[recipe.export.dtype]
     streaming = StreamingCompressedTensors(folder, dtype, run)
     handle.weights.on_layer_written = streaming.write_layer
@@ -456,8 +481,9 @@ def _checkpoint_lifetime(checkpointer: Checkpointer | None) -> Iterator[None]:
     """
     try:
         yield
-    except Exception:
-        if checkpointer is not None:
+    except Exception as exc:
+        # A full disk is the exception: the same recipe resumes once there is room, so its finished layers stay.
+        if checkpointer is not None and stopped_by_disk(exc) is None:
             checkpointer.remove()
         raise
     if checkpointer is not None:

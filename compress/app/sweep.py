@@ -43,7 +43,8 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from compress.engine.checkpoint import MANIFEST, checkpoint_dir_for, recipe_fingerprint
+from compress.engine.checkpoint import checkpoint_dir_for, model_files_fingerprint, recipe_fingerprint, resume_refusal
+from compress.engine.output import OutputBusy, hold_output
 from compress.recipe.errors import RecipeError, RecipeIssue, UserError
 from compress.recipe.schema import describe_pydantic_error, format_loc, line_of, load_yaml_with_marks, split_key_path
 from compress.recipe.registry import StrictConfig
@@ -295,41 +296,51 @@ def pending(sweep: Sweep) -> list[Trial]:
 # Running one trial (the same function for every backend)
 
 
-def _resume_from_checkpoints(sweep: Sweep, trial: Trial, fingerprint: str) -> bool:
-    """A trial killed half-way left layer checkpoints: continue from them if they are this recipe's, else drop them.
+def _resume_from_checkpoints(sweep: Sweep, trial: Trial, fingerprint: str, model: str | None) -> bool:
+    """A trial killed half-way left layer checkpoints: continue from them if they are this recipe's and the model's
+    files are unchanged, else drop them. The caller holds the trial's lock, so they are no live trial's.
 
     Without this, a re-launched sweep would fail such a trial forever ("an interrupted run left checkpoints").
     """
     folder = checkpoint_dir_for(sweep.trial_dir(trial))
     if not folder.exists():
         return False
-    try:
-        saved = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        saved = None
-    if saved == fingerprint:
+    if resume_refusal(folder, fingerprint, model_files_fingerprint(model)) is None:
         return True
-    shutil.rmtree(folder, ignore_errors=True)  # made by an older version of this trial's recipe
+    shutil.rmtree(folder, ignore_errors=True)  # made by an older version of this trial's recipe, or another model
     return False
 
 
 def run_loaded_trial(sweep: Sweep, trial: Trial) -> Status:
-    """Run one trial in this process unless it finished already. Never raises: a failure is a status."""
+    """Run one trial in this process unless it finished already, or another launch is running it. Never raises:
+    a failure is a status.
+
+    The trial's folder is locked from the first look at it to the end (`hold_output`), so two launches of one
+    sweep share the trials out instead of adopting (or deleting) each other's checkpoints.
+    """
+    start = time.perf_counter()
+    try:
+        with hold_output(sweep.trial_dir(trial), "trial folder"):
+            return _run_held_trial(sweep, trial, start)
+    except OutputBusy as exc:
+        return {"id": trial.id, "index": trial.index, "status": "skipped",
+                "busy": f"running in another launch: {exc.holder}"}
+    except Exception as exc:  # one failed trial must not stop the others; it is reported in compare
+        return {"id": trial.id, "index": trial.index, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=5), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _run_held_trial(sweep: Sweep, trial: Trial, start: float) -> Status:
     if sweep.finished(trial):
         return {"id": trial.id, "index": trial.index, "status": "skipped"}
     from compress.recipe.schema import load_recipe
     from compress.app.runner import run_recipe
 
-    start = time.perf_counter()
-    try:
-        recipe = load_recipe(sweep.recipe, overrides=list(trial.overrides), model=trial.model)
-        resume = _resume_from_checkpoints(sweep, trial, recipe_fingerprint(recipe.to_dict()))
-        run_recipe(recipe, sweep.trial_dir(trial), overwrite=True, resume=resume)
-        return {"id": trial.id, "index": trial.index, "status": "ok", "seconds": round(time.perf_counter() - start, 2),
-                "resumed": resume}
-    except Exception as exc:  # one failed trial must not stop the others; it is reported in compare
-        return {"id": trial.id, "index": trial.index, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=5), "seconds": round(time.perf_counter() - start, 2)}
+    recipe = load_recipe(sweep.recipe, overrides=list(trial.overrides), model=trial.model)
+    resume = _resume_from_checkpoints(sweep, trial, recipe_fingerprint(recipe.to_dict()), recipe.model)
+    run_recipe(recipe, sweep.trial_dir(trial), overwrite=True, resume=resume)
+    return {"id": trial.id, "index": trial.index, "status": "ok", "seconds": round(time.perf_counter() - start, 2),
+            "resumed": resume}
 
 
 def run_trial(sweep_file: str, output: str, index: int) -> Status:

@@ -12,10 +12,14 @@ renamed):
 
 Layout, beside the output folder (`out/run` -> `out/.run.resume/`):
 
-    manifest.json                    fingerprint of the resolved recipe + model, so a changed recipe is refused
+    manifest.json                    fingerprints of the resolved recipe and of the model's files, so a changed
+                                     recipe, or weights changed in place, are refused
     sweep-0/layer-0003/weights.safetensors, state.json, inputs/batch-00000.safetensors, ...
 
-The folder is removed when the run finishes; an interrupted run leaves it for `--resume`.
+The folder is removed when the run finishes; an interrupted run (or one stopped by a full disk) leaves it for
+`--resume`. It has no lock of its own: it belongs to its output folder, whose lock (`hold_output`,
+compress/engine/output.py) the run holds from before this folder is opened until after it is removed, so no two
+live runs ever share, adopt or delete each other's checkpoints.
 """
 
 from __future__ import annotations
@@ -65,6 +69,69 @@ def recipe_fingerprint(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The model's files are fingerprinted, not hashed in full: reading every byte of a 140 GB checkpoint twice (when a
+# run starts and when it resumes) would add minutes. Size and mtime_ns catch any ordinary in-place write; the
+# safetensors header and sampled blocks catch a file swapped for another with its timestamp preserved (cp -p,
+# rsync -t). Files up to FULL_HASH_BYTES (configs, tokenizers, small models) are hashed whole.
+FULL_HASH_BYTES = 4 * 2**20
+SAMPLE_BLOCKS = 16
+SAMPLE_BYTES = 64 * 2**10
+
+
+def file_fingerprint(path: Path) -> str:
+    """`size:mtime_ns:sha256` of `path`, the hash over its safetensors header (if any) and sampled blocks."""
+    info = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        if info.st_size <= FULL_HASH_BYTES:
+            digest.update(stream.read())
+        else:
+            if path.suffix == ".safetensors":  # 8-byte little-endian length, then the JSON of names, dtypes, offsets
+                length = int.from_bytes(stream.read(8), "little")
+                digest.update(stream.read(min(length, info.st_size)))
+            step = (info.st_size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
+            for block in range(SAMPLE_BLOCKS):  # the first and last blocks, and evenly spaced ones between
+                stream.seek(block * step)
+                digest.update(stream.read(SAMPLE_BYTES))
+    return f"{info.st_size}:{info.st_mtime_ns}:{digest.hexdigest()[:16]}"
+
+
+def model_files_fingerprint(model: str | None) -> dict[str, str]:
+    """File name -> `file_fingerprint` for every file of a local model folder (hidden files are ours: locks, checkpoints).
+
+    A hub id gives {}: its files are not on a path of ours to watch, and the recipe's fingerprint covers the id.
+    """
+    folder = Path(model) if model else None
+    if folder is None or not folder.is_dir():
+        return {}
+    return {path.name: file_fingerprint(path) for path in sorted(folder.iterdir())
+            if path.is_file() and not path.name.startswith(".")}
+
+
+def changed_files(saved: dict[str, str] | None, current: dict[str, str]) -> list[str]:
+    """Names of the model's files that differ between a checkpoint's manifest and now (added and removed included)."""
+    if saved is None:  # checkpoints written before model files were fingerprinted
+        return ["(not recorded by the version that made these checkpoints)"]
+    return sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+
+
+def resume_refusal(folder: Path, fingerprint: str, model_files: dict[str, str]) -> str | None:
+    """Why the checkpoints in `folder` cannot continue this run; None when they can."""
+    try:
+        saved = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"the checkpoints in {folder} have no readable {MANIFEST}"
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        recorded = saved.get("fingerprint") if isinstance(saved, dict) else None
+        return (f"the checkpoints in {folder} were made by a different recipe or model "
+                f"(fingerprint {recorded}, this run {fingerprint})")
+    changed = changed_files(saved.get("model_files"), model_files)
+    if changed:
+        return (f"the model's files changed since the checkpoints in {folder} were made ({', '.join(changed[:5])}"
+                f"{f' and {len(changed) - 5} more' if len(changed) > 5 else ''}): its weights may differ")
+    return None
+
+
 def _contiguous_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage or are not contiguous; copies on the CPU avoid both.
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
@@ -96,9 +163,10 @@ class Resumed:
 class Checkpointer:
     """Saves every finished layer of every sweep; on resume, restores them and says where to continue."""
 
-    def __init__(self, folder: Path, fingerprint: str, *, resume: bool):
+    def __init__(self, folder: Path, fingerprint: str, *, resume: bool, model_files: dict[str, str] | None = None):
         self.folder = folder
         self.fingerprint = fingerprint
+        self.model_files = model_files or {}
         self.sweeps_started = 0
         self.layers_saved = 0
         self._open(resume)
@@ -111,15 +179,12 @@ class Checkpointer:
                 f"or delete that folder to start over"
             )
         if resume and manifest.is_file():
-            saved = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint")
-            if saved != self.fingerprint:
-                raise UserError(
-                    f"cannot resume: the checkpoints in {self.folder} were made by a different recipe or model "
-                    f"(fingerprint {saved}, this run {self.fingerprint}); delete that folder to start over"
-                )
+            refusal = resume_refusal(self.folder, self.fingerprint, self.model_files)
+            if refusal is not None:
+                raise UserError(f"cannot resume: {refusal}; delete that folder to start over")
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(manifest, json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        _atomic_write_text(manifest, json.dumps({"fingerprint": self.fingerprint, "model_files": self.model_files}) + "\n")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

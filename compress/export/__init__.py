@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from compress.recipe.errors import UserError
 from compress.recipe.export_config import FORMATS, ExportConfig, format_problems
 from compress.export.state import CompressedModel, load_state, save_state
-from compress.engine.output import atomic_output
+from compress.engine.output import atomic_output, check_output_target, named_paths, preflight_output, writing
 
 __all__ = ["ExportConfig", "CompressedModel", "export_checkpoint", "format_problems", "load_state", "save_state"]
 
@@ -39,8 +39,14 @@ def export_checkpoint(
     dtype: str = "auto",
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
+    inputs: Iterable[Path] = (),
+    label: str = "export path",
 ) -> dict[str, Any]:
-    """Write `compressed` as a `fmt` checkpoint at `target` (atomically) with a model card; returns its summary."""
+    """Write `compressed` as a `fmt` checkpoint at `target` (atomically) with a model card; returns its summary.
+
+    `target` is replaced (with `overwrite`) only if it is an earlier output of this tool and holds none of `inputs`;
+    a full or read-only disk is a UserError naming `label` and `target` (compress/engine/output.py).
+    """
     from compress.export.card import model_card
 
     if fmt not in FORMATS:
@@ -48,7 +54,8 @@ def export_checkpoint(
     if compressed.bitsandbytes != (fmt == "bitsandbytes"):
         raise UserError("a model quantized by the bnb pass is saved only with --format bitsandbytes, and that format "
                         "needs one" if compressed.bitsandbytes else "format 'bitsandbytes' needs a run with the bnb pass")
-    with atomic_output(target, overwrite=overwrite) as staging:
+    with writing(target, label), \
+            atomic_output(target, overwrite=overwrite, inputs=inputs, label=label, kind="export") as staging:
         details = _writers()[fmt](compressed, staging, dtype)
         (staging / "README.md").write_text(model_card(fmt, str(target), report, details), encoding="utf-8")
         if report is not None:
@@ -66,11 +73,13 @@ def holds_bitsandbytes(model: Any) -> bool:
 
 
 def save_run_outputs(handle: Any, run: Any, export: ExportConfig | None, report: dict[str, Any], staging: Path,
-                     output: Path) -> dict[str, Any] | None:
+                     output: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (),
+                     label: str = "export.path") -> dict[str, Any] | None:
     """At the end of `compress run`: keep the compressed state in RUN_DIR/state and export if the recipe asks.
 
     `staging` is the run folder being built, `output` the name it gets when the run finishes; an export
-    without a `path` goes inside the run folder, so it appears (or not) together with the run.
+    without a `path` goes inside the run folder, so it appears (or not) together with the run. An export.path
+    follows the run's `overwrite` and never replaces one of the run's `inputs` (`label` names it in messages).
     """
     compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.results.records, run.handoff.masks,
                                  run.results.activation_quant, bitsandbytes=holds_bitsandbytes(handle.model))
@@ -79,7 +88,9 @@ def save_run_outputs(handle: Any, run: Any, export: ExportConfig | None, report:
         return None
     default_name = f"export-{export.format}"
     target = Path(export.path) if export.path else staging / default_name
-    summary = export_checkpoint(compressed, export.format, target, dtype=export.dtype, report=report)
+    summary = export_checkpoint(compressed, export.format, target, dtype=export.dtype, report=report,
+                                overwrite=overwrite and export.path is not None, inputs=inputs,
+                                label=label if export.path else "export")
     if export.path is None:
         summary["path"] = str((output / default_name).resolve())
     return summary
@@ -110,4 +121,10 @@ def export_run(run_dir: Path, fmt: str, target: Path, *, dtype: str = "auto", ov
         raise UserError(f"{run_dir} has no {STATE_DIR}/ folder: export works on a finished `compress run` output "
                         "folder (runs keep their compressed state there)")
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
-    return export_checkpoint(load_state(state), fmt, target, dtype=dtype, report=report, overwrite=overwrite)
+    # Refused before the state is read: an existing or unwritable target, or one that is (or holds) the run itself
+    # or an input of that run (its model, its data).
+    inputs = [run_dir, *named_paths(report.get("recipe") if isinstance(report, dict) else None)]
+    check_output_target(target, overwrite, inputs=inputs, label="--output")
+    preflight_output(target, label="--output")
+    return export_checkpoint(load_state(state), fmt, target, dtype=dtype, report=report, overwrite=overwrite,
+                             inputs=inputs, label="--output")

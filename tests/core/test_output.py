@@ -3,7 +3,7 @@
 import pytest
 
 from compress.recipe.errors import UserError
-from compress.engine.output import atomic_output
+from compress.engine.output import MARKER, atomic_output
 
 
 def test_success_renames_into_place(tmp_path):
@@ -12,7 +12,7 @@ def test_success_renames_into_place(tmp_path):
         (staging / "report.json").write_text("{}")
         assert not target.exists()
     assert (target / "report.json").read_text() == "{}"
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging folder, no lock file left behind
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -27,21 +27,21 @@ def test_failure_or_interrupt_leaves_nothing(tmp_path, exc):
 
 def test_existing_output_needs_overwrite(tmp_path):
     target = tmp_path / "run"
-    target.mkdir()
-    (target / "old").write_text("keep me")
+    with atomic_output(target) as staging:
+        (staging / "old").write_text("keep me")
     with pytest.raises(UserError, match="--overwrite"):
         with atomic_output(target):
             pass
     assert (target / "old").read_text() == "keep me"
     with atomic_output(target, overwrite=True) as staging:
         (staging / "new").write_text("x")
-    assert [p.name for p in target.iterdir()] == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new"]
 
 
 def test_failed_overwrite_keeps_the_previous_run(tmp_path):
     target = tmp_path / "run"
-    target.mkdir()
-    (target / "old").write_text("keep me")
+    with atomic_output(target) as staging:
+        (staging / "old").write_text("keep me")
     with pytest.raises(RuntimeError):
         with atomic_output(target, overwrite=True):
             raise RuntimeError("boom")

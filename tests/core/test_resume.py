@@ -40,7 +40,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def run_cli_process(workdir: Path, *args: str, fault: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), FAULT_ENV: fault, "COLUMNS": "300"}
+    # A narrow, non-terminal stderr (a cluster log): the printed resume command must still be one pasteable line.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), FAULT_ENV: fault, "COLUMNS": "40"}
     return subprocess.run([sys.executable, "-m", "compress.cli.main", "run", "recipe.yaml", *args], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -64,7 +65,8 @@ def test_interrupted_then_killed_run_resumes_bit_identically(workdir):
     # Ctrl-C right after layer 0 was checkpointed: exit 130 and the exact command to resume.
     stopped = run_cli_process(workdir, "--output", "resumed", "--quiet", fault="0:INT")
     assert stopped.returncode == 130, stopped.stderr
-    assert "Resume with: compress run recipe.yaml --output resumed --resume" in stopped.stderr
+    assert "\nResume with: compress run recipe.yaml --output resumed --resume\n" in stopped.stderr
+    assert f"interrupted: finished layers are saved in {checkpoint_dir_for(Path('resumed'))}.\n" in stopped.stderr
     checkpoints = checkpoint_dir_for(workdir / "resumed")
     assert sorted(p.name for p in (checkpoints / "sweep-0").iterdir()) == ["layer-0000"]
     assert not (workdir / "resumed").exists()
