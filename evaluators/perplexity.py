@@ -92,7 +92,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device:
 
 def scored_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, logit_chunk_mb: int) -> float:
     """-sum log P(targets[i] | hidden[i]) for hidden (N, hidden) rows, `logit_chunk_mb` MiB of logits at a time."""
-    chunk_rows = rows_per_chunk(head.vocab_size(hidden), logit_chunk_mb)
+    chunk_rows = rows_per_chunk(head.vocab_size(), logit_chunk_mb)
     return float(target_nll(head, hidden, targets, chunk_rows=chunk_rows))
 
 

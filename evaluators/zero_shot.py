@@ -241,7 +241,7 @@ def score_requests(model: nn.Module, requests: list[TokenRequest], *, batch_size
         plan = continuation_positions(batch, [[requests[i].continuation for i in users[ids]] for ids in batch])
         rows = hidden[plan.row_of_position, plan.position]  # (R, hidden): only the scored positions
         scores = target_scores(head, rows, plan.pair_rows, plan.pair_targets,
-                               chunk_rows=rows_per_chunk(head.vocab_size(rows), logit_chunk_mb))
+                               chunk_rows=rows_per_chunk(head.vocab_size(), logit_chunk_mb))
         served = [i for ids in batch for i in users[ids]]
         for index, (first, last) in zip(served, plan.pair_spans):
             results[index] = Loglikelihood(float(scores.logprobs[first:last].sum()),
@@ -267,7 +267,11 @@ class PositionPlan:
 
 def continuation_positions(batch: list[tuple[int, ...]], continuations: list[list[tuple[int, ...]]]) -> PositionPlan:
     """The positions predicting each continuation: the last len(continuation) positions of its model input."""
-    row_of, position, pair_rows, targets, spans = [], [], [], [], []
+    row_of: list[int] = []
+    position: list[int] = []
+    pair_rows: list[int] = []
+    targets: list[int] = []
+    spans: list[tuple[int, int]] = []
     for row, (ids, conts) in enumerate(zip(batch, continuations)):
         longest = max(len(c) for c in conts)
         first_row = len(position)

@@ -44,13 +44,9 @@ class OutputHead:
     multiply: float | None = None  # Cohere: logits * logit_scale
     divide: float | None = None  # Granite: logits / logits_scaling
 
-    def vocab_size(self, hidden: torch.Tensor) -> int:
-        """Logits per position: the head's weight rows, else measured on one hidden row."""
-        weight = getattr(self.module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            return int(weight.shape[0])
-        with torch.no_grad():
-            return int(self(hidden[:1]).shape[-1])
+    def vocab_size(self) -> int:
+        """Logits per position: the rows of the head's (vocab, hidden) weight."""
+        return int(cast(torch.Tensor, self.module.weight).shape[0])
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.module(hidden)
@@ -67,8 +63,10 @@ class OutputHead:
 def output_head(model: nn.Module) -> OutputHead:
     get = getattr(model, "get_output_embeddings", None)
     module = get() if callable(get) else None
-    if not isinstance(module, nn.Module):
-        raise UserError(f"{_model_type(model)}: the model has no output-embedding module to score tokens with")
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise UserError(f"{_model_type(model)}: the model has no output-embedding module with a (vocab, hidden) "
+                        "weight to score tokens with")
     configs = [getattr(model, "config", None)]
     configs.append(getattr(configs[0], "text_config", None))
     def setting(name: str) -> float | None:
@@ -155,10 +153,12 @@ def target_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, *,
         logits = head(rows).float()  # (n, vocab)
         return (torch.logsumexp(logits, dim=-1) - logits.gather(1, wanted[:, None])[:, 0]).sum()
 
+    # One chunk gains nothing from checkpointing (its logits are the peak either way) and would pay the recompute.
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_rows
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows, wanted = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-        if torch.is_grad_enabled() and rows.requires_grad:
+        if recompute:
             total = total + cast(torch.Tensor, checkpoint(chunk_nll, rows, wanted, use_reentrant=False))
         else:
             total = total + chunk_nll(rows, wanted)
