@@ -107,7 +107,7 @@ def final_hidden(model: nn.Module, head: OutputHead, input_ids: torch.Tensor) ->
 def _check_head(model: nn.Module, head: OutputHead, last_hidden: torch.Tensor, model_logits: torch.Tensor) -> None:
     with torch.no_grad():
         ours = head(last_hidden).float()
-        theirs = model_logits.float()
+        theirs = model_logits.float().to(ours.device)  # a dispatched model's head may sit on another device
         tolerance = 1e-3 * (1.0 + float(theirs.abs().max())) if theirs.numel() else 0.0
         if ours.shape != theirs.shape or float((ours - theirs).abs().max()) > tolerance:
             raise UserError(
@@ -124,21 +124,21 @@ class TargetScores:
 
 def target_scores(head: OutputHead, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, *,
                   chunk_rows: int) -> TargetScores:
-    """Log-probability and argmax flag of `targets[p]` at hidden row `rows[p]`, for hidden (R, hidden) rows.
+    """Log-probability and argmax flag (on the CPU) of `targets[p]` at hidden row `rows[p]`, for hidden (R, hidden).
 
     The head runs on `chunk_rows` rows at a time; each chunk's (n, vocab) logits are reduced to one logsumexp, one
     argmax and the picked logits per row before the next chunk exists. No gradient (see `target_nll` for that).
     """
-    logprobs = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
-    is_argmax = torch.empty(rows.shape[0], dtype=torch.bool, device=hidden.device)
-    rows, targets = rows.to(hidden.device), targets.to(hidden.device)
+    logprobs = torch.empty(rows.shape[0], dtype=torch.float32)
+    is_argmax = torch.empty(rows.shape[0], dtype=torch.bool)
+    rows, targets = rows.cpu(), targets.cpu()
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_rows):
-            logits = head(hidden[start : start + chunk_rows]).float()  # (n, vocab)
+            logits = head(hidden[start : start + chunk_rows]).float()  # (n, vocab), on the head's device
             in_chunk = (rows >= start) & (rows < start + logits.shape[0])
-            local, wanted = rows[in_chunk] - start, targets[in_chunk]
-            logprobs[in_chunk] = logits[local, wanted] - torch.logsumexp(logits, dim=-1)[local]
-            is_argmax[in_chunk] = logits.argmax(dim=-1)[local] == wanted
+            local, wanted = (rows[in_chunk] - start).to(logits.device), targets[in_chunk].to(logits.device)
+            logprobs[in_chunk] = (logits[local, wanted] - torch.logsumexp(logits, dim=-1)[local]).cpu()
+            is_argmax[in_chunk] = (logits.argmax(dim=-1)[local] == wanted).cpu()
             del logits
     return TargetScores(logprobs, is_argmax)
 
@@ -151,17 +151,18 @@ def target_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, *,
     """
     def chunk_nll(rows: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
         logits = head(rows).float()  # (n, vocab)
+        wanted = wanted.to(logits.device)
         return (torch.logsumexp(logits, dim=-1) - logits.gather(1, wanted[:, None])[:, 0]).sum()
 
     # One chunk gains nothing from checkpointing (its logits are the peak either way) and would pay the recompute.
     recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_rows
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows, wanted = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
         if recompute:
-            total = total + cast(torch.Tensor, checkpoint(chunk_nll, rows, wanted, use_reentrant=False))
+            total = total + cast(torch.Tensor, checkpoint(chunk_nll, rows, wanted, use_reentrant=False)).cpu()
         else:
-            total = total + chunk_nll(rows, wanted)
+            total = total + chunk_nll(rows, wanted).cpu()
     return total
 
 

@@ -72,36 +72,63 @@ def main(model_dir: str, evaluator: str, data: str, docs: int, chunk_mb: int | N
     import torch
 
     import compress.app.builtins  # noqa: F401  (registers the evaluators)
-    from compress.engine.context import RunContext, RunInputs
     from compress.engine.model_io import load_model
     from compress.evaluators import zero_shot
-    from compress.recipe.registry import available_evaluators
 
     if full_table:
         zero_shot.score_requests = full_table_score_requests
-
     torch.set_num_threads(1)  # the tests share a 2-core machine; memory, not speed, is measured
     handle = load_model(model_dir, device="cpu")
     loaded = peak_mib()
+    started = time.perf_counter()
+    results = sensitivities(handle, data, docs, chunk_mb) if evaluator == "sensitivity" else \
+        evaluate(handle, evaluator, data, docs, chunk_mb)
+    print(json.dumps({"evaluator": evaluator, "docs": docs, "loaded_mib": round(loaded, 1),
+                      "peak_mib": round(peak_mib(), 1), "seconds": round(time.perf_counter() - started, 2),
+                      "results": results}))
+
+
+def evaluate(handle, evaluator: str, data: str, docs: int, chunk_mb: int | None) -> dict[str, float]:
+    """Run a registered evaluator as a recipe's `evaluate:` section would; {metric/label: value}."""
+    import torch
+
+    from compress.engine.context import RunContext, RunInputs
+    from compress.recipe.registry import available_evaluators
+
     definition = available_evaluators()[evaluator]
     settings = {"zero_shot": {"tasks": ["hellaswag"], "data_dir": data, "limit": docs, "batch_size": 32},
+                "lm_eval": {"tasks": ["hellaswag"], "data_dir": data, "limit": docs, "batch_size": 8},
                 "perplexity": {"dataset": data, "seq_len": 128, "batch_size": 8, "max_windows": docs}}[evaluator]
     if chunk_mb is not None:
         settings["logit_chunk_mb"] = chunk_mb
-    started = time.perf_counter()
     results = definition.apply(handle, definition.config(**settings), RunContext(RunInputs(device=torch.device("cpu"))))
-    results = results if isinstance(results, list) else [results]
-    print(json.dumps({"evaluator": evaluator, "docs": docs, "loaded_mib": round(loaded, 1),
-                      "peak_mib": round(peak_mib(), 1), "seconds": round(time.perf_counter() - started, 2),
-                      "results": {f"{r.metric}/{r.label}": r.value for r in results}}))
+    return {f"{r.metric}/{r.label}": r.value for r in (results if isinstance(results, list) else [results])}
+
+
+def sensitivities(handle, text: str, windows: int, chunk_mb: int | None) -> dict[str, float]:
+    """`allocate`'s hessian_trace estimator on `windows` calibration windows of 64 tokens; summed module scores."""
+    import torch
+
+    from compress.compressors.allocate import AllocateConfig, compute_sensitivities
+    from compress.compressors.rtn import RTNConfig
+    from compress.engine.context import RunContext, RunInputs
+    from compress.engine.data import load_text, sample_windows, tokenize_text
+
+    calibration = sample_windows(tokenize_text(handle.tokenizer, load_text(text)), windows, 64, 0)
+    settings = {"budget": {"avg_bits": 4.25}, "sensitivity": "hessian_trace", "max_probes": 4}
+    if chunk_mb is not None:
+        settings["logit_chunk_mb"] = chunk_mb
+    run = RunContext(RunInputs(device=torch.device("cpu"), calibration=calibration, calibration_batch_size=8))
+    document = compute_sensitivities(handle, AllocateConfig(**settings), RTNConfig(bits=4), run)
+    return {"hessian_trace/sum_of_module_scores": sum(document["module_scores"].values())}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
-    parser.add_argument("evaluator", choices=["zero_shot", "perplexity"])
-    parser.add_argument("data", help="zero_shot: a data folder with hellaswag/; perplexity: a text file")
-    parser.add_argument("docs", type=int, help="documents (zero_shot) or windows (perplexity)")
+    parser.add_argument("evaluator", choices=["zero_shot", "lm_eval", "perplexity", "sensitivity"])
+    parser.add_argument("data", help="zero_shot, lm_eval: a data folder with hellaswag/; else a text file")
+    parser.add_argument("docs", type=int, help="documents (zero_shot, lm_eval) or windows (perplexity, sensitivity)")
     parser.add_argument("--chunk-mb", type=int, help="the evaluator's logit_chunk_mb (default: its own default)")
     parser.add_argument("--full-table", action="store_true")
     args = parser.parse_args()
