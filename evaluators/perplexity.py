@@ -55,7 +55,8 @@ class PerplexityConfig(StrictConfig):
 
     `logit_chunk_mb`: MiB of float32 logits (positions x vocabulary x 4 bytes) alive at once. The model's head
     runs on that many positions at a time, each chunk reduced to its summed NLL, so a batch's memory is its
-    activations plus about twice this, not batch_size x seq_len x vocabulary (8 GiB for 8 x 2048 at 128k).
+    activations plus 2-4 times this (the logsumexp's temporaries), not batch_size x seq_len x vocabulary
+    (8 GiB for 8 x 2048 at 128k).
     """
 
     dataset: str

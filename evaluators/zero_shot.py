@@ -26,7 +26,8 @@ the right and run `batch_size` at a time.
 Memory: each batch is reduced to its requests' two numbers (summed log-probability, greedy flag) before the next
 runs. The model's head is applied only at the continuation positions, `logit_chunk_mb` MiB of float32 logits at
 a time, each chunk reduced by logsumexp + gather (compress/engine/vocab_head.py); no (T, vocab) table is kept.
-Peak memory is one batch's activations plus about twice `logit_chunk_mb`, flat in the number of documents.
+Peak memory is one batch's activations plus 2-4 times `logit_chunk_mb` (the logsumexp's temporaries), flat in
+the number of documents.
 
 Recipe example:
 

@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from compress.recipe.errors import UserError
 
-# The default `logit_chunk_mb` of the evaluators: float32 logits alive at once (the logsumexp takes about as much
-# again while it runs). 256 MiB is 523 positions at a 128,256-token vocabulary, 16,384 at 4,096.
+# The default `logit_chunk_mb` of the evaluators: float32 logits alive at once (the logsumexp's temporaries take one
+# to three times as much again while it runs). 256 MiB is 523 positions at a 128,256-token vocabulary, 16,384 at 4,096.
 DEFAULT_LOGIT_CHUNK_MB = 256
 MAX_LOGIT_CHUNK_MB = 1 << 20  # 1 TiB: a bound for the config field, not a recommendation
 
