@@ -151,9 +151,11 @@ def main() -> None:
                      f"({'within' if above <= BOUND_MIB else 'OVER'} the stated bound of {BOUND_MIB:,} MiB).")
     lines += [
         "",
-        "lm_eval is lm-evaluation-harness's own code: it keeps only (log-likelihood, is-greedy) per request, so it "
-        "is flat in documents too, but each batch takes a float32 log_softmax over every position, (batch, T, vocab); "
-        "its bound is its `batch_size`. The sensitivity estimator's peak is a few times `logit_chunk_mb`: a "
+        "lm_eval is lm-evaluation-harness's own code, not chunked by us: it keeps only (log-likelihood, is-greedy) "
+        "per request, but each batch takes a float32 log_softmax over every position, (batch_size, T, vocab), and its "
+        "first batch holds the longest inputs, so its peak rises with the longest document seen, bounded by "
+        "batch_size x max_length x vocab x 4 bytes; use `zero_shot` for the built-in tasks at a large vocabulary. "
+        "The sensitivity estimator's peak is a few times `logit_chunk_mb`: a "
         "Hessian-vector product keeps each differentiated position's softmax for the second derivative.",
     ]
     Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
