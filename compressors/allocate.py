@@ -17,7 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -28,6 +28,7 @@ from compress.engine.context import RunContext
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
+from compress.engine.vocab_head import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB
 from compress.quant.modules import find_linears, matches, select, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import UniformAffine
@@ -106,6 +107,9 @@ class AllocateConfig(StrictConfig):
 
     samples: calibration windows the estimator uses (default: all); tol / max_probes: Hutchinson's stopping rule
     (hessian_trace). sensitivity_file: reuse costs saved by `compress sensitivity` instead of computing them.
+    logit_chunk_mb: how many MiB of float32 logits (positions x vocabulary x 4 bytes) the loss holds at once; at a
+    128k vocabulary hessian_trace then differentiates a batch a few hundred positions at a time (more forwards,
+    same numbers) instead of holding every position's softmax for the second derivative.
 
     Recipe example:
 
@@ -133,6 +137,8 @@ class AllocateConfig(StrictConfig):
     tol: float = Field(1e-2, gt=0, lt=1)
     max_probes: int = Field(32, ge=1, le=10_000)
     seed: int = 0
+    logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
+                                description="MiB of float32 vocabulary-wide logits the estimators hold at once")
 
     @field_validator("candidates")
     @classmethod
@@ -225,33 +231,39 @@ def _estimate(
     modules = {name: m for layer in layer_modules for name, m in layer.items()}
     if cfg.sensitivity == "delta_loss":
         by_unit = {u: [(name, modules[name]) for name in names] for u, names in units.items()}
-        increases = sens.loss_increases(model, by_unit, list(specs.values()), batches)
+        increases = sens.loss_increases(model, by_unit, list(specs.values()), batches, cfg.logit_chunk_mb)
         unit_costs = {u: dict(zip(specs, row)) for u, row in increases.items()}
         scores = {u: row[0] for u, row in increases.items()}  # at the narrowest width
         return scores, None, {"unit_costs": unit_costs, "assumption": "additive (Hubara et al. 2021)"}
-    errors = {name: {b: sens.quantization_error(m, spec) for b, spec in specs.items()} for name, m in modules.items()}
     if cfg.sensitivity == "hessian_trace":
         traces = sens.hessian_traces(model, layer_modules, batches, tol=cfg.tol, max_probes=cfg.max_probes,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, logit_chunk_mb=cfg.logit_chunk_mb)
         # Away from a minimum (an untrained model) a trace can come out negative; a quadratic model with negative
         # curvature would reward rounding error, so such a module counts as insensitive instead (and is listed).
         scores = {name: max(traces[name].traces[0], 0.0) / weight_matrix(m).numel() for name, m in modules.items()}
-        costs = {name: {b: scores[name] * float(e.pow(2).sum()) for b, e in errors[name].items()} for name in modules}
+        costs = error_costs(modules, specs, lambda name, error: scores[name] * float(error.pow(2).sum()))
         probes = {name: {"trace": t.traces[0], "probes": t.probes, "converged": t.converged} for name, t in traces.items()}
         negative = [name for name, t in traces.items() if t.traces[0] < 0]
         return scores, costs, {"hutchinson": probes, "tol": cfg.tol, "max_probes": cfg.max_probes,
                                "negative_traces_clamped": negative}
     if cfg.sensitivity == "fisher":
         windows = torch.cat(batches)
-        fisher = sens.fisher_diagonals(model, modules, windows)
+        fisher = sens.fisher_diagonals(model, modules, windows, logit_chunk_mb=cfg.logit_chunk_mb)
         scores = {name: float(f.mean()) for name, f in fisher.items()}
-        costs = {name: {b: 0.5 * float((fisher[name] * e.pow(2)).sum()) for b, e in errors[name].items()}
-                 for name in modules}
+        costs = error_costs(modules, specs, lambda name, error: 0.5 * float((fisher[name] * error.pow(2)).sum()))
         return scores, costs, {"fisher": "empirical, per-window squared gradients"}
     dissimilarity = sens.io_dissimilarity(model, list(handle.layers), batches)
     scores = {name: dissimilarity[i] for i, layer in enumerate(layer_modules) for name in layer}
-    costs = {name: {b: scores[name] * float(e.pow(2).sum()) for b, e in errors[name].items()} for name in modules}
+    costs = error_costs(modules, specs, lambda name, error: scores[name] * float(error.pow(2).sum()))
     return scores, costs, {"layer_dissimilarity": dissimilarity}
+
+
+def error_costs(modules: dict[str, nn.Module], specs: dict[int, QuantSpec],
+                cost_of: Callable[[str, torch.Tensor], float]) -> dict[str, dict[int, float]]:
+    """cost_of(module name, Q_b(W) - W) for every module and width, one float32 error matrix alive at a time
+    (all of them at once would be len(candidates) float32 copies of the quantized weights)."""
+    return {name: {bits: cost_of(name, sens.quantization_error(module, spec)) for bits, spec in specs.items()}
+            for name, module in modules.items()}
 
 
 def load_sensitivities(path: str, cfg: AllocateConfig, quantizer: WeightQuantConfig,

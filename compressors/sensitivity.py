@@ -28,6 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from compress.engine.vocab_head import (
+    DEFAULT_LOGIT_CHUNK_MB,
+    next_token_scorer,
+    output_head,
+    rows_per_chunk,
+    target_nll,
+)
 from compress.quant.modules import set_weight_matrix, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import quantize_rtn
@@ -109,20 +116,48 @@ def loss_hvp(losses: Sequence[Callable[[], torch.Tensor]], params: list[torch.Te
 # The calibration loss and the model-level estimators
 
 
-def next_token_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over a batch of token windows (batch, seq_len)."""
-    logits = model(windows, use_cache=False).logits[:, :-1]  # (B, T-1, vocab)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1))
+def next_token_loss(model: nn.Module, windows: torch.Tensor, *,
+                    logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB) -> torch.Tensor:
+    """Mean next-token cross-entropy over a batch of token windows (batch, seq_len).
+
+    The head runs `logit_chunk_mb` MiB of logits at a time under activation checkpointing (vocab_head.target_nll),
+    so neither forward nor a first-order backward holds (batch, seq_len, vocab) logits.
+    """
+    return summed_nll(model, windows, 0, windows.shape[1] - 1, logit_chunk_mb) / (windows[:, 1:].numel())
 
 
-def calibration_losses(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[Callable[[], torch.Tensor]]:
-    """One closure per batch whose values sum to the mean loss over all calibration windows."""
-    total = sum(b.shape[0] for b in batches)
+def summed_nll(model: nn.Module, windows: torch.Tensor, first: int, last: int, logit_chunk_mb: int) -> torch.Tensor:
+    """Summed NLL of the tokens windows[:, first + 1 : last + 1], predicted from positions [first, last).
 
-    def loss_of(batch: torch.Tensor) -> Callable[[], torch.Tensor]:
-        return lambda: next_token_loss(model, batch) * (batch.shape[0] / total)
+    Causal attention makes the prefix windows[:, :last] all the model needs to read for them.
+    """
+    head, body = next_token_scorer(model)
+    hidden = body(windows[:, :last])[:, first:]  # (B, last - first, hidden)
+    targets = windows[:, first + 1 : last + 1]
+    chunk_rows = rows_per_chunk(head.vocab_size(), logit_chunk_mb)
+    return target_nll(head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), chunk_rows=chunk_rows)
 
-    return [loss_of(b) for b in batches]
+
+def calibration_losses(model: nn.Module, batches: Sequence[torch.Tensor], *,
+                       logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB) -> list[Callable[[], torch.Tensor]]:
+    """Closures whose values sum to the mean loss over all calibration windows, each within a logit budget.
+
+    A Hessian-vector product keeps the softmax of every position it differentiates twice, so a closure covers only
+    as many positions as `logit_chunk_mb` MiB of logits hold (a range of positions of one batch, read through its
+    prefix); at a small vocabulary that is the whole batch, one closure per batch as before.
+    """
+    tokens = sum(b[:, 1:].numel() for b in batches)
+
+    def loss_of(batch: torch.Tensor, first: int, last: int) -> Callable[[], torch.Tensor]:
+        return lambda: summed_nll(model, batch, first, last, logit_chunk_mb) / tokens
+
+    head = output_head(model)
+    closures = []
+    for batch in batches:
+        predicted = batch.shape[1] - 1
+        span = max(1, rows_per_chunk(head.vocab_size(), logit_chunk_mb) // batch.shape[0])  # positions per closure
+        closures += [loss_of(batch, first, min(first + span, predicted)) for first in range(0, predicted, span)]
+    return closures
 
 
 @contextlib.contextmanager
@@ -149,6 +184,7 @@ def hessian_traces(
     tol: float,
     max_probes: int,
     seed: int,
+    logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB,
 ) -> dict[str, TraceEstimate]:
     """Tr(H) of the calibration loss w.r.t. each module's weight, one decoder layer's modules at a time."""
     generator = torch.Generator().manual_seed(seed)
@@ -157,7 +193,7 @@ def hessian_traces(
         params = _weights(modules)
         # Fused attention kernels (flash, memory-efficient) have no double backward; the math kernel does.
         with grad_only_for(model, params), sdpa_kernel(SDPBackend.MATH):
-            hvp = loss_hvp(calibration_losses(model, batches), params)
+            hvp = loss_hvp(calibration_losses(model, batches, logit_chunk_mb=logit_chunk_mb), params)
             estimate = hutchinson_trace(hvp, [p.shape for p in params], tol=tol, max_probes=max_probes,
                                         generator=generator, device=params[0].device)
         for i, name in enumerate(modules):
@@ -165,13 +201,14 @@ def hessian_traces(
     return estimates
 
 
-def fisher_diagonals(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+def fisher_diagonals(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, *,
+                     logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB) -> dict[str, torch.Tensor]:
     """Mean over calibration windows of the squared gradient of each window's loss, per weight, in (out, in) layout."""
     params = _weights(modules)
     sums = [torch.zeros_like(weight_matrix(m), dtype=torch.float32) for m in modules.values()]
     with grad_only_for(model, params):
         for window in windows.split(1):  # per-sample gradients: the Fisher is E[g g^T], not E[g] E[g]^T
-            grads = torch.autograd.grad(next_token_loss(model, window), params)
+            grads = torch.autograd.grad(next_token_loss(model, window, logit_chunk_mb=logit_chunk_mb), params)
             for acc, grad, module in zip(sums, grads, modules.values()):
                 acc += _as_matrix(grad, module).float().pow(2)
     return {name: acc / windows.shape[0] for name, acc in zip(modules, sums)}
@@ -201,9 +238,10 @@ def io_dissimilarity(model: nn.Module, layers: Sequence[nn.Module], batches: Seq
         return hook
 
     handles = [layer.register_forward_hook(measure(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    _, body = next_token_scorer(model)  # the head's (B, T, vocab) logits are not needed: only the last position runs
     try:
         for batch in batches:
-            model(batch, use_cache=False)
+            body(batch)
             tokens += batch.numel()
     finally:
         for handle in handles:
@@ -223,9 +261,10 @@ def loss_increases(
     units: dict[str, list[tuple[str, nn.Module]]],
     specs: Sequence[QuantSpec],
     batches: Sequence[torch.Tensor],
+    logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB,
 ) -> dict[str, list[float]]:
     """Calibration-loss increase when only one unit is quantized (RTN at each spec), the others left in float."""
-    baseline = _mean_loss(model, batches)
+    baseline = _mean_loss(model, batches, logit_chunk_mb)
     increases: dict[str, list[float]] = {}
     for unit, modules in units.items():
         originals = [weight_matrix(m).clone() for _, m in modules]
@@ -233,14 +272,14 @@ def loss_increases(
         for spec in specs:
             for (_, module), original in zip(modules, originals):
                 set_weight_matrix(module, quantize_rtn(original.float(), spec).dequantize().to(original.dtype))
-            row.append(_mean_loss(model, batches) - baseline)
+            row.append(_mean_loss(model, batches, logit_chunk_mb) - baseline)
         for (_, module), original in zip(modules, originals):
             set_weight_matrix(module, original)
         increases[unit] = row
     return increases
 
 
-def _mean_loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+def _mean_loss(model: nn.Module, batches: Sequence[torch.Tensor], logit_chunk_mb: int) -> float:
     total = sum(b.shape[0] for b in batches)
-    value = sum(float(next_token_loss(model, b)) * b.shape[0] / total for b in batches)
+    value = sum(float(next_token_loss(model, b, logit_chunk_mb=logit_chunk_mb)) * b.shape[0] / total for b in batches)
     return value if math.isfinite(value) else float("inf")

@@ -17,6 +17,12 @@ task YAML and only swaps the data source:
 so prompts, preprocessing (`!function` hooks) and metrics stay lm-eval's. The folder is passed as the
 TaskManager's `include_path`.
 
+Memory: lm-eval keeps two numbers per request (log-likelihood, is-greedy), but each of its batches takes a float32
+log_softmax over every position, (batch_size, T, vocab): 9 GiB peak for batches of 32 HellaSwag inputs at a
+128,256-token vocabulary, and its first batch holds the longest inputs, so the peak rises with the longest document
+(bench/results/eval_memory.md). That is lm-eval's own code, bounded only by `batch_size` x the context length; the
+`zero_shot` evaluator scores the same tasks in `logit_chunk_mb` chunks.
+
 Recipe example:
 
     evaluate:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -31,6 +30,14 @@ from compress.engine.data import contiguous_windows, dataset_label, load_text, t
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
+from compress.engine.vocab_head import (
+    DEFAULT_LOGIT_CHUNK_MB,
+    MAX_LOGIT_CHUNK_MB,
+    OutputHead,
+    next_token_scorer,
+    rows_per_chunk,
+    target_nll,
+)
 from compress.engine.progress import SILENT, Advance, Reporter, no_progress
 from compress.recipe.registry import StrictConfig, register_evaluator
 from compress.recipe.registry import EvalResult
@@ -45,6 +52,11 @@ class PerplexityConfig(StrictConfig):
 
         evaluate:
           perplexity: [{dataset: eval.txt, seq_len: 512}, {dataset: wikitext2, seq_len: 2048}]
+
+    `logit_chunk_mb`: MiB of float32 logits (positions x vocabulary x 4 bytes) alive at once. The model's head
+    runs on that many positions at a time, each chunk reduced to its summed NLL, so a batch's memory is its
+    activations plus 2-4 times this (the logsumexp's temporaries), not batch_size x seq_len x vocabulary
+    (8 GiB for 8 x 2048 at 128k).
     """
 
     dataset: str
@@ -53,6 +65,8 @@ class PerplexityConfig(StrictConfig):
     max_windows: int | None = Field(None, ge=1, description="score only the first N windows (quick checks)")
     stride: int | None = Field(None, ge=1, description="sliding windows (token_ppl v2); unset: disjoint windows (v1)")
     data_dir: str | None = Field(None, description="local copies of hub names, laid out like ../shared/data")
+    logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
+                                description="MiB of float32 vocabulary-wide logits scored at once")
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> "PerplexityConfig":
@@ -63,26 +77,34 @@ class PerplexityConfig(StrictConfig):
 
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-               advance: Advance = no_progress) -> tuple[float, int]:
+               advance: Advance = no_progress, logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB) -> tuple[float, int]:
     """Summed next-token NLL over all windows (count, seq_len), and the number of scored tokens."""
+    head, body = next_token_scorer(model)
     total_nll, total_tokens = 0.0, 0
     for batch in windows.split(batch_size):
         advance(batch.shape[0])
         batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, vocab)
+        hidden = body(batch)[:, :-1]  # (B, T-1, hidden)
         targets = batch[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        total_nll += scored_nll(head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), logit_chunk_mb)
         total_tokens += targets.numel()
     return total_nll, total_tokens
 
 
+def scored_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, logit_chunk_mb: int) -> float:
+    """-sum log P(targets[i] | hidden[i]) for hidden (N, hidden) rows, `logit_chunk_mb` MiB of logits at a time."""
+    chunk_rows = rows_per_chunk(head.vocab_size(), logit_chunk_mb)
+    return float(target_nll(head, hidden, targets, chunk_rows=chunk_rows))
+
+
 def perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int, device: torch.device,
-                  max_windows: int | None = None, reporter: Reporter = SILENT) -> tuple[float, dict[str, int]]:
+                  max_windows: int | None = None, reporter: Reporter = SILENT,
+                  logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB) -> tuple[float, dict[str, int]]:
     windows = contiguous_windows(token_ids, seq_len)
     if max_windows is not None:
         windows = windows[:max_windows]
     with reporter.task(f"perplexity ({windows.shape[0]} windows)", total=windows.shape[0], unit="window") as advance:
-        nll, tokens = window_nll(model, windows, batch_size, device, advance)
+        nll, tokens = window_nll(model, windows, batch_size, device, advance, logit_chunk_mb)
     return math.exp(nll / tokens), {"windows": windows.shape[0], "scored_tokens": tokens}
 
 
@@ -100,11 +122,12 @@ def sliding_windows(total_tokens: int, seq_len: int, stride: int) -> list[tuple[
 
 @torch.no_grad()
 def sliding_perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: int, stride: int, batch_size: int,
-                          device: torch.device, max_windows: int | None = None,
-                          reporter: Reporter = SILENT) -> tuple[float, dict[str, int]]:
+                          device: torch.device, max_windows: int | None = None, reporter: Reporter = SILENT,
+                          logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB) -> tuple[float, dict[str, int]]:
     if token_ids.numel() < 2:
         raise UserError(f"evaluation text has {token_ids.numel()} tokens; perplexity needs at least 2")
     windows = sliding_windows(token_ids.numel(), seq_len, stride)[:max_windows]
+    head, body = next_token_scorer(model)
     total_nll, total_tokens = 0.0, 0
     with reporter.task(f"perplexity ({len(windows)} sliding windows)", total=len(windows)) as advance:
         for start in range(0, len(windows), batch_size):
@@ -112,11 +135,10 @@ def sliding_perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: in
             for length in sorted({end - begin for begin, end, _ in group}):  # the tail window is shorter
                 same = [w for w in group if w[1] - w[0] == length]
                 batch = torch.stack([token_ids[b:e] for b, e, _ in same]).to(device)  # (B, length)
-                logprobs = F.log_softmax(model(batch, use_cache=False).logits[:, :-1].float(), dim=-1)  # (B, length-1, vocab)
+                hidden = body(batch)  # (B, length, hidden)
                 for row, (begin, end, first) in enumerate(same):
                     targets = batch[row, first - begin :]
-                    picked = logprobs[row, first - begin - 1 :].gather(1, targets[:, None])
-                    total_nll -= picked.sum().item()
+                    total_nll += scored_nll(head, hidden[row, first - begin - 1 : -1], targets, logit_chunk_mb)
                     total_tokens += targets.numel()
             advance(len(group))
     return math.exp(total_nll / total_tokens), {"windows": len(windows), "scored_tokens": total_tokens}
@@ -133,10 +155,11 @@ def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunCont
     with model_on_device(handle, handle.device):
         if cfg.stride is None:
             value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device,
-                                          cfg.max_windows, run.inputs.reporter)
+                                          cfg.max_windows, run.inputs.reporter, cfg.logit_chunk_mb)
         else:
             value, counts = sliding_perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.stride, cfg.batch_size,
-                                                  handle.device, cfg.max_windows, run.inputs.reporter)
+                                                  handle.device, cfg.max_windows, run.inputs.reporter,
+                                                  cfg.logit_chunk_mb)
     protocol = PROTOCOL if cfg.stride is None else {**SLIDING_PROTOCOL, "stride": cfg.stride}
     details = {**protocol, "seq_len": cfg.seq_len, "dataset": cfg.dataset, **counts}
     return EvalResult("perplexity", dataset_label(cfg.dataset), value, details)

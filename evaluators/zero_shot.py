@@ -23,6 +23,12 @@ each, like BoolQ's " no"/" yes", costs one forward for all its choices: the shar
 inputs are sorted longest first (so padding is small and the first batch shows the peak memory), padded on
 the right and run `batch_size` at a time.
 
+Memory: each batch is reduced to its requests' two numbers (summed log-probability, greedy flag) before the next
+runs. The model's head is applied only at the continuation positions, `logit_chunk_mb` MiB of float32 logits at
+a time, each chunk reduced by logsumexp + gather (compress/engine/vocab_head.py); no (T, vocab) table is kept.
+Peak memory is one batch's activations plus 2-4 times `logit_chunk_mb` (the logsumexp's temporaries), flat in
+the number of documents.
+
 Recipe example:
 
     evaluate:
@@ -36,10 +42,9 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
@@ -48,6 +53,13 @@ from compress.engine.data import DATA_DIR_ENV
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
+from compress.engine.vocab_head import (
+    DEFAULT_LOGIT_CHUNK_MB,
+    MAX_LOGIT_CHUNK_MB,
+    next_token_scorer,
+    rows_per_chunk,
+    target_scores,
+)
 from compress.engine.progress import SILENT, Advance, Reporter, no_progress
 from compress.recipe.registry import StrictConfig, did_you_mean, register_evaluator
 from compress.recipe.registry import EvalResult
@@ -67,7 +79,9 @@ class ZeroShotConfig(StrictConfig):
     `tasks`: built-in names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, lambada_openai)
     or paths to JSONL files of `{context, choices, gold}`. `data_dir`: a folder laid out like
     ../shared/data (piqa/valid.jsonl, arc_easy/arc_easy.jsonl, ...) to read the built-in tasks from
-    instead of the hub; defaults to $COMPRESS_DATA_DIR.
+    instead of the hub; defaults to $COMPRESS_DATA_DIR. `logit_chunk_mb`: how many MiB of float32 logits
+    (positions x vocabulary x 4 bytes) the scorer holds at once (256 MiB is 523 positions at a 128,256-token
+    vocabulary); larger is no faster once the head's matmul is big, smaller bounds memory further.
     """
 
     tasks: list[str] = Field(min_length=1)
@@ -75,6 +89,8 @@ class ZeroShotConfig(StrictConfig):
     batch_size: int = Field(32, ge=1, description="model inputs per forward pass")
     data_dir: str | None = None
     max_length: int | None = Field(None, ge=2, description="context length; default: the model's (as lm-eval)")
+    logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
+                                description="MiB of float32 vocabulary-wide logits scored at once")
 
     @field_validator("tasks")
     @classmethod
@@ -201,28 +217,73 @@ def _model_input(request: TokenRequest, max_length: int) -> tuple[int, ...]:
 
 @torch.no_grad()
 def score_requests(model: nn.Module, requests: list[TokenRequest], *, batch_size: int, max_length: int,
-                   device: torch.device, advance: Advance = no_progress) -> list[Loglikelihood]:
-    """log P(continuation | context) for every request, one forward per distinct model input."""
+                   device: torch.device, logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB,
+                   advance: Advance = no_progress) -> list[Loglikelihood]:
+    """log P(continuation | context) for every request, one forward per distinct model input.
+
+    Each batch is reduced to its requests' (logprob, is_greedy) before the next batch runs: the head is applied
+    only at continuation positions, `logit_chunk_mb` MiB of float32 logits at a time, so memory is one batch's
+    activations plus one chunk of logits, whatever the number of documents or the vocabulary.
+    """
     inputs = [_model_input(r, max_length) for r in requests]
+    users: dict[tuple[int, ...], list[int]] = {}  # model input -> the requests it serves
+    for index, ids in enumerate(inputs):
+        users.setdefault(ids, []).append(index)
     # Longest first: each batch pads to its first row, and a memory problem shows in the first batch.
-    unique = sorted(set(inputs), key=lambda ids: (-len(ids), ids))
-    log_probs: dict[tuple[int, ...], torch.Tensor] = {}
+    unique = sorted(users, key=lambda ids: (-len(ids), ids))
+    head, body = next_token_scorer(model)
+    results: list[Loglikelihood | None] = [None] * len(requests)
     for start in range(0, len(unique), batch_size):
         batch = unique[start : start + batch_size]
         padded = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right padding cannot reach the rows
         for row, ids in enumerate(batch):
             padded[row, : len(ids)] = torch.tensor(ids)
-        logits = model(padded.to(device)).logits  # (B, T, vocab)
-        for row, ids in enumerate(batch):
-            log_probs[ids] = F.log_softmax(logits[row, : len(ids)], dim=-1).cpu()  # (T, vocab)
+        hidden = body(padded.to(device))  # (B, T, hidden)
+        plan = continuation_positions(batch, [[requests[i].continuation for i in users[ids]] for ids in batch])
+        rows = hidden[plan.row_of_position, plan.position]  # (R, hidden): only the scored positions
+        scores = target_scores(head, rows, plan.pair_rows, plan.pair_targets,
+                               chunk_rows=rows_per_chunk(head.vocab_size(), logit_chunk_mb))
+        served = [i for ids in batch for i in users[ids]]
+        for index, (first, last) in zip(served, plan.pair_spans):
+            results[index] = Loglikelihood(float(scores.logprobs[first:last].sum()),
+                                           bool(scores.is_argmax[first:last].all()))
         advance(len(batch))
-    results = []
-    for request, ids in zip(requests, inputs):
-        cont = torch.tensor(request.continuation)
-        rows = log_probs[ids][len(ids) - len(cont):]  # (len(cont), vocab)
-        greedy = bool((rows.argmax(dim=-1) == cont).all())
-        results.append(Loglikelihood(float(rows.gather(1, cont[:, None]).sum()), greedy))
-    return results
+    assert all(r is not None for r in results), "every request is served by its model input's batch"
+    return cast(list[Loglikelihood], results)
+
+
+@dataclass(frozen=True)
+class PositionPlan:
+    """Which positions of a padded batch the head must score, and which (position, target) pairs each request owns.
+
+    Rows are unique (input, position) pairs: requests sharing a model input share its rows (the shared-input trick).
+    """
+
+    row_of_position: torch.Tensor  # (R,) batch row of each scored position
+    position: torch.Tensor  # (R,) position within that row
+    pair_rows: torch.Tensor  # (P,) index into the R scored positions
+    pair_targets: torch.Tensor  # (P,) the continuation token expected there
+    pair_spans: list[tuple[int, int]]  # per request, in batch order: its pairs are [first, last)
+
+
+def continuation_positions(batch: list[tuple[int, ...]], continuations: list[list[tuple[int, ...]]]) -> PositionPlan:
+    """The positions predicting each continuation: the last len(continuation) positions of its model input."""
+    row_of: list[int] = []
+    position: list[int] = []
+    pair_rows: list[int] = []
+    targets: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for row, (ids, conts) in enumerate(zip(batch, continuations)):
+        longest = max(len(c) for c in conts)
+        first_row = len(position)
+        row_of += [row] * longest
+        position += range(len(ids) - longest, len(ids))
+        for cont in conts:
+            spans.append((len(pair_rows), len(pair_rows) + len(cont)))
+            pair_rows += range(first_row + longest - len(cont), first_row + longest)
+            targets += cont
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return PositionPlan(as_long(row_of), as_long(position), as_long(pair_rows), as_long(targets), spans)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,13 +327,14 @@ def last_word_metrics(scores: list[list[Loglikelihood]]) -> tuple[float, float, 
 
 
 def score_task(model: nn.Module, tokenizer: Any, task: TaskDocs, *, batch_size: int, max_length: int,
-               device: torch.device, reporter: Reporter = SILENT) -> dict[str, tuple[float, float]]:
+               device: torch.device, logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB,
+               reporter: Reporter = SILENT) -> dict[str, tuple[float, float]]:
     """{metric: (value, stderr)} for one task's documents."""
     flat = [encode_request(tokenizer, ctx, cont) for doc in task.docs for ctx, cont in doc.requests]
     forwards = len({_model_input(r, max_length) for r in flat})
     with reporter.task(f"{task.name}: {len(task.docs)} docs, {forwards} inputs", total=forwards) as advance:
         results = score_requests(model, flat, batch_size=batch_size, max_length=max_length, device=device,
-                                 advance=advance)
+                                 logit_chunk_mb=logit_chunk_mb, advance=advance)
     per_doc, position = [], 0
     for doc in task.docs:
         per_doc.append(results[position : position + len(doc.requests)])
@@ -310,7 +372,8 @@ def evaluate_zero_shot(handle: ModelHandle, cfg: ZeroShotConfig, run: RunContext
         task: TaskDocs = run.cache.task_docs(ref, str(data_dir), cfg.limit, lambda: load_task(ref, data_dir, cfg.limit))
         with model_on_device(handle, handle.device):
             metrics = score_task(handle.model, handle.tokenizer, task, batch_size=cfg.batch_size,
-                                 max_length=max_length, device=handle.device, reporter=run.inputs.reporter)
+                                 max_length=max_length, device=handle.device, logit_chunk_mb=cfg.logit_chunk_mb,
+                                 reporter=run.inputs.reporter)
         details = {**PROTOCOL, "task": task.name, "task_version": task.version, "source": task.source,
                    "docs": len(task.docs), "max_length": max_length}
         for metric, (value, stderr) in metrics.items():

@@ -1,5 +1,6 @@
 """Sensitivity estimators against exact references on tiny layers."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +60,22 @@ def test_fisher_is_the_mean_of_per_window_squared_gradients(tiny_llama):
         expected += module.weight.grad.pow(2) / 3
     assert torch.allclose(fisher, expected, rtol=1e-4, atol=1e-12)
     assert fisher.sum() > 0
+
+
+def test_position_chunked_losses_give_the_whole_batch_trace_at_a_128k_vocabulary(tmp_path):
+    """hessian_trace at logit_chunk_mb=1 (2 positions per closure at 128,256 tokens) equals one closure per batch."""
+    from compress.compressors.sensitivity import calibration_losses, hessian_traces
+    from compress.engine.model_io import load_model
+    from tests.real_shapes import save_real_shape_model
+
+    handle = load_model(str(save_real_shape_model(tmp_path / "llama3", "llama3", layers=1)), device="cpu")
+    batches = [torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(0))]
+    assert len(calibration_losses(handle.model, batches, logit_chunk_mb=1)) == 4  # 8 predicted positions, 2 each
+    assert len(calibration_losses(handle.model, batches, logit_chunk_mb=64)) == 1
+    layer = handle.model.model.layers[0]
+    modules = [{"down": layer.mlp.down_proj, "q": layer.self_attn.q_proj}]
+    traces = [hessian_traces(handle.model, modules, batches, tol=1e-2, max_probes=4, seed=0, logit_chunk_mb=mb)
+              for mb in (1, 64)]
+    for name in ("down", "q"):
+        chunked, whole = traces[0][name].traces[0], traces[1][name].traces[0]
+        assert chunked == pytest.approx(whole, rel=1e-4, abs=1e-9) and whole != 0.0
