@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -515,16 +514,19 @@ class _Checker:
 
     def check_chain(self, steps: list[PassStep], calibration: CalibrationConfig | None) -> None:
         """Calibration where a pass needs it, a consumer after each allocation, and the order of PASS_ORDER."""
-        later_kinds: set[str] = set()
+        kinds_after: list[set[str]] = []  # per step, the kinds of the passes after it (one walk, not one per step)
+        later: set[str] = set()
         for step in reversed(steps):
+            kinds_after.append(set(later))
+            later.add(step.kind)
+        for step, after in zip(steps, reversed(kinds_after)):
             loc = ("passes", step.index, step.name)
             if step.definition.needs_calibration and calibration is None:
                 self.add(loc, f"pass '{step.name}' needs calibration data: add a `calibration:` section")
-            if step.kind == "allocate" and "quantize" not in later_kinds:
+            if step.kind == "allocate" and "quantize" not in after:
                 self.add(loc, f"'{step.name}' writes a bit plan, so a quantization pass must follow it")
-            if step.kind == "allocate_sparsity" and "prune" not in later_kinds:
+            if step.kind == "allocate_sparsity" and "prune" not in after:
                 self.add(loc, f"'{step.name}' writes per-layer sparsities, so a pruning pass must follow it")
-            later_kinds.add(step.kind)
         for step, problem in order_problems(steps):
             self.add(("passes", step.index, step.name), problem)
 
