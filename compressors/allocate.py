@@ -32,7 +32,7 @@ from compress.engine.vocab_head import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_M
 from compress.quant.modules import find_linears, matches, select, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import UniformAffine
-from compress.recipe.registry import StrictConfig, register_pass
+from compress.recipe.registry import StrictConfig, module_pattern_problem, register_pass
 from compress.compressors import sensitivity as sens
 from compress.compressors.base import WeightQuantConfig
 from compress.compressors.bit_allocation import (
@@ -61,7 +61,7 @@ class BudgetConfig(StrictConfig):
     """
 
     avg_bits: float | None = Field(None, gt=0, le=32)
-    bytes: int | None = Field(None, gt=0)
+    bytes: int | None = Field(None, gt=0, le=10**15)
     ratio: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -90,13 +90,16 @@ class ConstraintsConfig(StrictConfig):
     """
 
     min_bits: dict[str, int] = Field(default_factory=dict)
-    max_bops: int | None = Field(None, gt=0)
+    max_bops: int | None = Field(None, gt=0, le=10**21)
     activation_bits: int = Field(16, ge=2, le=32)
 
     @field_validator("min_bits")
     @classmethod
     def _floors_in_range(cls, value: dict[str, int]) -> dict[str, int]:
         for pattern, bits in value.items():
+            problem = module_pattern_problem(pattern)
+            if problem:
+                raise ValueError(f"min_bits: {problem}")
             if not 2 <= bits <= 8:
                 raise ValueError(f"min_bits[{pattern!r}] must be from 2 to 8, got {bits}")
         return value
@@ -133,10 +136,10 @@ class AllocateConfig(StrictConfig):
     budget: BudgetConfig
     constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig)
     sensitivity_file: str | None = None
-    samples: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1, le=100_000)
     tol: float = Field(1e-2, gt=0, lt=1)
     max_probes: int = Field(32, ge=1, le=10_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
                                 description="MiB of float32 vocabulary-wide logits the estimators hold at once")
 

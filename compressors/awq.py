@@ -28,7 +28,7 @@ from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import matches, weight_matrix
 from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
 from compress.quant.records import quantize_rtn
-from compress.recipe.registry import register_pass
+from compress.recipe.registry import PassKind, register_pass
 from compress.quant.activation import install_activation_quant
 from compress.compressors.base import WeightQuantConfig, keep_pruned_zeros, spec_for, write_back
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
@@ -62,8 +62,13 @@ class AWQConfig(WeightQuantConfig):
     grid: int = Field(20, ge=1, le=200)
     clip: bool = True
     clip_grid: int = Field(20, ge=2, le=200)
-    max_tokens: int = Field(16384, ge=16)
+    max_tokens: int = Field(16384, ge=16, le=10_000_000)
     quantize: bool = True
+
+    @property
+    def acts_as(self) -> PassKind | None:
+        """Without `quantize`, AWQ only folds scales: a transform, which a quantizer (gptq) may follow."""
+        return None if self.quantize else "transform"
 
     @model_validator(mode="after")
     def _activations_need_quantize(self) -> "AWQConfig":

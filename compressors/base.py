@@ -14,7 +14,7 @@ from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_mat
 from compress.quant.activation import ActivationQuantConfig
 from compress.quant.primitives import PerChannel, PerGroup, QuantSpec
 from compress.quant.records import WeightRecord
-from compress.recipe.registry import StrictConfig
+from compress.recipe.registry import ModulePatterns, StrictConfig
 
 
 class WeightQuantConfig(StrictConfig):
@@ -28,9 +28,9 @@ class WeightQuantConfig(StrictConfig):
     path_fields: ClassVar[tuple[str, ...]] = ("plan",)  # resolved against the recipe's folder at load
 
     bits: int = Field(4, ge=2, le=8)
-    group_size: int | None = 128
+    group_size: int | None = Field(128, le=1_048_576)
     symmetric: bool = True
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     activations: ActivationQuantConfig | None = None
     plan: str | None = None
 

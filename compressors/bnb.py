@@ -19,7 +19,7 @@ from compress.engine.context import RunContext
 from compress.recipe.errors import UserError
 from compress.engine.model_io import DTYPES, ModelHandle
 from compress.quant.modules import DEFAULT_IGNORE
-from compress.recipe.registry import StrictConfig, register_pass
+from compress.recipe.registry import ModulePatterns, StrictConfig, register_pass
 from compress.recipe.storage import BITSANDBYTES_MODULES
 
 BITS = {"int8": 8, "nf4": 4, "fp4": 4}
@@ -39,7 +39,7 @@ class BnbConfig(StrictConfig):
     double_quant: bool = True
     int8_threshold: float = Field(6.0, gt=0, description="LLM.int8() outlier threshold on activation magnitude")
     compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
 
 def bnb_quantization_config(cfg: BnbConfig, model_dtype: torch.dtype) -> Any:

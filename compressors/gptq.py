@@ -217,7 +217,7 @@ class GPTQConfig(WeightQuantConfig, HessianOptions):
     """
 
     damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1)
+    block_size: int = Field(128, ge=1, le=1_048_576)
     act_order: bool = False
     static_groups: bool | None = None
     true_sequential: bool = True

@@ -48,7 +48,7 @@ class LayerDropConfig(StrictConfig):
           - layer_drop: {ratio: 0.25}
     """
 
-    count: int | None = Field(None, ge=1)
+    count: int | None = Field(None, ge=1, le=10_000)
     ratio: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -77,7 +77,7 @@ def _measure(influence: dict[int, tuple[float, int]]) -> Any:
     return measure
 
 
-@register_pass("layer_drop", LayerDropConfig, scope="model", kind="prune", needs_calibration=True)
+@register_pass("layer_drop", LayerDropConfig, scope="model", kind="restructure", needs_calibration=True)
 def run_layer_drop(handle: ModelHandle, cfg: LayerDropConfig, run: RunContext,
                    next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Layer drop: remove the decoder layers with the lowest block influence (ShortGPT)."""

@@ -18,7 +18,7 @@ from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
 from compress.engine.model_io import ModelHandle
 from compress.quant.modules import DEFAULT_IGNORE, weight_matrix
-from compress.recipe.registry import StrictConfig, register_pass
+from compress.recipe.registry import ModulePatterns, StrictConfig, register_pass
 from compress.compressors.pruning import input_sq_norms
 from compress.compressors.sparsity import outlier_share, owl_sparsities
 from compress.compressors.wanda import wanda_score
@@ -35,7 +35,7 @@ class OWLConfig(StrictConfig):
     sparsity: float = Field(gt=0, lt=1)
     spread: float = Field(0.08, ge=0, lt=0.5)
     threshold: float = Field(5.0, gt=1)
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
 
 def _measure(shares: dict[str, float], cfg: OWLConfig) -> Any:

@@ -14,7 +14,7 @@ from compress.engine.distributed import all_reduce_sum
 from compress.engine.layer_sweep import LayerContext
 from compress.recipe.errors import UserError
 from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
-from compress.recipe.registry import StrictConfig
+from compress.recipe.registry import ModulePatterns, StrictConfig
 from compress.compressors.sparsity import NM, is_nm, measured_sparsity, parse_pattern
 
 
@@ -30,7 +30,7 @@ class PruneConfig(StrictConfig):
 
     sparsity: float | list[float] | None = None
     pattern: str = "unstructured"
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
     @field_validator("pattern", mode="before")
     @classmethod

@@ -123,7 +123,7 @@ class SparseGPTConfig(PruneConfig, HessianOptions):
     """
 
     damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1)
+    block_size: int = Field(128, ge=1, le=1_048_576)
 
 
 @register_pass("sparsegpt", SparseGPTConfig, scope="layer", kind="prune", needs_calibration=True, data_parallel=True)

@@ -114,7 +114,7 @@ class WidthPruneConfig(StrictConfig):
 
     attention_ratio: float = Field(0.0, ge=0, lt=1)
     mlp_ratio: float = Field(0.0, ge=0, lt=1)
-    channel_multiple: int = Field(8, ge=1)
+    channel_multiple: int = Field(8, ge=1, le=65_536)
     metric: Metric = "fluctuation"
     compensate: bool = False
 
@@ -236,7 +236,7 @@ def _check_compensation(config: Any, cfg: WidthPruneConfig) -> None:
                         f"the compensating bias could not be saved; set compensate: false")
 
 
-@register_pass("width_prune", WidthPruneConfig, scope="model", kind="prune", needs_calibration=True)
+@register_pass("width_prune", WidthPruneConfig, scope="model", kind="restructure", needs_calibration=True)
 def run_width_prune(handle: ModelHandle, cfg: WidthPruneConfig, run: RunContext,
                     next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Width pruning: remove attention heads (KV groups) and MLP channels by activation importance (FLAP)."""

@@ -58,7 +58,7 @@ def plan_stages(steps: tuple[PassStep, ...]) -> list[list[PassStep]]:
 
 def next_quantizer(steps: tuple[PassStep, ...], step: PassStep) -> StrictConfig | None:
     """The config of the first quantize pass after `step`: a model pass's fourth argument (see PassDef)."""
-    return next((s.config for s in steps if s.index > step.index and s.definition.kind == "quantize"), None)
+    return next((s.config for s in steps if s.index > step.index and s.kind == "quantize"), None)
 
 
 def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext) -> tuple[list[dict[str, Any]], float]:

@@ -46,6 +46,7 @@ from pydantic import Field, ValidationError
 from compress.engine.checkpoint import checkpoint_dir_for, model_files_fingerprint, recipe_fingerprint, resume_refusal
 from compress.engine.output import OutputBusy, hold_output
 from compress.recipe.errors import RecipeError, RecipeIssue, UserError
+from compress.recipe.reading import YamlProblems, read_text_file
 from compress.recipe.schema import describe_pydantic_error, format_loc, line_of, load_yaml_with_marks, split_key_path
 from compress.recipe.registry import StrictConfig
 
@@ -53,13 +54,14 @@ Backend = Literal["local", "ray", "slurm"]
 TrialState = Literal["finished", "stale", "pending"]
 Status = dict[str, Any]  # one trial's outcome in this launch: {id, index, status: ok|failed|skipped, seconds, error, log}
 OnResult = Callable[[Status], None]
+MAX_TRIALS = 1_000  # each trial's recipe is validated at load; a grid past this is a typo or a job for several files
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `cli` and `compress` packages that trial processes import
 
 
 class Resources(StrictConfig):
-    cpus: int = Field(1, ge=1)
-    gpus: float = Field(0, ge=0)
-    memory_gb: float | None = Field(None, gt=0)
+    cpus: int = Field(1, ge=1, le=4096)
+    gpus: float = Field(0, ge=0, le=1024)
+    memory_gb: float | None = Field(None, gt=0, le=10**7)
 
 
 class SlurmConfig(StrictConfig):
@@ -68,7 +70,7 @@ class SlurmConfig(StrictConfig):
     partition: str | None = None
     time: str = "04:00:00"
     account: str | None = None
-    max_parallel: int | None = Field(None, ge=1, description="array throttle: at most this many trials at once")
+    max_parallel: int | None = Field(None, ge=1, le=MAX_TRIALS, description="array throttle: at most this many trials at once")
     setup: list[str] = Field(default_factory=list, description="shell lines run before the trial (module load, venv)")
     python: str | None = Field(None, description="interpreter on the nodes; default: the one writing the script")
     extra: list[str] = Field(default_factory=list, description="more '#SBATCH ...' lines, verbatim")
@@ -80,7 +82,7 @@ class SweepFile(StrictConfig):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     output: str | None = None
     backend: Backend = "local"
-    parallel: int = Field(1, ge=1)
+    parallel: int = Field(1, ge=1, le=256)
     resources: Resources = Resources()
     slurm: SlurmConfig = SlurmConfig()
 
@@ -135,6 +137,11 @@ def _short_key(key: str) -> str:
     return key.replace("]", "").split(".")[-1]
 
 
+def trial_count(config: SweepFile) -> int:
+    """How many trials `config` makes, counted without making them (a grid of 10 keys x 10 values is 10^10)."""
+    return max(len(config.models or []), 1) * math.prod(len(values) for values in config.grid.values())
+
+
 def expand_trials(config: SweepFile, base_dir: Path) -> list[Trial]:
     """The cartesian product of models x grid values, in a stable order with readable ids.
 
@@ -173,12 +180,9 @@ def _issue(root: yaml.Node | None, loc: tuple[str | int, ...], message: str) -> 
 
 def _read_sweep_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     try:
-        data, root = load_yaml_with_marks(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(str(path), [RecipeIssue("", f"not valid YAML: {problem}", mark.line + 1 if mark else 1)],
-                          kind="sweep file") from None
+        data, root = load_yaml_with_marks(read_text_file(path, kind="sweep file"))
+    except YamlProblems as exc:
+        raise RecipeError(str(path), exc.issues, kind="sweep file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -200,6 +204,9 @@ def _validate_sweep_file(path: Path, data: dict[str, Any], root: yaml.Node | Non
                    for e in exc.errors()]
     if config is not None and not config.grid and not config.models:  # (a misspelled `grid:` is reported as such)
         issues.append(_issue(root, ("grid",), "nothing to sweep: give `grid:` keys with lists of values, or `models:`"))
+    if config is not None and trial_count(config) > MAX_TRIALS:
+        issues.append(_issue(root, ("grid",), f"{trial_count(config):,} trials (models x the product of the grid's "
+                             f"lists); a sweep runs at most {MAX_TRIALS:,}: split it into several sweep files"))
     if issues or config is None:
         raise RecipeError(str(path), sorted(issues, key=lambda issue: issue.line or 0), kind="sweep file")
     return config

@@ -42,15 +42,33 @@ def load_text(ref: str, data_dir: str | Path | None = None) -> str:
         raise UserError(f"dataset file not found: {path}")
     if path.suffix == ".jsonl":
         return _load_jsonl_text(path)
-    return path.read_text(encoding="utf-8")
+    return read_utf8(path)
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; a UserError naming the file and the byte offset where it stops being UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} cannot be "
+                        "decoded; save the file as UTF-8") from None
 
 
 def jsonl_records(path: Path, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; a malformed line is an error naming the file and line."""
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    offset = 0
+    with path.open("rb") as lines:  # bytes, so a line that is not UTF-8 can be named by its byte offset
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{number}: not UTF-8: byte 0x{raw[exc.start]:02x} at byte offset "
+                                f"{offset + exc.start} cannot be decoded; save the file as UTF-8") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -79,7 +97,7 @@ def _load_local_hub_copy(name: str, data_dir: Path) -> str:
     if name != "wikitext2":
         return _load_jsonl_text(path)
     # wiki.test.raw has one line per hub row; the hub keeps the newline on text rows and gives blank lines as "".
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     rows = [line + "\n" if line.strip() else "" for line in lines]

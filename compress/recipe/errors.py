@@ -35,8 +35,9 @@ class RecipeIssue:
 
 
 def _one_line(text: str) -> str:
-    """Keys and values from a recipe may hold line breaks; each problem stays on one line of the message."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """Keys and values from a recipe may hold line breaks, terminal escapes or lone surrogates: each problem stays on
+    one printable line of the message (such characters are written as Python escapes)."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 MAX_LISTED = 20

@@ -63,7 +63,7 @@ def _gptq_problems(steps: Sequence[Any]) -> list[str]:
     """Settings the GPTQ writer would refuse at export, caught at load: one weight-only bit width, no N:M."""
     problems = []
     for step in steps:
-        if step.definition.kind != "quantize":
+        if step.kind != "quantize":
             continue
         params = _params(step)
         if params.get("activations"):
@@ -72,11 +72,11 @@ def _gptq_problems(steps: Sequence[Any]) -> list[str]:
         if "bits" in params and params["bits"] not in GPTQ_BITS:
             problems.append(f"the GPTQ layout is written for {', '.join(map(str, GPTQ_BITS))} bits; '{step.name}' uses "
                             f"{params['bits']}: use format compressed-tensors")
-    if any(s.definition.kind == "allocate" for s in steps):
+    if any(s.kind == "allocate" for s in steps):
         problems.append("the GPTQ layout has one bit width for the whole model; a bit allocation pass makes a mixed "
                         "plan: use format compressed-tensors (one config group per bit width)")
     for step in steps:
-        if step.definition.kind == "prune" and _is_structured_pruning(_params(step)):
+        if step.kind == "prune" and _is_structured_pruning(_params(step)):
             problems.append(f"the GPTQ layout cannot carry N:M sparsity metadata ('{step.name}'): use format "
                             "compressed-tensors, which marks 2:4 for sparse kernels")
     return problems

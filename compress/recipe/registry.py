@@ -13,30 +13,119 @@ module (the bottom layer) never imports a plugin and `import compress` stays lig
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Annotated, Any, Callable, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 
 Scope = Literal["layer", "model"]
 
-PassKind = Literal["quantize", "prune", "allocate", "allocate_sparsity", "transform"]
+PassKind = Literal["restructure", "quantize", "prune", "allocate", "allocate_sparsity", "transform"]
 """What a pass does, which recipe checks and the runner read (compress/recipe/schema.py, export_config.py):
 
+- "restructure": removes whole decoder layers, heads or channels, so module names or shapes change (layer_drop,
+  width_prune).
 - "quantize": rounds weights to integer codes (rtn, gptq, awq, bnb); the first one after a model pass is that
   pass's `next_quantizer`, and an export format must match it.
-- "prune": zeroes or removes weights (magnitude, wanda, sparsegpt, layer_drop, width_prune).
+- "prune": zeroes weights, keeping shapes (magnitude, wanda, sparsegpt).
 - "allocate": writes the bit plan a later quantizer follows (allocate, quantize_plan); needs a quantize pass after it.
 - "allocate_sparsity": writes the per-layer sparsity later pruning follows (owl); needs a prune pass after it.
-- "transform": rescales weights, leaving what the model computes unchanged (smoothquant); must come before
-  any quantizer.
+- "transform": rescales weights, leaving what the model computes unchanged (smoothquant, awq with quantize: false);
+  must come before any quantizer.
+
+A config may say it acts as another kind than its pass's usual one (`acts_as`, e.g. AWQ that only folds scales).
 """
+
+PASS_ORDER: tuple[tuple[PassKind, ...], ...] = (
+    ("restructure",),
+    ("allocate_sparsity", "prune", "transform", "allocate"),
+    ("quantize",),
+)
+"""The phases a recipe's passes go through, in this order (any order within a phase). Anything else is refused at load,
+because it would export something other than what was evaluated:
+
+- restructuring first: it renumbers layers and narrows linears, so pruning masks, per-layer sparsities and bit plans
+  made before it would name the wrong modules or have the wrong shapes;
+- one quantizer, last: it keeps each module's integer codes (its weight records) and the exporter writes those codes.
+  A pass after it would change the weights that are evaluated but not the codes that are exported (`[rtn, magnitude]`
+  reported a 50%-sparse model and saved ~15% zeros); a second quantizer re-rounds rounded weights and replaces the
+  first one's records. Per-module bit widths come from one quantizer's bit plan (`allocate`, `plan:`).
+"""
+MAX_PER_PHASE: dict[PassKind, int] = {"quantize": 1}
+
+INT_CEILING = 2**31 - 1
+"""The largest integer a config field without its own upper bound accepts: far above any count, size or length
+a setting means, and small enough that no torch or tokenizer call overflows on it."""
+
+
+def _ceiling_applies(field: FieldInfo) -> bool:
+    """Fields with their own upper bound keep it; raw `Any` data (a recipe's pass list) is checked by its own configs."""
+    return not any(hasattr(rule, "le") or hasattr(rule, "lt") for rule in field.metadata) and not _holds_any(field.annotation)
+
+
+def _holds_any(annotation: Any) -> bool:
+    return annotation is Any or any(_holds_any(arg) for arg in typing.get_args(annotation))
+
+
+def _first_oversized_int(value: Any) -> int | None:
+    """The first integer in `value` (or its lists and dicts) above INT_CEILING in size; nested configs check themselves."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) > INT_CEILING else None
+    items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+    if isinstance(items, (list, tuple)):
+        return next((found for item in items if (found := _first_oversized_int(item)) is not None), None)
+    return None
 
 
 class StrictConfig(BaseModel):
-    """Base of every pass and evaluator config: unknown keys are errors and configs are immutable."""
+    """Base of every pass and evaluator config: unknown keys are errors and configs are immutable.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Types are strict, so YAML's spellings do not change meaning silently: `"yes"` is not a boolean, `true` is not
+    an integer, `4.0` is not an integer (an integer is still a valid float: `alpha: 1`). Floats are finite, and an
+    integer field without its own upper bound takes at most INT_CEILING.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _bounded_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or not _ceiling_applies(field):
+            return value
+        oversized = _first_oversized_int(value)
+        if oversized is not None:
+            raise ValueError(f"expected at most {INT_CEILING:,} (no setting needs more)")
+        return value
+
+
+def module_pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot select modules, or None. The syntax is compress/quant/modules.py `matches`: `re:<regex>`
+    searches the module's full name, anything else is a glob."""
+    try:
+        if pattern.startswith("re:"):
+            re.compile(pattern[3:])
+        else:
+            fnmatch.fnmatchcase("probe", pattern)  # globs compile to regexes too; a broken one would fail every match
+    except re.error as exc:
+        kind = "regular expression" if pattern.startswith("re:") else "glob"
+        return f"{pattern[:80]!r} is not a valid {kind}: {exc}"
+    return None
+
+
+def _valid_module_patterns(patterns: list[str]) -> list[str]:
+    problems = [problem for pattern in patterns if (problem := module_pattern_problem(pattern))]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return patterns
+
+
+ModulePatterns = Annotated[list[str], AfterValidator(_valid_module_patterns)]
+"""A config field listing module-name patterns (`ignore: [lm_head, "re:layers\\.0\\."]`), checked when the recipe loads."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +154,11 @@ class PassDef:
     # "bitsandbytes modules"), so a recipe whose format cannot hold it is refused at load. Optional: the writers
     # check the records themselves at export; a pass storing only what every format holds declares nothing.
     stores: frozenset[str] = frozenset()
+
+    def kind_of(self, config: StrictConfig) -> PassKind:
+        """What the pass does with this config: its kind, unless the config says it acts as another (`acts_as`)."""
+        acts_as = getattr(config, "acts_as", None)
+        return acts_as if acts_as is not None else self.kind
 
     @property
     def summary(self) -> str:

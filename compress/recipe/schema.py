@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -29,9 +28,20 @@ from pydantic import BaseModel, Field, ValidationError
 from compress.recipe.datasets import is_hub_dataset
 from compress.recipe.export_config import ExportConfig, format_problems
 from compress.recipe.errors import RecipeError, RecipeIssue, UserError
+from compress.recipe.reading import (
+    YamlProblems,
+    format_loc,
+    load_yaml_with_marks,
+    path_problem,
+    read_text_file,
+    utf8_problem,
+)
 from compress.recipe.registry import (
+    MAX_PER_PHASE,
+    PASS_ORDER,
     EvaluatorDef,
     PassDef,
+    PassKind,
     StrictConfig,
     available_evaluators,
     available_passes,
@@ -50,11 +60,11 @@ class CalibrationConfig(StrictConfig):
     dataset: str
     samples: int = Field(128, ge=1, le=100_000)
     seq_len: int = Field(512, ge=8, le=1_000_000)
-    seed: int = 0
-    batch_size: int = Field(8, ge=1, description="windows per forward pass while calibrating")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="torch generators take 0 to 2^63 - 1")
+    batch_size: int = Field(8, ge=1, le=100_000, description="windows per forward pass while calibrating")
     route_all_experts: bool = Field(False, description="MoE: feed every calibration token to every expert's linears "
                                     "(outputs still combine only the routed experts)")
-    min_expert_tokens: int = Field(32, ge=0, description="MoE: flag experts calibrated on fewer tokens than this")
+    min_expert_tokens: int = Field(32, ge=0, le=10**12, description="MoE: flag experts calibrated on fewer tokens than this")
     offload: Literal["auto", "device", "cpu", "disk"] = Field(
         "auto", description="where the activations between decoder layers live (2 x samples x seq_len x hidden): "
         "`device` (the compute device), `cpu` (host memory, one batch on the device at a time), `disk` (one file "
@@ -94,6 +104,11 @@ class PassStep:
     @property
     def label(self) -> str:
         return f"passes[{self.index}].{self.name}"
+
+    @property
+    def kind(self) -> PassKind:
+        """What this step does (its pass's kind, or what its config says it acts as)."""
+        return self.definition.kind_of(self.config)
 
 
 @dataclass(frozen=True)
@@ -159,7 +174,7 @@ def load_recipe(path: str | Path, *, overrides: Sequence[str] = (), model: str |
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     recipe = parse_recipe(text, filename=str(path), base_dir=path.parent, overrides=overrides, model=model)
     return dataclasses.replace(recipe, source=path.resolve())
 
@@ -174,18 +189,8 @@ def parse_recipe(
 ) -> Recipe:
     try:
         data, root = load_yaml_with_marks(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(filename, [RecipeIssue("", f"not valid YAML: {problem}", line)]) from None
-    except RecursionError:
-        raise RecipeError(filename, [RecipeIssue("", "nested too deeply to read; a recipe needs only a few levels", 1)]) from None
-    except ValueError as exc:  # PyYAML converts numbers with int(), which refuses more than 4300 digits
-        raise RecipeError(filename, [RecipeIssue("", f"a value could not be read: {exc}", 1)]) from None
-    problem = _too_large(data)
-    if problem:
-        raise RecipeError(filename, [RecipeIssue("", problem, 1)])
+    except YamlProblems as exc:
+        raise RecipeError(filename, exc.issues) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -195,7 +200,8 @@ def parse_recipe(
     for assignment in overrides:
         overridden.append(_apply_override(data, assignment))
     if model is not None:
-        data["model"] = str(Path(model).resolve()) if Path(model).exists() else model
+        # (an unusable --model path is reported by resolve_model, like the recipe's own `model:`)
+        data["model"] = str(Path(model).resolve()) if path_problem(model) is None and Path(model).exists() else model
         overridden.append(("model",))
 
     checker = _Checker(filename, root, overridden, base_dir or Path.cwd())
@@ -204,45 +210,6 @@ def parse_recipe(
         raise RecipeError(filename, checker.issues)
     assert recipe is not None
     return recipe
-
-
-MAX_VALUES = 100_000  # a real recipe has a few hundred; YAML aliases can make a small file expand exponentially
-MAX_DEPTH = 64
-
-
-def load_yaml_with_marks(text: str) -> tuple[Any, yaml.Node | None]:
-    """The data (safe types only) and the node tree with line marks, from one parse."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        return (loader.construct_document(root) if root is not None else None), root
-    finally:
-        loader.dispose()
-
-
-def _too_large(data: Any) -> str | None:
-    """Why the parsed recipe is too big to validate (alias bombs, absurd nesting), or None.
-
-    Counts values the way a validator would visit them, with aliases expanded: each shared object is sized once
-    and counted as often as it is referenced, so a billion-laughs file costs microseconds, not a billion steps.
-    """
-    sizes: dict[int, tuple[int, int]] = {}  # id -> (values when expanded, depth)
-
-    def measure(value: Any) -> tuple[int, int]:
-        if not isinstance(value, (dict, list)):
-            return 1, 0
-        if id(value) not in sizes:
-            children = [v for pair in value.items() for v in pair] if isinstance(value, dict) else value
-            measured = [measure(child) for child in children]
-            sizes[id(value)] = (1 + sum(m[0] for m in measured), 1 + max((m[1] for m in measured), default=0))
-        return sizes[id(value)]
-
-    count, depth = measure(data)
-    if depth > MAX_DEPTH:
-        return f"nested more than {MAX_DEPTH} levels deep; a recipe needs only a few levels"
-    if count > MAX_VALUES:
-        return f"more than {MAX_VALUES:,} values (YAML anchors and aliases expand); a recipe needs far fewer"
-    return None
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -303,13 +270,6 @@ def _descend(node: Any, part: str | int, next_part: str | int, key_path: str) ->
 # Validation
 
 
-def format_loc(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def line_of(root: yaml.Node | None, loc: Loc) -> int | None:
     """1-based line of the deepest YAML node along `loc` (the key's line for a mapping key)."""
     if root is None:
@@ -317,7 +277,7 @@ def line_of(root: yaml.Node | None, loc: Loc) -> int | None:
     node, line = root, root.start_mark.line + 1
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            match = _pairs_by_key(node).get(str(part))
             if match is None:
                 break
             line = match[0].start_mark.line + 1
@@ -328,6 +288,19 @@ def line_of(root: yaml.Node | None, loc: Loc) -> int | None:
         else:
             break
     return line
+
+
+def _pairs_by_key(node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """The mapping's (key node, value node) pairs by key text, built once per node: a recipe with thousands of
+    problems in one big mapping is located in linear time, not by a scan per problem."""
+    index = getattr(node, "_pairs_by_key", None)
+    if index is None:
+        index = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                index.setdefault(key.value, (key, value))
+        setattr(node, "_pairs_by_key", index)
+    return index
 
 
 def _model_fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
@@ -382,7 +355,8 @@ class _Checker:
 
     def line(self, loc: Loc) -> int | None:
         from_override = any(loc[: len(o)] == o for o in self.overridden)
-        return None if from_override else line_of(self.root, loc)
+        # Not from --set: always a line, the file's first for a problem with the file as a whole (or an empty one).
+        return None if from_override else (line_of(self.root, loc) or 1)
 
     def validate(self, model: type[StrictConfig], data: Any, loc: Loc) -> StrictConfig | None:
         try:
@@ -402,6 +376,7 @@ class _Checker:
                 self.check_passes(passes_data, None)
             return None
         assert isinstance(top, RecipeFile)
+        max_memory = self.check_max_memory(top.max_memory)
         calibration = self.check_calibration(top.calibration)
         steps = self.check_passes(top.passes, calibration)
         self.check_lazy(top, steps)
@@ -421,10 +396,28 @@ class _Checker:
             evaluations=tuple(evaluations),
             export=export,
             lazy=top.lazy,
-            max_memory={str(k): str(v) for k, v in top.max_memory.items()} if top.max_memory else None,
+            max_memory=max_memory,
             strict_weights=top.strict_weights,
             line_of=self.line,
         )
+
+    def check_max_memory(self, budget: dict[int | str, str] | None) -> dict[str, str] | None:
+        """Devices and sizes as accelerate will read them at evaluation, read by accelerate's own parser now."""
+        if not budget:
+            return None
+        from accelerate.utils import convert_file_size_to_int  # only when the recipe sets max_memory: it imports torch
+
+        for device, size in budget.items():
+            loc: Loc = ("max_memory", device)
+            if not (isinstance(device, int) and device >= 0 or device == "cpu" or str(device).isdigit()):
+                self.add(loc, f"expected a GPU index (0, 1, ...) or cpu, got {short_repr(device)}")
+            try:
+                valid = convert_file_size_to_int(size) > 0
+            except (ValueError, OverflowError):
+                valid = False
+            if not valid:
+                self.add(loc, f"expected a size such as 70GiB or 500MB, got {short_repr(size)}")
+        return {str(k): v for k, v in budget.items()}
 
     def check_export(self, export: ExportConfig | None, steps: list[PassStep]) -> ExportConfig | None:
         """The format must hold what the passes produce; checked now, before any calibration."""
@@ -432,8 +425,9 @@ class _Checker:
             return None
         for problem in format_problems(export.format, steps):
             self.add(("export", "format"), problem)
-        if export.path is not None and not Path(export.path).expanduser().is_absolute():
-            export = export.model_copy(update={"path": str((self.base_dir / export.path).resolve())})
+        folder = self.as_path(export.path, ("export", "path")) if export.path is not None else None
+        if folder is not None and not folder.is_absolute():
+            export = export.model_copy(update={"path": str((self.base_dir / folder).resolve())})
         return export
 
     def resolve_path(self, ref: str, loc: Loc) -> str:
@@ -446,7 +440,15 @@ class _Checker:
             path = self.base_dir / path
         if not path.is_file():
             self.add(loc, f"file not found: {path} (relative paths resolve against the recipe's folder)")
+        else:
+            self.check_utf8(path, loc)
         return str(path.resolve())
+
+    def check_utf8(self, path: Path, loc: Loc) -> None:
+        """Text files the run reads (calibration, evaluation, plans) must be UTF-8; told now, not after the model loads."""
+        problem = utf8_problem(path)
+        if problem:
+            self.add(loc, f"{path}: {problem}")
 
     def resolve_path_fields(self, config: StrictConfig, loc: Loc) -> StrictConfig:
         """Files a pass reads (a config's `path_fields`, e.g. a bit plan) resolve against the recipe's folder."""
@@ -456,10 +458,12 @@ class _Checker:
             if isinstance(value, str):
                 updates[field_name] = self.resolve_path(value, loc + (field_name,))
         return config.model_copy(update=updates) if updates else config
+
     def as_path(self, ref: str, loc: Loc) -> Path | None:
         """`ref` as a path with `~` expanded, or None (and an issue) when no file system could hold it."""
-        if "\x00" in ref:
-            self.add(loc, "a path cannot contain a NUL character")
+        problem = path_problem(ref)
+        if problem:
+            self.add(loc, problem)
             return None
         try:
             return Path(ref).expanduser()
@@ -526,22 +530,22 @@ class _Checker:
                          "which `lazy: true` never loads; run it without lazy loading")
 
     def check_chain(self, steps: list[PassStep], calibration: CalibrationConfig | None) -> None:
-        for position, step in enumerate(steps):
+        """Calibration where a pass needs it, a consumer after each allocation, and the order of PASS_ORDER."""
+        kinds_after: list[set[str]] = []  # per step, the kinds of the passes after it (one walk, not one per step)
+        later: set[str] = set()
+        for step in reversed(steps):
+            kinds_after.append(set(later))
+            later.add(step.kind)
+        for step, after in zip(steps, reversed(kinds_after)):
             loc = ("passes", step.index, step.name)
             if step.definition.needs_calibration and calibration is None:
                 self.add(loc, f"pass '{step.name}' needs calibration data: add a `calibration:` section")
-            earlier_quantizer = next((e for e in steps[:position] if e.definition.kind == "quantize"), None)
-            if step.definition.kind == "transform" and earlier_quantizer is not None:
-                self.add(loc, f"'{step.name}' rescales weights, so it must come before the quantization pass "
-                              f"'{earlier_quantizer.name}' (passes[{earlier_quantizer.index}])")
-            if step.definition.kind == "allocate" and not any(
-                later.definition.kind == "quantize" for later in steps[position + 1 :]
-            ):
+            if step.kind == "allocate" and "quantize" not in after:
                 self.add(loc, f"'{step.name}' writes a bit plan, so a quantization pass must follow it")
-            if step.definition.kind == "allocate_sparsity" and not any(
-                later.definition.kind == "prune" for later in steps[position + 1 :]
-            ):
+            if step.kind == "allocate_sparsity" and "prune" not in after:
                 self.add(loc, f"'{step.name}' writes per-layer sparsities, so a pruning pass must follow it")
+        for step, problem in order_problems(steps):
+            self.add(("passes", step.index, step.name), problem)
 
     def check_evaluate(self, sections: dict[str, Any]) -> list[EvalStep]:
         registry = available_evaluators()
@@ -571,13 +575,57 @@ class _Checker:
             updates["tasks"] = [self.resolve_path(t, loc + ("tasks", i)) if t.endswith(".jsonl") else t
                                 for i, t in enumerate(tasks)]
         data_dir = getattr(config, "data_dir", None)
-        if isinstance(data_dir, str):
-            folder = Path(data_dir).expanduser()
+        folder = self.as_path(data_dir, loc + ("data_dir",)) if isinstance(data_dir, str) else None
+        if folder is not None:
             folder = folder if folder.is_absolute() else self.base_dir / folder
             if not folder.is_dir():
                 self.add(loc + ("data_dir",), f"folder not found: {folder} (relative paths resolve against the recipe's folder)")
             updates["data_dir"] = str(folder.resolve())
         return config.model_copy(update=updates) if updates else config
+
+
+def _phase(kind: PassKind) -> int:
+    return next(i for i, kinds in enumerate(PASS_ORDER) if kind in kinds)
+
+
+def order_problems(steps: Sequence[PassStep]) -> list[tuple[PassStep, str]]:
+    """The steps that break PASS_ORDER (a phase after a later one, or too many of a kind), each with its reason."""
+    problems: list[tuple[PassStep, str]] = []
+    latest: PassStep | None = None  # the step of the furthest phase so far
+    seen: dict[PassKind, PassStep] = {}
+    for step in steps:
+        first = seen.setdefault(step.kind, step)
+        if first is not step and MAX_PER_PHASE.get(step.kind, len(steps)) < 2:
+            problems.append((step, f"'{step.name}' would be a second quantizer after '{first.name}' "
+                                   f"(passes[{first.index}]): {_WHY['second quantizer']}. {order_hint()}"))
+        elif latest is not None and _phase(step.kind) < _phase(latest.kind):
+            reason = _WHY["after quantizer"] if latest.kind == "quantize" else _WHY[step.kind]
+            problems.append((step, f"'{step.name}' must come before '{latest.name}' (passes[{latest.index}]): "
+                                   f"{reason}. {order_hint()}"))
+        if latest is None or _phase(step.kind) >= _phase(latest.kind):
+            latest = step
+    return problems
+
+
+_WHY: dict[str, str] = {
+    "after quantizer": "the export saves the quantizer's integer codes, so a later change to the weights would be "
+                       "evaluated but not saved",
+    "second quantizer": "it would re-round rounded weights and the export keeps one set of codes; use one quantizer "
+                        "(per-module bit widths: an `allocate` pass or `plan:`; AWQ scales with GPTQ rounding: "
+                        "`awq: {quantize: false}`, then gptq)",
+    "restructure": "it removes layers or channels, so masks, sparsities and bit plans made before it would name the "
+                   "wrong modules",
+}
+
+
+def order_hint() -> str:
+    """The order that works, with the registered pass names of each phase."""
+    by_kind: dict[str, list[str]] = {}
+    for name, definition in sorted(available_passes().items()):
+        by_kind.setdefault(definition.kind, []).append(name)
+    phases = [f"{'/'.join(kinds)} ({', '.join(name for kind in kinds for name in by_kind.get(kind, [])) or 'none'})"
+              for kinds in PASS_ORDER]
+    return "Order that works: " + ", then ".join(phases) + ", one quantizer at most"
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

@@ -134,15 +134,16 @@ def test_recipe_with_pruning_and_structured_passes_reports_the_smaller_model(tin
     from compress.app.runner import run_recipe
     from tests.conftest import recipe_text
 
-    passes = '  - width_prune: {attention_ratio: 0.5, mlp_ratio: 0.5}\n  - wanda: {pattern: "2:4"}\n  - layer_drop: {count: 1}'
+    # restructuring first (PASS_ORDER): masks recorded before a layer drop would name renumbered layers
+    passes = '  - width_prune: {attention_ratio: 0.5, mlp_ratio: 0.5}\n  - layer_drop: {count: 1}\n  - wanda: {pattern: "2:4"}'
     report = run_recipe(parse_recipe(recipe_text(tiny_llama, text_file, passes, text_file)), tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["model"]["decoder_layers"] == 1
-    width, wanda, drop = report["passes"]
+    width, drop, wanda = report["passes"]
     assert saved["model"]["parameters"] == drop["modules"]["model.layers"]["parameters_after"]
     assert drop["modules"]["model.layers"]["parameters_before"] == width["modules"]["model"]["parameters_after"]
     assert width["modules"]["model"]["parameters_after"] < width["modules"]["model"]["parameters_before"]
-    assert wanda["summary"]["mean_sparsity"] == pytest.approx(0.5) and wanda["summary"]["modules"] == 14
+    assert wanda["summary"]["mean_sparsity"] == pytest.approx(0.5) and wanda["summary"]["modules"] == 7  # one layer left
     assert "| width_prune |" in (tmp_path / "out" / "report.md").read_text()
 
 

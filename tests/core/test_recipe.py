@@ -160,7 +160,8 @@ def test_transform_after_quantizer_is_rejected(folder):
     text = VALID.replace("  - rtn: {bits: 4, group_size: 128, symmetric: true}\n",
                          "  - rtn: {bits: 8, group_size: null}\n  - smoothquant: {alpha: 0.5}\n")
     [error] = errors_of(text, folder)
-    assert error.startswith("r.yaml:5 passes[1].smoothquant: 'smoothquant' rescales weights, so it must come before")
+    assert error.startswith("r.yaml:5 passes[1].smoothquant: 'smoothquant' must come before 'rtn' (passes[0]): the "
+                            "export saves the quantizer's integer codes")
 
 
 def test_calibrated_pass_needs_calibration_section(folder):
