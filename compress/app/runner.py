@@ -19,7 +19,7 @@ from compress.engine.context import RunContext, RunInputs
 from compress.engine.data import sample_windows, tokenize_text, load_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
-from compress.export import finish_streamed_export, save_run_outputs
+from compress.export import finish_streamed_export, refuse_unpackable_layers, save_run_outputs
 from compress.export.streaming import StreamingCompressedTensors
 from compress.engine.model_io import ModelHandle, PositionsNeeded, load_model
 from compress.engine.output import DiskFull, atomic_output, stopped_by_disk
@@ -221,6 +221,7 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         with clock.phase("load"):
             handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging)
+        refuse_unpackable_layers(handle.layers, handle.layers_prefix, recipe.export)
         outputs = _run_outputs(handle, recipe, run, staging, export_scope, places)
         with clock.phase("baseline_eval"):
             baseline = evaluate_all(handle, recipe.evaluations, run)

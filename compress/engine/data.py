@@ -49,11 +49,13 @@ def read_utf8(path: Path) -> str:
     """The file's text; a UserError naming the file and the byte offset where it stops being UTF-8."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{path}:{line}: not UTF-8: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} cannot be "
                         "decoded; save the file as UTF-8") from None
+    # Universal newlines, as read_text gives: wiki.test.raw's \r\n rows must match the hub's rows.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def jsonl_records(path: Path, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:

@@ -241,10 +241,10 @@ def load_model(
         raise UserError(f"model '{ref}' is neither a local folder nor reachable: offline mode is on (HF_HUB_OFFLINE=1)")
     # What the config alone can refuse is refused before gigabytes of weights are read.
     config = read_config(ref, trust_remote_code)
-    check_supported_family(ref, config.to_dict())  # an unproven family is refused by name
-    check_positions(config, positions, ref)
     if local.is_dir():
         _check_local_weights(local, allow_pickle)
+    check_supported_family(ref, config.to_dict())  # an unproven family is refused by name
+    check_positions(config, positions, ref)
     model, info, tokenizer = _from_pretrained(ref, config, pick_dtype(dtype, compute_device), allow_pickle,
                                               trust_remote_code)
     notes = accept_loading_problems(loading_problems(info), type(model).__name__, ref, strict_weights,

@@ -68,6 +68,24 @@ def export_checkpoint(
 STATE_DIR = "state"
 
 
+# Formats whose writers pack nn.Linear weights only (compressed_tensors_format.module_tensors, gptq_format).
+LINEAR_ONLY_FORMATS = frozenset({"compressed-tensors", "gptq"})
+
+
+def refuse_unpackable_layers(layers: Any, layers_prefix: str, export: ExportConfig | None) -> None:
+    """Right after the load: a format that packs only nn.Linear cannot hold GPT-2's Conv1D layers, so say so before
+    the passes run instead of failing when the export is written at the end."""
+    if export is None or export.format not in LINEAR_ONLY_FORMATS:
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    conv = [f"{layers_prefix}.{name}" for name, module in layers.named_modules() if isinstance(module, Conv1D)]
+    if conv:
+        raise UserError(f"export format {export.format} packs nn.Linear weights only, and this model's decoder layers "
+                        f"hold {len(conv)} Conv1D modules (GPT-2 style: {', '.join(conv[:3])}, ...): use "
+                        "`export: {format: dense}`, or leave export out and run `compress export RUN_DIR` later")
+
+
 def holds_bitsandbytes(model: Any) -> bool:
     return any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
 

@@ -105,7 +105,7 @@ def test_passes_that_cannot_sum_across_ranks_are_refused(monkeypatch, tiny_llama
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     (tmp_path / "calib.txt").write_text("some calibration text " * 50)
     text = (f"model: {tiny_llama}\ncalibration: {{dataset: {tmp_path / 'calib.txt'}, samples: 4, seq_len: 16}}\n"
-            "passes:\n  - awq: {bits: 4, group_size: 32}\n  - gptq: {bits: 4, group_size: 32}\n")
+            "passes:\n  - awq: {bits: 4, group_size: 32}\n")
     with pytest.raises(UserError, match=r"passes\[0\]\.awq cannot calibrate data-parallel .* 2 processes.*gptq, sparsegpt, wanda"):
         run_recipe(parse_recipe(text), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -158,6 +158,26 @@ def test_gpt2_compressed_tensors_export_is_refused_naming_the_module(workspace, 
     assert not (workspace / "ct-gpt2").exists()
 
 
+def test_gpt2_compressed_tensors_export_in_a_recipe_is_refused_before_the_passes(workspace, monkeypatch):
+    import compress.app.runner as runner
+
+    def no_passes(*args, **kwargs):
+        raise AssertionError("the passes ran before the export format was refused")
+
+    monkeypatch.setattr(runner, "run_passes", no_passes)
+    text = workspace / "text.txt"
+    recipe = parse_recipe(f"""
+model: {family_model(workspace, "gpt2")}
+calibration: {{dataset: {text}, samples: 4, seq_len: 32, seed: 0}}
+passes:
+  - rtn: {{bits: 4, group_size: 32}}
+export: {{format: compressed-tensors}}
+""")
+    with pytest.raises(UserError, match=r"packs nn\.Linear weights only.*transformer\.h\.0\.attn\.c_attn.*format: dense"):
+        run_recipe(recipe, workspace / "gpt2-ct-refused")
+    assert not (workspace / "gpt2-ct-refused").exists()
+
+
 @pytest.mark.parametrize("family", MATRIX)
 def test_rtn_quantizes_every_decoder_linear(workspace, family):
     text = workspace / "text.txt"
@@ -207,8 +227,12 @@ def test_killed_run_resumes_bit_identically(workspace, family, monkeypatch):
 
 
 def write_config_only(folder: Path, config) -> Path:
+    """config.json beside a safetensors file that holds no tensor: the refusal must come before any weight is read."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
+    save_file({}, folder / "model.safetensors")
     return folder
 
 
