@@ -28,7 +28,7 @@ from tests import recipe_corpus
 from tests.recipe_corpus import REPO, malformed_recipes
 
 COUNT = 5000
-CLI_SAMPLE = int(os.environ.get("COMPRESS_CORPUS_CLI_SAMPLE", "4"))  # each subprocess imports torch: seconds
+CLI_SAMPLE = int(os.environ.get("COMPRESS_CORPUS_CLI_SAMPLE", "2"))  # each subprocess imports torch: seconds
 COMMAND = typer.main.get_command(app)
 
 
