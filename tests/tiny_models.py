@@ -163,13 +163,16 @@ FAMILY_CONFIGS = {
 FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
-def save_tiny_model(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, family: str = "llama", seed: int = 0, layers: int | None = None) -> Path:
     """A randomly initialised model of `family` with a small BPE tokenizer, saved as safetensors."""
     from transformers import AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     save_tokenizer(folder)
+    config = tiny_config(family, vocab_size=320)
+    if layers is not None:
+        config.num_hidden_layers = layers
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=320))
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder, safe_serialization=True)
     return folder

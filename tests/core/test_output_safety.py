@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from compress.engine.checkpoint import checkpoint_dir_for
 from tests.conftest import REPO, recipe_text
-from tests.tiny_models import save_tokenizer, synthetic_text, tiny_config
+from tests.tiny_models import save_tiny_model, synthetic_text
 
 LAYERS = 3
 PASSES = "  - gptq: {bits: 4, group_size: 32}"  # calibrated: its checkpoints carry the next layer's inputs
@@ -31,17 +31,9 @@ PASSES = "  - gptq: {bits: 4, group_size: 32}"  # calibrated: its checkpoints ca
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("safety")
     model_dir = root / "models" / "tiny"
-    model_dir.mkdir(parents=True)
-    save_tokenizer(model_dir)
-    config = tiny_config("llama", vocab_size=320)
-    config.num_hidden_layers = LAYERS
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir, safe_serialization=True)
+    save_tiny_model(model_dir, "llama", layers=LAYERS)
     (root / "text.txt").write_text(synthetic_text(), encoding="utf-8")
     (root / "recipe.yaml").write_text(recipe_text(model_dir, root / "text.txt", PASSES, root / "text.txt"),
                                       encoding="utf-8")

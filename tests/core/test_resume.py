@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from compress.engine.checkpoint import FAULT_ENV, checkpoint_dir_for
 from tests.conftest import REPO, recipe_text
-from tests.tiny_models import save_tokenizer, synthetic_text, tiny_config
+from tests.tiny_models import save_tiny_model, synthetic_text
 
 LAYERS = 4
 # GPTQ needs calibration, so checkpoints carry next-layer inputs; W8A8 hooks must be re-installed on resume.
@@ -22,17 +22,9 @@ PASSES = "  - gptq: {bits: 4, group_size: 32, activations: {bits: 8, per: token}
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("resume")
     model_dir = root / "tiny4"
-    model_dir.mkdir()
-    save_tokenizer(model_dir)
-    config = tiny_config("llama", vocab_size=320)
-    config.num_hidden_layers = LAYERS
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir, safe_serialization=True)
+    save_tiny_model(model_dir, "llama", layers=LAYERS)
     (root / "text.txt").write_text(synthetic_text(), encoding="utf-8")
     (root / "recipe.yaml").write_text(recipe_text(model_dir, root / "text.txt", PASSES, root / "text.txt", samples=8),
                                       encoding="utf-8")
