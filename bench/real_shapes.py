@@ -142,8 +142,8 @@ def render(rows: list[dict], sizes: dict[str, int], args: argparse.Namespace) ->
     lines += ["", "Random weights spread the probability over the whole vocabulary, so perplexities near the vocabulary "
               "size are expected; what matters is that the reload measures the same number as the run. The export "
               "keeps the checkpoint's bf16 (`dtype: auto`), so its scales are rounded to bf16: hence the small "
-              "difference allowed. Peak RSS of runs that evaluate at these vocabularies is set by the evaluators' "
-              "vocabulary-wide tensors (logits and log-probabilities per batch), not by the model.", ""]
+              "difference allowed. The evaluators hold at most `logit_chunk_mb` (default 256 MiB) of vocabulary-wide "
+              "logits at a time (compress/engine/vocab_head.py); before that bound these runs peaked at 6.4-7.5 GiB.", ""]
     return "\n".join(lines)
 
 
