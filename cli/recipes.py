@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from compress.cli.common import err_console, exit_codes, load_recipe
-from compress.recipe.errors import RecipeError
+from compress.recipe.errors import RecipeError, UserError
 from compress.recipes import resolve_recipe_path, shipped_recipes
 
 VALIDATE_EPILOG = (
@@ -56,8 +57,16 @@ def validate(
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value. Repeatable.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model override, as for `compress run`.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also check the run folder `compress run --output` would write.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Check as `compress run --overwrite` would: an earlier compress output may be replaced.")] = False,
 ) -> None:
-    """Check a recipe without loading any model; list every problem with its file line and YAML path."""
+    """Check a recipe without loading any model; list every problem with its file line and YAML path.
+
+    The paths a run would write (export.path, calibration.offload_dir, and --output when given) are checked too:
+    not in the way, not an input, writable. Nothing is created.
+    """
+    from compress.app.output_places import OutputPlaces, validate_places
+
     with exit_codes():
         path = resolve_recipe_path(recipe)
         try:
@@ -66,6 +75,14 @@ def validate(
             if as_json:
                 issues = [{"path": i.path, "line": i.line, "message": i.message} for i in exc.issues]
                 typer.echo(json.dumps({"valid": False, "file": str(path), "issues": issues}, indent=2))
+                raise typer.Exit(2) from None
+            raise
+        try:
+            validate_places(OutputPlaces.of(parsed, output or Path("."), overwrite), with_output=output is not None)
+        except UserError as exc:
+            if as_json:
+                typer.echo(json.dumps({"valid": False, "file": str(path), "issues": [{"path": None, "line": None,
+                                                                                  "message": str(exc)}]}, indent=2))
                 raise typer.Exit(2) from None
             raise
         if as_json:

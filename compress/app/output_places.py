@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -107,3 +108,34 @@ def preflight_places(places: OutputPlaces, *, needed_bytes: int) -> None:
         preflight_output(places.export, label=places.export_label)
     if places.offload_dir is not None:
         preflight_folder(places.offload_dir, places.offload_label)
+
+
+def validate_places(places: OutputPlaces, *, with_output: bool) -> None:
+    """`compress validate`: what `preflight_places` would refuse, decided without creating or writing anything.
+
+    The run folder is checked only when validate was told it (`with_output`); export.path and offload_dir always.
+    """
+    if with_output:
+        check_output_target(places.output, places.overwrite, inputs=places.inputs)
+        could_write(places.output, "--output")
+    if places.export is not None:
+        check_output_target(places.export, places.overwrite, inputs=places.inputs, label=places.export_label)
+        could_write(places.export, places.export_label)
+    if with_output:
+        places.check_nesting()
+    if places.offload_dir is not None:
+        if places.offload_dir.exists() and not places.offload_dir.is_dir():
+            raise UserError(f"{places.offload_label} {places.offload_dir} exists and is not a folder; give a folder "
+                            "(it is created if missing)")
+        could_write(places.offload_dir, places.offload_label)
+
+
+def could_write(target: Path, label: str) -> None:
+    """`target` could be created: its nearest existing ancestor is a folder this process may write into."""
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {label} {target}: {ancestor} is a file, not a folder; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {label} {target}: {ancestor} is not writable; choose another path")

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -312,3 +313,30 @@ def test_hold_output_is_reentrant_and_leaves_no_lock_file(tmp_path):
             assert json.loads(lock_path_for(target).read_text())["pid"] == os.getpid()
         assert lock_path_for(target).exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_refuses_the_written_paths_a_run_would_refuse_and_creates_nothing(workdir, tmp_path):
+    """`compress validate` catches an export.path in the way or unwritable, and an offload_dir that is a file, with
+    the recipe line, as the run's preflight does: the 347-second loss of issue 15 ends at validate."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-ours").mkdir()
+    (tmp_path / "not-ours" / "keep.txt").write_text("keep")
+    model, text = workdir / "models" / "tiny", workdir / "text.txt"
+    cases = {
+        "export:\n  format: dense\n  path: not-ours\n": r"export\.path \(recipe\.yaml:6\) .*not-ours already exists",
+        "export:\n  format: dense\n  path: a-file/sub\n": r"cannot write export\.path \(recipe\.yaml:6\) .*a-file is a file",
+        f"calibration:\n  dataset: {text}\n  offload_dir: a-file\n": r"calibration\.offload_dir \(recipe\.yaml:6\) .*not a folder",
+    }
+    for tail, message in cases.items():
+        (tmp_path / "recipe.yaml").write_text(f"model: {model}\npasses:\n  - magnitude: {{sparsity: 0.5}}\n{tail}")
+        before = sorted(p.name for p in tmp_path.iterdir())
+        result = cli(tmp_path, "validate", "recipe.yaml")
+        assert result.exit_code == 2 and re.search(message, " ".join(result.output.split())), (tail, result.output)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created, nothing removed
+    assert (tmp_path / "not-ours" / "keep.txt").read_text() == "keep"
+    (tmp_path / "recipe.yaml").write_text(f"model: {model}\npasses:\n  - magnitude: {{sparsity: 0.5}}\n"
+                                         "export: {format: dense, path: fresh}\n")
+    assert cli(tmp_path, "validate", "recipe.yaml").exit_code == 0
+    refused = cli(tmp_path, "validate", "recipe.yaml", "--output", "not-ours")  # --output checked when given
+    assert refused.exit_code == 2 and "--output not-ours already exists" in " ".join(refused.output.split())
+    assert not (tmp_path / "fresh").exists()
