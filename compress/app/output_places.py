@@ -12,11 +12,11 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from compress.engine.output import check_output_target, hold_output, named_paths, preflight_folder, preflight_output
 from compress.recipe.errors import UserError
-from compress.recipe.schema import Recipe, line_of, load_yaml_with_marks
+from compress.recipe.schema import Recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +67,8 @@ def recipe_label(recipe: Recipe, loc: tuple[str, ...]) -> str:
     key = ".".join(loc)
     if recipe.source is None:
         return key
-    try:
-        data, root = load_yaml_with_marks(recipe.source.read_text(encoding="utf-8"))
-    except Exception:  # the recipe validated when it was loaded; a file changed since only loses the line number
-        return f"{key} ({recipe.source.name})"
-    node: Any = data
-    for part in loc:
-        node = node.get(part) if isinstance(node, dict) else None
-    where = f"{recipe.source.name}:{line_of(root, loc)}" if node is not None else f"{recipe.source.name}, --set"
-    return f"{key} ({where})"
+    line = recipe.line_of(loc)  # the lines the recipe was validated with: the file is not read again
+    return f"{key} ({recipe.source.name}:{line})" if line is not None else f"{key} ({recipe.source.name}, --set)"
 
 
 def _inside(path: Path, folder: Path) -> bool:
