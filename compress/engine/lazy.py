@@ -13,7 +13,11 @@ plus the calibration activations, never the model. Evaluation streams the layers
 
 Scope: the checkpoint's tensor names must be the model's own parameter names (true for Llama, Mistral, Qwen2,
 OPT, GPT-2 and most dense decoders); checkpoints that need transformers' load-time key conversion are refused
-up front, and only layer passes (no whole-model passes) can run on a lazy model.
+up front, and only layer passes (no whole-model passes) can run on a lazy model. Tied embeddings
+(`tie_word_embeddings`: Llama-3.2-1B/3B, Qwen2.5's small models, Gemma, the demo model) are tied as
+`from_pretrained` ties them (`tie_as_from_pretrained`): lm_head.weight is the input embedding's one parameter, read
+once per forward block, and the output stores it once, so it reloads tied. An untied model whose checkpoint lacks
+lm_head.weight is still refused.
 """
 
 from __future__ import annotations
@@ -231,12 +235,11 @@ class LazyWeights:
         """Write the tensors outside the layers, the config and the tokenizer, then the index: a loadable folder."""
         if self.writer is None:
             return None
-        groups = _tied_groups(handle.model, skip_prefix=handle.layers_prefix)
-        names = [n for g in groups for n in g if n in self.source]
         # One shard per tensor, copied in its stored dtype: a 128k-vocabulary embedding is 1 GB in bf16 but
-        # 2 GB in float32, and embeddings plus lm_head at once would be the run's peak.
-        for number, name in enumerate(names):
-            tensor = self.read([name], torch.device("cpu"), convert=False)[name]
+        # 2 GB in float32, and embeddings plus lm_head at once would be the run's peak. A tied head is not
+        # written: the embedding is stored once, as save_pretrained stores a tied model, and from_pretrained ties
+        # lm_head to it again (config.json keeps tie_word_embeddings).
+        for number, (name, tensor) in enumerate(self.outside_tensors(handle)):
             self.writer.write(OUTSIDE_SHARD.replace(".safetensors", f"-{number:03d}.safetensors"),
                               {name: tensor.to(self.save_dtype)})
             del tensor
@@ -335,6 +338,7 @@ def load_lazy(
     model.eval()
     model.config.use_cache = False
     tensors = _shard_tensors(folder)
+    tie_as_from_pretrained(model, tensors)
     notes = _check_names(model, tensors, ref, strict_weights)
     lazy = LazyWeights({name: t.file for name, t in tensors.items()}, compute_dtype, stored,
                        ShardWriter(save_to) if save_to is not None else None)
@@ -345,6 +349,36 @@ def load_lazy(
     for _name, _tensor in lazy.outside_tensors(handle):
         pass
     return handle
+
+
+def tie_as_from_pretrained(model: nn.Module, stored: dict[str, StoredTensor]) -> None:
+    """Tie the parameters transformers ties (with `tie_word_embeddings`, lm_head.weight is the input embedding).
+
+    `init_empty_weights` undoes the ties the model's `post_init` made: under it every `register_parameter` puts a
+    new meta Parameter in place, so a tied head becomes a parameter of its own that the checkpoint has no tensor
+    for. `tie_weights`, called outside it, ties again by the model's own mapping (`_tied_weights_keys`, honouring
+    config.tie_word_embeddings), so an untied model keeps its own lm_head and is refused when that is missing. As
+    from_pretrained does, a checkpoint that stores both names with different values is left untied: each name
+    reads its own tensor, never the other's.
+    """
+    cast(Any, model).tie_weights()  # every transformers model has it
+    for group in _tied_groups(model):
+        names_stored = [name for name in group if name in stored]
+        if len(names_stored) > 1 and not _stored_equal(stored, names_stored):
+            for name in group:
+                _assign(model, [name], torch.empty_like(model.get_parameter(name), device="meta"))
+
+
+def _stored_equal(stored: dict[str, StoredTensor], names: list[str]) -> bool:
+    """Whether the checkpoint holds the same values under every one of `names` (two tensors in memory at a time)."""
+    from safetensors import safe_open
+
+    def value(name: str) -> torch.Tensor:
+        with safe_open(str(stored[name].file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+
+    first = value(names[0])
+    return all(torch.equal(first, value(name)) for name in names[1:])
 
 
 def _output_embedding_prefix(model: nn.Module) -> str | None:
@@ -361,10 +395,13 @@ def _check_names(model: nn.Module, stored: dict[str, StoredTensor], ref: str, st
     groups = _tied_groups(model)
     missing = [g[0] for g in groups if not any(n in stored for n in g)]
     if missing:
+        head = _output_embedding_prefix(model)
+        untied_head = head is not None and f"{head}.weight" in missing
         raise UserError(
             f"model '{ref}': lazy loading found no tensor for {describe_names(missing)} in the checkpoint. Check "
-            "config.json (num_hidden_layers, model_type) against the weights; a checkpoint whose names need "
-            "transformers' key conversion loads without `lazy`."
+            "config.json (num_hidden_layers, model_type" + (", tie_word_embeddings: its head is untied, so it "
+                                                             "needs weights of its own" if untied_head else "")
+            + ") against the weights; a checkpoint whose names need transformers' key conversion loads without `lazy`."
         )
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     mismatched = sorted((name, stored[name].shape, shape) for name, shape in shapes.items()
