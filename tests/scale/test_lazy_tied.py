@@ -20,7 +20,7 @@ from compress.engine.model_io import load_model
 from compress.evaluators.perplexity import perplexity_of
 from compress.recipe.errors import UserError
 from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
-from tests.tiny_models import save_tokenizer, tiny_config
+from tests.tiny_models import save_tiny_model, save_tokenizer, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,32 @@ def test_lazy_gptq_on_a_tied_model_equals_eager_and_reloads_tied(tied_qwen, tmp_
     assert len(changed) == 2 * 7  # GPTQ rewrote every projection of both layers
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "opt", "gpt2"])
+def test_lazy_rtn_on_the_tied_families_equals_eager(family, tmp_path):
+    """The other tied families the README names: each ties its own way (OPT's decoder.embed_tokens, GPT-2's wte)."""
+    from compress.compressors.rtn import RTNConfig, run_rtn
+
+    folder = save_tiny_model(tmp_path / family, family)
+    handles = {"eager": load_model(str(folder)), "lazy": load_lazy(str(folder), save_to=tmp_path / "out")}
+    for handle in handles.values():
+        run = RunContext(RunInputs(device=handle.device, calibration=None, calibration_batch_size=2))
+        run_sweep(handle, [SweepStep("rtn", run_rtn, RTNConfig(bits=4, group_size=32), False)], run)
+    handles["lazy"].finish_saving()
+    reloaded = _reload_tied(tmp_path / "out", torch.float32)  # stored in float32: equal without rounding
+    expected = dict(handles["eager"].model.named_parameters(remove_duplicate=False))
+    got = dict(reloaded.named_parameters(remove_duplicate=False))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
 def _reload_tied(folder: Path, dtype: torch.dtype):
     """`from_pretrained` of a written folder, which must load with no key left over or missing and the head tied."""
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     return model
 
 
