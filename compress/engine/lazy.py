@@ -16,7 +16,7 @@ OPT, GPT-2 and most dense decoders); checkpoints that need transformers' load-ti
 up front, and only layer passes (no whole-model passes) can run on a lazy model. Tied embeddings
 (`tie_word_embeddings`: Llama-3.2-1B/3B, Qwen2.5's small models, Gemma, the demo model) are tied as
 `from_pretrained` ties them (`tie_as_from_pretrained`): lm_head.weight is the input embedding's one parameter, read
-once per forward block, and the output stores it once, so it reloads tied. An untied model whose checkpoint lacks
+once per evaluation or input capture, and the output stores it once, so it reloads tied. An untied model whose checkpoint lacks
 lm_head.weight is still refused.
 """
 
@@ -396,12 +396,13 @@ def _check_names(model: nn.Module, stored: dict[str, StoredTensor], ref: str, st
     missing = [g[0] for g in groups if not any(n in stored for n in g)]
     if missing:
         head = _output_embedding_prefix(model)
-        untied_head = head is not None and f"{head}.weight" in missing
+        untied = (f" config.json leaves the head untied (tie_word_embeddings: false), so {head}.weight needs a "
+                  "tensor of its own; if the head is meant to be the input embedding, set tie_word_embeddings: true."
+                  if head is not None and f"{head}.weight" in missing else "")
         raise UserError(
-            f"model '{ref}': lazy loading found no tensor for {describe_names(missing)} in the checkpoint. Check "
-            "config.json (num_hidden_layers, model_type" + (", tie_word_embeddings: its head is untied, so it "
-                                                             "needs weights of its own" if untied_head else "")
-            + ") against the weights; a checkpoint whose names need transformers' key conversion loads without `lazy`."
+            f"model '{ref}': lazy loading found no tensor for {describe_names(missing)} in the checkpoint.{untied} "
+            "Check config.json (num_hidden_layers, model_type) against the weights; a checkpoint whose names need "
+            "transformers' key conversion loads without `lazy`."
         )
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     mismatched = sorted((name, stored[name].shape, shape) for name, shape in shapes.items()

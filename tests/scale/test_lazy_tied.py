@@ -49,8 +49,6 @@ def _gptq_sweep(handle) -> None:
 
 
 def test_lazy_gptq_on_a_tied_model_equals_eager_and_reloads_tied(tied_qwen, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     eager = load_model(str(tied_qwen))
     _gptq_sweep(eager)
     lazy = load_lazy(str(tied_qwen), save_to=tmp_path / "out")
@@ -149,10 +147,12 @@ def test_a_tied_config_over_a_checkpoint_with_a_different_head_stays_untied(tied
     assert lazy.model.lm_head.weight is not lazy.model.model.embed_tokens.weight
     with lazy.outside_layers_on(lazy.device):
         assert torch.equal(lazy.model.lm_head.weight, head.float())
-    untied = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**untied, "tie_word_embeddings": False}))
+        assert torch.equal(lazy.model.model.embed_tokens.weight, tensors["model.embed_tokens.weight"].float())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})  # no head, and untied: refused
-    with pytest.raises(UserError, match=r"no tensor for lm_head\.weight .*tie_word_embeddings: its head is untied"):
+    untied = r"no tensor for lm_head\.weight in the checkpoint\. config\.json leaves the head untied \(tie_word_embeddings: false\)"
+    with pytest.raises(UserError, match=untied):
         load_lazy(str(folder))
 
 
