@@ -12,8 +12,8 @@ this process and its perplexity, by the same protocol, compared with the run's o
     python bench/real_shapes.py                  # writes bench/results/real_shapes.md
     python bench/real_shapes.py --shapes llama3 --methods gptq --modes eager
 
-A lazy run of the tied model is expected to be refused (lazy refuses tied heads, issue 22); the table records the
-refusal instead of a measurement.
+A lazy run's export is also compared, tensor for tensor, with the eager run's of the same model and method (run
+just before it), and for the tied model the reload must give lm_head the embedding's storage (tied, stored once).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def recipe_text(model: Path, method: str, lazy: bool, args: argparse.Namespace) 
     )
 
 
-def run_one(model: Path, shape: str, method: str, mode: str, work: Path, args: argparse.Namespace) -> dict:
+def run_one(model: Path, shape: str, method: str, mode: str, work: Path, args: argparse.Namespace,
+            eager_export: Path | None = None) -> dict:
+    """One `compress run`; its output folder stays (the caller removes it) so a lazy row can be compared with it."""
     name = f"{shape}-{method}-{mode}"
     recipe = work / f"{name}.yaml"
     recipe.write_text(recipe_text(model, method, mode == "lazy", args), encoding="utf-8")
@@ -68,8 +70,11 @@ def run_one(model: Path, shape: str, method: str, mode: str, work: Path, args: a
     row.update(timings=report["timings"], peak_rss_bytes=report["peak_memory"]["cpu_rss_bytes"],
                ppl=report["metrics"]["perplexity"]["eval"],
                acc=report["metrics"]["acc"]["cloze"]["compressed"])
-    row.update(reload_check(Path(report["export"]["path"]), row["ppl"]["compressed"], args))
-    shutil.rmtree(out)
+    export = Path(report["export"]["path"])
+    row["export_path"] = str(export)
+    row.update(reload_check(export, row["ppl"]["compressed"], args))
+    if eager_export is not None:
+        row["same_export_as_eager"] = same_tensors(export, eager_export)
     return row
 
 
@@ -85,8 +90,26 @@ def reload_check(export: Path, run_ppl: float, args: argparse.Namespace) -> dict
     ids = tokenize_text(AutoTokenizer.from_pretrained(export), load_text(str(REPO / "recipes/demo/eval.txt")))
     reloaded, _ = perplexity_of(model.eval(), ids, args.seq_len, 8, torch.device("cpu"), max_windows=args.windows)
     complete = not info["missing_keys"] and not info["unexpected_keys"]
+    tied_ok = not model.config.tie_word_embeddings or (
+        model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
     return {"reload_s": round(time.time() - start, 1), "reloaded_ppl": reloaded,
-            "reload_matched": complete and abs(reloaded / run_ppl - 1) < 1e-3}
+            "reload_matched": complete and tied_ok and abs(reloaded / run_ppl - 1) < 1e-3}
+
+
+def same_tensors(folder: Path, other: Path) -> bool:
+    """Whether two safetensors folders hold the same names with bit-identical tensors (one tensor pair at a time)."""
+    from safetensors import safe_open
+
+    from compress.engine.lazy import checkpoint_files
+
+    where, there = checkpoint_files(folder), checkpoint_files(other)
+    if set(where) != set(there):
+        return False
+    for name in sorted(where):
+        with safe_open(str(where[name]), "pt") as a, safe_open(str(there[name]), "pt") as b:
+            if not torch.equal(a.get_tensor(name), b.get_tensor(name)):
+                return False
+    return True
 
 
 def stored_parameters(model: Path) -> int:
@@ -121,28 +144,32 @@ def render(rows: list[dict], sizes: dict[str, int], args: argparse.Namespace) ->
         f"{args.seq_len} tokens, perplexity on {args.windows} windows of recipes/demo/eval.txt, zero-shot on "
         f"{args.docs} documents of recipes/demo/cloze.jsonl, `export: {{format: compressed-tensors}}`",
         "- peak RSS: the run's ru_maxrss (report.json `peak_memory.cpu_rss_bytes`); phases: report.json `timings` (s)",
-        "- reload: the export loaded with `AutoModelForCausalLM.from_pretrained` (no missing or unexpected tensors) "
-        "and its perplexity by the same protocol within 0.1% of the run's `compressed` perplexity",
+        "- reload: the export loaded with `AutoModelForCausalLM.from_pretrained` (no missing or unexpected tensors; "
+        "for the tied model, lm_head sharing the embedding's storage) and its perplexity by the same protocol within "
+        "0.1% of the run's `compressed` perplexity",
+        "- lazy = eager export: the lazy run's compressed-tensors export bit-identical, tensor for tensor, to the eager "
+        "run's of the same model and method",
         "",
-        "| model | method | mode | load | baseline eval | passes | save | eval | total | wall | peak RSS | ppl baseline → compressed | reloaded ppl | reload matched |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | mode | load | baseline eval | passes | save | eval | total | wall | peak RSS | ppl baseline → compressed | reloaded ppl | reload matched | lazy = eager export |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         head = f"| {row['shape']} | {row['method']} | {row['mode']} "
         if "refused" in row:
-            tied_lazy = row["shape"] == "qwen-tied" and row["mode"] == "lazy"
-            known = " Known: lazy refuses tied heads (issue 22)." if tied_lazy else ""
-            lines.append(head + f"| refused (exit {row['exit']}): {row['refused']}{known} |||||||||||")
+            lines.append(head + f"| refused (exit {row['exit']}): {row['refused']} ||||||||||||")
             continue
         t = row["timings"]
         phases = " | ".join(f"{t[p]:.1f}" if p in t else "–" for p in PHASES)
+        same = {True: "yes", False: "NO", None: "–"}[row.get("same_export_as_eager")]
         lines.append(head + f"| {phases} | {row['wall_s']:.0f} s | {mib(row['peak_rss_bytes'])} "
                      f"| {row['ppl']['baseline']:.1f} → {row['ppl']['compressed']:.1f} | {row['reloaded_ppl']:.1f} "
-                     f"| {'yes' if row['reload_matched'] else 'NO'} |")
+                     f"| {'yes' if row['reload_matched'] else 'NO'} | {same} |")
     lines += ["", "Random weights spread the probability over the whole vocabulary, so perplexities near the vocabulary "
               "size are expected; what matters is that the reload measures the same number as the run. The export "
               "keeps the checkpoint's bf16 (`dtype: auto`), so its scales are rounded to bf16: hence the small "
-              "difference allowed. The evaluators hold at most `logit_chunk_mb` (default 256 MiB) of vocabulary-wide "
+              "difference allowed. A lazy run scores the layers it wrote, rounded to bf16, and an eager run its float32 "
+              "dequantized weights, so their `compressed` perplexities differ slightly while their exports are "
+              "identical. The evaluators hold at most `logit_chunk_mb` (default 256 MiB) of vocabulary-wide "
               "logits at a time (compress/engine/vocab_head.py); before that bound these runs peaked at 6.4-7.5 GiB.", ""]
     return "\n".join(lines)
 
@@ -169,10 +196,16 @@ def main() -> None:
             model = save_real_shape_model(args.workdir / shape, shape)
             sizes[shape] = stored_parameters(model)
             for method in args.methods.split(","):
+                eager_export = None
                 for mode in args.modes.split(","):
-                    row = run_one(model, shape, method, mode, args.workdir, args)
+                    row = run_one(model, shape, method, mode, args.workdir, args,
+                                  eager_export if mode == "lazy" else None)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+                    if mode == "eager" and "refused" not in row:
+                        eager_export = Path(row["export_path"])
+                for mode in args.modes.split(","):
+                    shutil.rmtree(args.workdir / f"out-{shape}-{method}-{mode}", ignore_errors=True)
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
