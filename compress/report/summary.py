@@ -103,30 +103,41 @@ def stored_tensors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return grouped
 
 
-def _module_bits(module: nn.Module, tensors: dict[str, torch.Tensor], record: WeightRecord | None,
-                 reference_bits: int) -> tuple[int, int, dict[str, int]]:
-    """(weights, of them quantized, bits per part) of one module's stored tensors."""
-    bits = dict.fromkeys(SIZE_PARTS, 0)
-    weights = quantized = 0
+@dataclasses.dataclass
+class _Tally:
+    """Weights, how many of them are quantized, and bits per stored part (SIZE_PARTS)."""
+
+    weights: int = 0
+    quantized: int = 0
+    bits: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SIZE_PARTS, 0))
+
+    def add(self, other: _Tally) -> None:
+        self.weights, self.quantized = self.weights + other.weights, self.quantized + other.quantized
+        for part, value in other.bits.items():
+            self.bits[part] += value
+
+
+def _module_tally(module: nn.Module, tensors: dict[str, torch.Tensor], record: WeightRecord | None,
+                  reference_bits: int) -> _Tally:
+    """What one module's stored tensors (`stored_tensors`) weigh."""
+    tally = _Tally()
     bnb = bnb_layout.is_quantized(tensors)
     for local, tensor in tensors.items():
-        part = bnb_layout.part_of(local) if bnb else "record" if record is not None and local == "weight" else None
-        if part == "record":
-            assert record is not None
+        part = bnb_layout.part_of(local) if bnb else None
+        if record is not None and local == "weight":  # what the record stores, not the dequantized floats we hold
             for name, value in dataclasses.asdict(record.storage_bits()).items():
-                bits[name] += value
-            weights += tensor.numel()
-            quantized += tensor.numel()
-        elif part is not None:  # a bitsandbytes tensor: counted as stored, in its own dtype
-            bits[part] += tensor.numel() * _dtype_bits(tensor.dtype)
-            if part == "codes":  # packed codes: the weights are the module's (out, in), not the bytes
+                tally.bits[name] += value
+            tally.weights, tally.quantized = tally.weights + tensor.numel(), tally.quantized + tensor.numel()
+        elif part is not None:  # a bitsandbytes tensor counts as stored, in its own dtype
+            tally.bits[part] += tensor.numel() * _dtype_bits(tensor.dtype)
+            if part == "codes":  # packed two per byte (4-bit): the weights are the module's out x in, not the bytes
                 count = int(getattr(module, "in_features")) * int(getattr(module, "out_features"))
-                weights, quantized = weights + count, quantized + count
+                tally.weights, tally.quantized = tally.weights + count, tally.quantized + count
         else:  # floats count at the checkpoint's precision (what `dtype: auto` exports), not the compute dtype
             width = reference_bits if tensor.is_floating_point() else _dtype_bits(tensor.dtype)
-            bits["unquantized"] += tensor.numel() * width
-            weights += tensor.numel()
-    return weights, quantized, bits
+            tally.bits["unquantized"] += tensor.numel() * width
+            tally.weights += tensor.numel()
+    return tally
 
 
 def model_census(model: nn.Module, quantized: dict[str, WeightRecord], reference_dtype: torch.dtype) -> dict[str, Any]:
@@ -138,18 +149,15 @@ def model_census(model: nn.Module, quantized: dict[str, WeightRecord], reference
     """
     reference_bits = _dtype_bits(reference_dtype)
     modules = dict(model.named_modules())
-    weights = quantized_weights = 0
-    bits = dict.fromkeys(SIZE_PARTS, 0)
+    total = _Tally()
     quantized_bits = 0
     for name, tensors in stored_tensors(model).items():
-        count, quantized_count, module_bits = _module_bits(modules[name], tensors, quantized.get(name), reference_bits)
-        weights, quantized_weights = weights + count, quantized_weights + quantized_count
-        for part, value in module_bits.items():
-            bits[part] += value
-        if quantized_count:
-            quantized_bits += sum(module_bits.values()) - module_bits["unquantized"]  # a bias is not the weight
-    return {"parameters": weights, "quantized_parameters": quantized_weights, "quantized_bits": quantized_bits,
-            "bits": bits}
+        tally = _module_tally(modules[name], tensors, quantized.get(name), reference_bits)
+        total.add(tally)
+        if tally.quantized:
+            quantized_bits += sum(tally.bits.values()) - tally.bits["unquantized"]  # a bias is not the weight
+    return {"parameters": total.weights, "quantized_parameters": total.quantized, "quantized_bits": quantized_bits,
+            "bits": total.bits}
 
 
 def loaded_size(model: nn.Module, reference_dtype: torch.dtype) -> dict[str, int]:
