@@ -45,8 +45,9 @@ def inspect(
                           f"{row.parameters:,}", f"{row.bytes:,}")
         totals = summary.totals
         table.caption = (
-            f"{totals['parameters']:,} parameters · {totals['bytes_on_disk']:,} bytes on disk · "
-            f"{totals['effective_bits_per_weight']} bits/weight · {totals['compression_ratio']}x vs "
-            f"{summary.original_dtype} · overhead {', '.join(f'{k} {v:,}' for k, v in summary.overhead.items())}"
+            f"{totals['parameters']:,} parameters · {totals['bytes']:,} bytes of tensors: {totals['bits_per_weight']} "
+            f"bits/weight whole model, {_fmt(totals['quantized_bits_per_weight'])} in quantized modules · "
+            f"{totals['bytes_on_disk']:,} bytes on disk · {totals['compression_ratio']}x vs the original "
+            f"({summary.original_dtype}) · overhead {', '.join(f'{k} {v:,}' for k, v in summary.overhead.items())}"
         )
         err_console.print(table)

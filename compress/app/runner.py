@@ -29,6 +29,7 @@ from compress.recipe.schema import EvalStep, PassStep, Recipe, dump_yaml
 from compress.report.html import write_html_report
 from compress.report.summary import (
     REPORT_SCHEMA_VERSION,
+    loaded_size,
     model_size,
     peak_memory,
     finite_or_null,
@@ -99,9 +100,10 @@ def evaluate_all(handle: ModelHandle, steps: tuple[EvalStep, ...], run: RunConte
     results: list[EvalResult] = []
     for step in steps:
         returned = step.definition.apply(handle, step.config, run)
+        settings = step.config.model_dump(mode="json")  # the limits as run (max_windows, limit), beside what they gave
         for result in returned if isinstance(returned, list) else [returned]:  # a suite returns one per task/metric
             log.info("%s[%s] = %.4f", result.metric, result.label, result.value)
-            results.append(result)
+            results.append(dataclasses.replace(result, details={**result.details, "settings": settings}))
     return results
 
 
@@ -220,7 +222,8 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
             _log_to(staging / "run.log"), contextlib.ExitStack() as export_scope:
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         with clock.phase("load"):
-            handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging)
+            handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging, clock)
+        loaded = loaded_size(handle.model, handle.checkpoint_dtype)  # the baseline: before any pass changes the model
         refuse_unpackable_layers(handle.layers, handle.layers_prefix, recipe.export)
         outputs = _run_outputs(handle, recipe, run, staging, export_scope, places)
         with clock.phase("baseline_eval"):
@@ -231,8 +234,12 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
             compressed = evaluate_all(handle, recipe.evaluations, run)
         clock.stop()
         report = _report(recipe, output, handle, run, seed=seed, resume=resume, passes=passes,
-                         metrics=merge_metrics(baseline, compressed), clock=clock, passes_cuda_peak=passes_cuda_peak)
-        export = outputs.save(handle, run, recipe, report, staging, places)
+                         metrics=merge_metrics(baseline, compressed), clock=clock, passes_cuda_peak=passes_cuda_peak,
+                         loaded=loaded)
+        with clock.phase("export"):  # the run state and the export, which carries the report written so far
+            export = outputs.save(handle, run, recipe, report, staging, places)
+        clock.stop()
+        report["timings"] = clock.rounded()
         if export is not None:
             report["export"] = export
         _write_run_folder(staging, output, recipe, run, report)
@@ -289,7 +296,7 @@ class _Stopwatch:
     def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - start
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def stop(self) -> None:
         self.seconds["total"] = time.perf_counter() - self.started
@@ -299,7 +306,7 @@ class _Stopwatch:
 
 
 def _load(recipe: Recipe, allow_pickle: bool, reporter: Reporter, checkpointer: Checkpointer | None,
-          staging: Path) -> tuple[ModelHandle, RunContext]:
+          staging: Path, clock: _Stopwatch) -> tuple[ModelHandle, RunContext]:
     """The model, and the run that reads its calibration windows (this rank's share of them under torchrun)."""
     from compress.engine import distributed
 
@@ -308,7 +315,8 @@ def _load(recipe: Recipe, allow_pickle: bool, reporter: Reporter, checkpointer: 
         handle.max_memory = recipe.max_memory
         inputs = RunInputs(device=handle.device, reporter=reporter, checkpoint=checkpointer,
                            offload=_offload_settings(recipe, staging))
-        inputs.calibration = calibration_windows(handle, recipe)
+        with clock.phase("calibration_data"):  # reading, tokenizing and sampling the windows; inside `load`
+            inputs.calibration = calibration_windows(handle, recipe)
     if recipe.calibration is not None:
         inputs.calibration_batch_size = recipe.calibration.batch_size
     if inputs.calibration is not None:  # all windows when not distributed
@@ -419,12 +427,16 @@ def _run_outputs(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: 
 
 def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, *, seed: int, resume: bool,
             passes: list[dict[str, Any]], metrics: dict[str, Any], clock: _Stopwatch,
-            passes_cuda_peak: int | None) -> dict[str, Any]:
-    """report.json (compress/report/report.schema.json), less the `export` entry, which comes after saving."""
+            passes_cuda_peak: int | None, loaded: dict[str, int]) -> dict[str, Any]:
+    """report.json (compress/report/report.schema.json), less the `export` entry, which comes after saving.
+
+    `loaded` is the model's size as loaded (`loaded_size`), the baseline its compressed size is set against.
+    """
     memory = peak_memory(handle.device)
     if passes_cuda_peak is not None:
         memory["cuda_passes_bytes"] = passes_cuda_peak
     results = run.results
+    size = model_size(handle.model, results.records, handle.checkpoint_dtype, baseline=loaded)
     return finite_or_null({
         "schema_version": REPORT_SCHEMA_VERSION,
         "status": "ok",
@@ -432,10 +444,10 @@ def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, 
         "resumed": resume,
         "recipe": recipe.to_dict(),
         "recipe_file": str(recipe.source) if recipe.source else None,
-        "model": _model_section(recipe, handle),
+        "model": _model_section(recipe, handle, size),
         "passes": passes,
         "metrics": metrics,
-        "size": model_size(handle.model, results.records, handle.checkpoint_dtype),
+        "size": size,
         "weights_sha256": handle.weights_digest(),
         **results.report_sections,
         "activation_quantization": results.activation_quant,
@@ -448,11 +460,11 @@ def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, 
     })
 
 
-def _model_section(recipe: Recipe, handle: ModelHandle) -> dict[str, Any]:
+def _model_section(recipe: Recipe, handle: ModelHandle, size: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": recipe.model,
         "architecture": type(handle.model).__name__,
-        "parameters": handle.parameter_count(),
+        "parameters": size["parameters"],  # weights, not the bytes bitsandbytes packs them into
         "decoder_layers": len(handle.layers),
         "device": str(handle.device),
         "dtype": str(next(handle.model.parameters()).dtype).replace("torch.", ""),

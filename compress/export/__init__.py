@@ -60,9 +60,20 @@ def export_checkpoint(
         (staging / "README.md").write_text(model_card(fmt, str(target), report, details), encoding="utf-8")
         if report is not None:
             (staging / "compress_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    files = sorted(p for p in target.iterdir() if p.is_file())
-    return {"format": fmt, "path": str(target.resolve()), "bytes": sum(p.stat().st_size for p in files),
-            "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"), **details}
+    return {"format": fmt, "path": str(target.resolve()), **written_sizes(target), **details}
+
+
+def written_sizes(folder: Path) -> dict[str, Any]:
+    """Bytes of a written checkpoint: all files, the safetensors files, and what `compress inspect` reads from their
+    headers: the tensors less the itemised overhead, and bits per weight (the run report's own measures)."""
+    from compress.export.inspect import inspect_checkpoint
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    summary = inspect_checkpoint(folder, sparsity=False)
+    stored = {key: summary.totals[key] for key in ("bytes", "bits_per_weight", "quantized_bits_per_weight")}
+    return {"bytes": sum(p.stat().st_size for p in files),
+            "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"),
+            "stored": {**stored, "overhead": summary.overhead}}
 
 
 STATE_DIR = "state"
@@ -122,9 +133,7 @@ def finish_streamed_export(folder: Path, export: ExportConfig, report: dict[str,
     target = Path(export.path) if export.path else output / f"export-{export.format}"
     (folder / "README.md").write_text(model_card(export.format, str(target), report, details), encoding="utf-8")
     (folder / "compress_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    return {"format": export.format, "path": str(target.resolve()), "bytes": sum(p.stat().st_size for p in files),
-            "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"), **details}
+    return {"format": export.format, "path": str(target.resolve()), **written_sizes(folder), **details}
 
 
 def export_run(run_dir: Path, fmt: str, target: Path, *, dtype: str = "auto", overwrite: bool = False) -> dict[str, Any]:

@@ -46,8 +46,10 @@ def _metric_lines(report: dict[str, Any] | None) -> list[str]:
                          f"{values.get('compressed', float('nan')):.4f} |")
     size = report.get("size")
     if size:
-        lines += ["", f"Bits per weight (report): {size['bits_per_weight']} overall, "
-                      f"{size['quantized_bits_per_weight']} in quantized layers; parameters {size['parameters']:,}."]
+        quantized = size.get("quantized_bits_per_weight")
+        lines += ["", f"Bits per weight (report): {size['bits_per_weight']} over the whole model, "
+                      + (f"{quantized} in the quantized layers" if quantized is not None else "no layer quantized")
+                      + f"; parameters {size['parameters']:,}."]
     return lines
 
 

@@ -1,9 +1,12 @@
 """`compress inspect CHECKPOINT`: what a saved checkpoint holds, module by module, read from its files alone.
 
 Reads safetensors headers (dtype, shape, byte ranges) and config.json's `quantization_config`; decodes
-only the small `weight_shape` tensors and, for sparsity, each module's codes. Totals itemise the bytes a
-format adds beyond codes + scales (+ zero points): the safetensors header, shape/index tensors
-(`weight_shape`, `g_idx`), zero points the GPTQ layout stores even for symmetric codes, and packing padding.
+only the small `weight_shape` tensors and bitsandbytes' JSON quant states and, for sparsity, each module's codes.
+Totals itemise the bytes a format adds beyond what the run report counts (codes + 16-bit scales (+ zero points),
+bitsandbytes' stored tensors, everything else at the checkpoint's precision): the safetensors header, shape/index
+tensors (`weight_shape`, `g_idx`), zero points the GPTQ layout stores even for symmetric codes, packing padding,
+and scales stored wider than 16 bits. So `bytes` (on disk minus that overhead) is the report's `size.bytes` for an
+export in the run's own layout, and `bits_per_weight` / `quantized_bits_per_weight` are the report's too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from compress.quant import bnb_layout
+from compress.quant.records import SCALE_BITS
 from compress.recipe.errors import UserError
 
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
@@ -33,6 +38,7 @@ class ModuleRow:
     parameters: int
     bytes: int
     sparsity: float | None
+    overhead_bytes: int = 0  # of `bytes`, what the format adds beyond what the run report counts (see the totals)
 
 
 @dataclass
@@ -72,7 +78,7 @@ def _numel(entry: dict[str, Any]) -> int:
 def _group_by_module(header: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     modules: dict[str, dict[str, dict[str, Any]]] = {}
     for name, entry in header.items():
-        module, _, local = name.rpartition(".")
+        module, local = bnb_layout.split_name(name)
         modules.setdefault(module, {})[local] = entry
     return modules
 
@@ -91,20 +97,31 @@ def _zero_fraction(values: torch.Tensor, zero: torch.Tensor | int = 0) -> float:
 class _Reader:
     """Per-module rows for one safetensors file of a checkpoint in `fmt`."""
 
-    def __init__(self, path: Path, fmt: str, qconfig: dict[str, Any], original_bits: int):
-        self.path, self.fmt, self.qconfig, self.original_bits = path, fmt, qconfig, original_bits
-        self.overhead = {"shape_and_index_tensors": 0, "stored_symmetric_zero_points": 0, "packing_padding": 0}
+    def __init__(self, path: Path, fmt: str, qconfig: dict[str, Any], sparsity: bool):
+        self.path, self.fmt, self.qconfig, self.sparsity = path, fmt, qconfig, sparsity
+        self.overhead = {"shape_and_index_tensors": 0, "stored_symmetric_zero_points": 0, "packing_padding": 0,
+                         "scales_beyond_16_bits": 0}
+
+    def _add(self, kind: str, count: int) -> int:
+        self.overhead[kind] += count
+        return count
 
     def rows(self, header: dict[str, Any]) -> list[ModuleRow]:
         rows = []
         with safe_open(str(self.path), framework="pt") as handle:
             for module, tensors in _group_by_module(header).items():
-                if "weight_packed" in tensors or ("weight" in tensors and "weight_scale" in tensors):
-                    rows.append(self._compressed_tensors(module, tensors, handle))
-                elif "qweight" in tensors:
-                    rows.append(self._gptq(module, tensors))
+                # a bias stays in the checkpoint's precision beside the quantized weight: a row of its own
+                weight = {local: entry for local, entry in tensors.items() if local != "bias"}
+                rest = {local: entry for local, entry in tensors.items() if local == "bias"}
+                if "weight_packed" in weight or ("weight" in weight and "weight_scale" in weight):
+                    rows.append(self._compressed_tensors(module, weight, handle))
+                elif "qweight" in weight:
+                    rows.append(self._gptq(module, weight))
+                elif bnb_layout.is_quantized(weight):
+                    rows += self._bitsandbytes(module, weight, handle)
                 else:
-                    rows += self._plain(module, tensors, handle)
+                    rest = tensors
+                rows += self._plain(module, rest, handle)
         return rows
 
     def _compressed_tensors(self, module: str, tensors: dict[str, Any], handle: Any) -> ModuleRow:
@@ -113,40 +130,63 @@ class _Reader:
         scheme = _ct_scheme_of(module, self.qconfig) or {}
         weights = scheme.get("weights") or {}
         bits = int(weights.get("num_bits", 8))
+        overhead = self._add("scales_beyond_16_bits", _beyond_16_bits(tensors["weight_scale"]))
         if "weight_packed" in tensors:
             shape = [int(v) for v in handle.get_tensor(f"{module}.weight_shape").tolist()]
-            codes = unpack_from_int32(handle.get_tensor(f"{module}.weight_packed"), bits, torch.Size(shape))
-            self.overhead["shape_and_index_tensors"] += _tensor_bytes(tensors["weight_shape"])
-            self.overhead["packing_padding"] += _tensor_bytes(tensors["weight_packed"]) - shape[0] * shape[1] * bits // 8
+            codes = (unpack_from_int32(handle.get_tensor(f"{module}.weight_packed"), bits, torch.Size(shape))
+                     if self.sparsity else None)
+            overhead += self._add("shape_and_index_tensors", _tensor_bytes(tensors["weight_shape"]))
+            overhead += self._add("packing_padding", _tensor_bytes(tensors["weight_packed"]) - shape[0] * shape[1] * bits // 8)
+            if "weight_zero_point" in tensors:  # (rows, groups) zero points packed along the rows
+                groups = _numel(tensors["weight_scale"])
+                overhead += self._add("packing_padding", _tensor_bytes(tensors["weight_zero_point"]) - groups * bits // 8)
             fmt = "pack-quantized"
         else:
-            codes = handle.get_tensor(f"{module}.weight")
+            shape = tensors["weight"]["shape"]
+            codes = handle.get_tensor(f"{module}.weight") if self.sparsity else None
             fmt = "int-quantized"
-        sparsity = _zero_fraction(codes) if weights.get("symmetric", True) else None
-        return ModuleRow(module, fmt, bits, weights.get("group_size"), codes.numel(),
-                         sum(_tensor_bytes(e) for e in tensors.values()), sparsity)
+        sparsity = _zero_fraction(codes) if codes is not None and weights.get("symmetric", True) else None
+        return ModuleRow(module, fmt, bits, weights.get("group_size"), int(shape[0]) * int(shape[1]),
+                         sum(_tensor_bytes(e) for e in tensors.values()), sparsity, overhead)
 
     def _gptq(self, module: str, tensors: dict[str, Any]) -> ModuleRow:
         bits = int(self.qconfig["bits"])
         packed_rows, out_features = tensors["qweight"]["shape"]
         parameters = packed_rows * (32 // bits) * out_features
-        self.overhead["shape_and_index_tensors"] += _tensor_bytes(tensors["g_idx"])
+        overhead = self._add("shape_and_index_tensors", _tensor_bytes(tensors["g_idx"]))
         if self.qconfig.get("sym", True):
-            self.overhead["stored_symmetric_zero_points"] += _tensor_bytes(tensors["qzeros"])
+            overhead += self._add("stored_symmetric_zero_points", _tensor_bytes(tensors["qzeros"]))
         group_size = self.qconfig.get("group_size")
         return ModuleRow(module, "gptq", bits, None if group_size == -1 else group_size, parameters,
-                         sum(_tensor_bytes(e) for e in tensors.values()), None)
+                         sum(_tensor_bytes(e) for e in tensors.values()), None, overhead)
+
+    def _bitsandbytes(self, module: str, tensors: dict[str, Any], handle: Any) -> list[ModuleRow]:
+        """One row for the quantized weight (every tensor compress/quant/bnb_layout.py names), one per other tensor."""
+        parts = {local: entry for local, entry in tensors.items() if bnb_layout.part_of(local) is not None}
+        states = [local for local in parts if local.startswith(bnb_layout.QUANT_STATE)]
+        if states:  # 4-bit: the codes are packed two per byte; the JSON state has the weight's shape and block size
+            state = bnb_layout.quant_state_json(bytes(handle.get_tensor(f"{module}.{states[0]}").tolist()))
+            shape, bits, group = [int(d) for d in state["shape"]], 4, state.get("blocksize")
+            fmt = f"bitsandbytes {state.get('quant_type', '4-bit')}"
+        else:  # LLM.int8(): int8 codes (out, in), one float32 scale per row
+            shape, bits, group, fmt = tensors["weight"]["shape"], 8, None, "bitsandbytes int8"
+        row = ModuleRow(module, fmt, bits, group, shape[0] * shape[1], sum(_tensor_bytes(e) for e in parts.values()), None)
+        return [row] + self._plain(module, {k: v for k, v in tensors.items() if k not in parts}, handle)
 
     def _plain(self, module: str, tensors: dict[str, Any], handle: Any) -> list[ModuleRow]:
         rows = []
         for local, entry in tensors.items():
             name = f"{module}.{local}" if module else local
-            values = handle.get_tensor(name) if local == "weight" else None
+            values = handle.get_tensor(name) if local == "weight" and self.sparsity else None
             sparsity = _zero_fraction(values) if values is not None else None
-            fmt = "bitsandbytes" if self.fmt == "bitsandbytes" and entry["dtype"] == "U8" else f"dense {entry['dtype']}"
-            rows.append(ModuleRow(name, fmt, DTYPE_BITS.get(entry["dtype"]), None, _numel(entry), _tensor_bytes(entry),
-                                  sparsity))
+            rows.append(ModuleRow(name, f"dense {entry['dtype']}", DTYPE_BITS.get(entry["dtype"]), None, _numel(entry),
+                                  _tensor_bytes(entry), sparsity))
         return rows
+
+
+def _beyond_16_bits(entry: dict[str, Any]) -> int:
+    """Bytes a scale tensor stores beyond the 16 bits per scale the run report counts (float32 scales)."""
+    return max(0, (DTYPE_BITS[entry["dtype"]] - SCALE_BITS) * _numel(entry) // 8)
 
 
 def checkpoint_format(config: dict[str, Any]) -> str:
@@ -154,8 +194,12 @@ def checkpoint_format(config: dict[str, Any]) -> str:
     return {"compressed-tensors": "compressed-tensors", "gptq": "gptq", "bitsandbytes": "bitsandbytes"}.get(method, "dense")
 
 
-def inspect_checkpoint(folder: Path) -> CheckpointSummary:
-    """Module table plus totals: parameters, bytes on disk, effective bits per weight, ratio vs the original dtype."""
+def inspect_checkpoint(folder: Path, *, sparsity: bool = True) -> CheckpointSummary:
+    """Module table plus totals: parameters, bytes, bits per weight, ratio vs the original model.
+
+    `sparsity` decodes every weight to count its zeros (reads the whole checkpoint); without it only the headers and
+    the small shape / quant-state tensors are read.
+    """
     config_path = folder / "config.json"
     files = sorted(folder.glob("*.safetensors"))
     if not config_path.is_file() or not files:
@@ -163,37 +207,54 @@ def inspect_checkpoint(folder: Path) -> CheckpointSummary:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     fmt = checkpoint_format(config)
     qconfig = config.get("quantization_config") or {}
-    original_dtype = _original_dtype(folder, config)
-    original_bits = CONFIG_DTYPE_BITS.get(original_dtype, 16)
+    original_dtype, original_bytes = _original(folder, config)
     rows: list[ModuleRow] = []
     header_bytes = 0
     overhead: dict[str, int] = {}
     for path in files:
         size, header = read_header(path)
         header_bytes += size
-        reader = _Reader(path, fmt, qconfig, original_bits)
+        reader = _Reader(path, fmt, qconfig, sparsity)
         rows += reader.rows(header)
         for key, value in reader.overhead.items():
             overhead[key] = overhead.get(key, 0) + value
     overhead = {"safetensors_header": header_bytes, **overhead}
     disk = sum(p.stat().st_size for p in files)
-    parameters = sum(row.parameters for row in rows if row.format != "dense I64")
-    totals = {
-        "parameters": parameters,
-        "bytes_on_disk": disk,
-        "effective_bits_per_weight": round(8 * disk / parameters, 4) if parameters else None,
-        "original_bytes": parameters * original_bits // 8,
-        "compression_ratio": round(parameters * original_bits / (8 * disk), 4) if disk else None,
-        "overhead_bytes": sum(overhead.values()),
-    }
+    totals = checkpoint_totals(rows, disk, overhead, CONFIG_DTYPE_BITS.get(original_dtype, 16), original_bytes)
     return CheckpointSummary(str(folder), fmt, original_dtype, rows, totals, overhead)
 
 
-def _original_dtype(folder: Path, config: dict[str, Any]) -> str:
-    """The precision the model had before compression: from the run report when the export carries one."""
+def checkpoint_totals(rows: list[ModuleRow], disk: int, overhead: dict[str, int], original_bits: int,
+                      original_bytes: int | None = None) -> dict[str, Any]:
+    """Parameters, bytes (on disk, and less the itemised overhead: what the run report counts), bits per weight
+    overall and in the quantized modules, and the ratio to the original model: `original_bytes` (the run report's
+    baseline, before pruning too) when known, else these parameters at `original_bits`."""
+    counted = [row for row in rows if row.format != "dense I64"]  # weight_shape-like index tensors are no weights
+    parameters = sum(row.parameters for row in counted)
+    quantized = [row for row in counted if not row.format.startswith("dense")]
+    quantized_parameters = sum(row.parameters for row in quantized)
+    quantized_bytes = sum(row.bytes - row.overhead_bytes for row in quantized)
+    payload = disk - sum(overhead.values())
+    original = original_bytes if original_bytes is not None else parameters * original_bits // 8
+    return {
+        "parameters": parameters,
+        "bytes_on_disk": disk,
+        "overhead_bytes": sum(overhead.values()),
+        "bytes": payload,
+        "bits_per_weight": round(8 * payload / parameters, 4) if parameters else None,
+        "quantized_parameters": quantized_parameters,
+        "quantized_bits_per_weight": round(8 * quantized_bytes / quantized_parameters, 4) if quantized_parameters else None,
+        "effective_bits_per_weight": round(8 * disk / parameters, 4) if parameters else None,
+        "original_bytes": original,
+        "compression_ratio": round(original / disk, 4) if disk else None,
+    }
+
+
+def _original(folder: Path, config: dict[str, Any]) -> tuple[str, int | None]:
+    """The precision the model had before compression, and its bytes as loaded when the export carries the run
+    report (`size.baseline_bytes`: before any pass, so a pruned model's ratio counts the pruning too)."""
     report = folder / "compress_report.json"
-    if report.is_file():
-        size = json.loads(report.read_text(encoding="utf-8")).get("size") or {}
-        if size.get("reference_dtype"):
-            return str(size["reference_dtype"])
-    return str(config.get("dtype") or config.get("torch_dtype") or "float16")
+    size = (json.loads(report.read_text(encoding="utf-8")).get("size") or {}) if report.is_file() else {}
+    dtype = size.get("reference_dtype") or config.get("dtype") or config.get("torch_dtype") or "float16"
+    baseline = size.get("baseline_bytes")
+    return str(dtype), int(baseline) if isinstance(baseline, int) else None

@@ -13,9 +13,9 @@ import html
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from compress.report.summary import metric_rows
+from compress.report.summary import metric_rows, page_title, settings_text, size_rows, value_text
 
 _LAYER_MODULE = re.compile(r"\.(\d+)\.(.+)$")  # "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj")
 
@@ -198,41 +198,167 @@ def _summary(report: dict[str, Any]) -> list[list[str]]:
     model, size, timings = report.get("model", {}), report.get("size", {}), report.get("timings", {})
     rows = [
         ["model", f"{model.get('name')} ({model.get('architecture')}, {model.get('parameters', 0):,} parameters)"],
-        ["size", f"{size.get('bytes', 0) / 2**20:.2f} MiB vs {size.get('baseline_bytes', 0) / 2**20:.2f} MiB "
-                 f"({size.get('reference_dtype')})"],
-        ["bits per weight", f"{size.get('bits_per_weight')} overall, {size.get('quantized_bits_per_weight')} in quantized layers"],
+        ["recipe", str(report.get("recipe_file") or "given as text")],
+        *[[label, text] for label, text in size_rows(size)],
         ["passes", ", ".join(p.get("name", "?") for p in report.get("passes", [])) or "none"],
         ["device / seed", f"{model.get('device')} / {report.get('seed')}"],
         ["wall time", f"{timings.get('total', 0):.1f} s"],
         ["peak memory", ", ".join(f"{k}: {v / 2**20:,.0f} MiB" for k, v in (report.get("peak_memory") or {}).items())],
         ["fallbacks", str(len(report.get("fallbacks", [])))],
     ]
+    export = report.get("export")
+    if isinstance(export, dict) and isinstance(export.get("stored"), dict):
+        stored = export["stored"]
+        overhead = sum(stored.get("overhead", {}).values())
+        rows.append(["export", f"{export.get('format')}: {export.get('weights_bytes', 0):,} bytes of safetensors = "
+                               f"{stored.get('bytes', 0):,} of tensors ({stored.get('bits_per_weight')} bits per weight) "
+                               f"+ {overhead:,} of headers and format extras"])
     return rows
 
 
-def render_html(report: dict[str, Any]) -> str:
-    title = f"compress run: {report.get('model', {}).get('name')}"
-    parts = [f"<h1>{html.escape(title)}</h1>", _table(None, _summary(report), [["", "text"]] * len(_summary(report))), "<h2>Metrics</h2>"]
+def _section(heading: str, body: str, section_id: str) -> str:
+    return f'<section id="{section_id}"><h2>{html.escape(heading)}</h2>\n{body}</section>'
+
+
+def summary_section(report: dict[str, Any]) -> str | None:
+    rows = _summary(report)
+    return f'<section id="summary">{_table(None, rows, [["", "text"]] * len(rows))}</section>'
+
+
+def metrics_section(report: dict[str, Any]) -> str | None:
     rows = [list(row) for row in metric_rows(report)]
     # For every metric we report today (perplexity), lower is better, so a rise is drawn as a loss.
     classes = [["", "", "", "", "worse" if row[4].startswith("+") else "better" if row[4].startswith("-") else ""]
                for row in rows]
-    parts.append(_table(["metric", "dataset", "baseline", "compressed", "change"], rows, classes) if rows
-                 else "<p class=\"muted\">no evaluations in this recipe</p>")
-    parts.append("<h2>Passes</h2>")
-    parts.append(_table(["pass", "seconds", "summary"], [
-        [p.get("name", "?"), f"{p.get('seconds', 0):.2f}", ", ".join(f"{k}={v}" for k, v in p.get("summary", {}).items())]
-        for p in report.get("passes", [])
-    ]))
-    parts.append(_figure("Bits per module", heatmap(module_field(report, "bits"), "bits per module", "bits")))
-    parts.append(_figure("Sparsity per module", heatmap(module_field(report, "sparsity"), "sparsity per module", "sparsity")))
+    body = (_table(["metric", "dataset", "baseline", "compressed", "change"], rows, classes) if rows
+            else '<p class="muted">no evaluations in this recipe</p>')
+    return _section("Metrics", body, "metrics")
+
+
+def _dash(value: Any) -> str:
+    return "—" if value is None else value_text(value)
+
+
+def protocol_row(metric: str, label: str, protocol: dict[str, Any]) -> list[str]:
+    """metric, data set or task, protocol and version, seq_len, stride, what was scored, and the limit as run."""
+    settings = protocol.get("settings") or {}
+    if "docs" in protocol:
+        scored = f"{protocol['docs']:,} documents"
+    elif "windows" in protocol:
+        scored = f"{protocol['windows']:,} windows, {protocol.get('scored_tokens', 0):,} tokens"
+    else:
+        scored = "—"
+    if settings.get("max_windows") is not None:
+        limit = f"first {settings['max_windows']:,} windows"
+    elif settings.get("limit") is not None:
+        limit = f"first {settings['limit']:,} documents"
+    else:
+        limit = "none: all of it" if "max_windows" in settings or "limit" in settings else "—"
+    return [metric, str(protocol.get("dataset") or protocol.get("task") or label),
+            f"{protocol.get('name', '?')} v{protocol.get('version', '?')}",
+            _dash(protocol.get("seq_len", protocol.get("max_length"))), _dash(protocol.get("stride")), scored, limit]
+
+
+def protocol_section(report: dict[str, Any]) -> str | None:
+    rows = [protocol_row(metric, label, values.get("protocol") or {})
+            for metric, per_dataset in report.get("metrics", {}).items() for label, values in per_dataset.items()]
+    if not rows:
+        return None
+    header = ["metric", "data set / task", "protocol", "seq_len", "stride", "scored", "limit"]
+    return _section("Evaluation protocol", _table(header, rows, [["", "text", "text", "", "", "", "text"]] * len(rows)),
+                    "protocol")
+
+
+def passes_section(report: dict[str, Any]) -> str | None:
+    rows = [[p.get("name", "?"), settings_text(p.get("params", {})), f"{p.get('seconds', 0):.2f}",
+             ", ".join(f"{k}={value_text(v)}" for k, v in p.get("summary", {}).items())]
+            for p in report.get("passes", [])]
+    body = (_table(["pass", "parameters as run", "seconds", "summary"], rows, [["", "text", "", "text"]] * len(rows))
+            if rows else '<p class="muted">no passes in this recipe</p>')
+    return _section("Passes", body, "passes")
+
+
+# report.json `timings`: top-level phases in run order, each with the phases timed inside it.
+PHASES = {
+    "load": ("load the model", {"calibration_data": "of which calibration data (read, tokenize, sample)"}),
+    "baseline_eval": ("baseline evaluation", {}),
+    "passes": ("passes", {"propagation": "of which calibration forwards between layers"}),
+    "save": ("write what is outside the layers (lazy)", {}),
+    "eval": ("final evaluation", {}),
+    "export": ("save the run state and the export", {}),
+}
+
+
+def timing_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Seconds per phase and share of the total, with each pass inside `passes`; `other` is what no phase covers."""
+    timings = {k: v for k, v in report.get("timings", {}).items() if isinstance(v, (int, float))}
+    total = float(timings.get("total", 0)) or 1.0
+    inner = {name for _, subs in PHASES.values() for name in subs}
+
+    def row(label: str, seconds: float) -> list[str]:
+        return [label, f"{seconds:.2f}", f"{seconds / total:.1%}"]
+
+    rows = []
+    for name, (label, subs) in PHASES.items():
+        if name not in timings:
+            continue
+        rows.append(row(label, timings[name]))
+        if name == "passes":
+            rows += [row(f"  {p.get('name', '?')}", float(p.get("seconds", 0))) for p in report.get("passes", [])]
+        rows += [row(f"  {sub_label}", timings[sub]) for sub, sub_label in subs.items() if sub in timings]
+    extra = [name for name in timings if name not in PHASES and name not in inner and name != "total"]
+    rows += [row(name.replace("_", " "), timings[name]) for name in extra]
+    covered = sum(timings[name] for name in [*PHASES, *extra] if name in timings)
+    rows.append(row("other (setup, report)", max(0.0, timings.get("total", 0) - covered)))
+    rows.append(row("total", timings.get("total", 0)))
+    return rows
+
+
+def timings_section(report: dict[str, Any]) -> str | None:
+    rows = timing_rows(report)
+    return _section("Time", _table(["phase", "seconds", "share"], rows, [["text", "", ""]] * len(rows)), "time")
+
+
+def _allocation(report: dict[str, Any]) -> dict[str, Any]:
     found = report.get("allocation")
-    allocation: dict[str, Any] = found if isinstance(found, dict) else {}
-    parts.append(_figure("Sensitivities", sensitivity_plot(allocation)))
-    parts.append(_figure("Pareto frontier", frontier_plot(allocation)))
-    if report.get("fallbacks"):
-        parts.append("<h2>Fallbacks</h2><ul>" + "".join(f"<li>{html.escape(str(f))}</li>" for f in report["fallbacks"]) + "</ul>")
-    return _page(title, "\n".join(p for p in parts if p))
+    return found if isinstance(found, dict) else {}
+
+
+def _figure_section(title: str, uri: str | None, section_id: str) -> str | None:
+    return _section(title, f'<img alt="{html.escape(title)}" src="{uri}">', section_id) if uri else None
+
+
+def fallbacks_section(report: dict[str, Any]) -> str | None:
+    if not report.get("fallbacks"):
+        return None
+    items = "".join(f"<li>{html.escape(settings_text(f) if isinstance(f, dict) else str(f))}</li>"
+                    for f in report["fallbacks"])
+    return _section("Fallbacks", f"<ul>{items}</ul>", "fallbacks")
+
+
+Section = Callable[[dict[str, Any]], "str | None"]
+
+# The page, top to bottom: each entry renders one <section> from report.json, or None when the run has nothing
+# for it. A new chart is one more function here.
+SECTIONS: list[Section] = [
+    summary_section,
+    metrics_section,
+    protocol_section,
+    passes_section,
+    timings_section,
+    lambda r: _figure_section("Bits per module", heatmap(module_field(r, "bits"), "bits per module", "bits"), "bits"),
+    lambda r: _figure_section("Sparsity per module",
+                              heatmap(module_field(r, "sparsity"), "sparsity per module", "sparsity"), "sparsity"),
+    lambda r: _figure_section("Sensitivities", sensitivity_plot(_allocation(r)), "sensitivities"),
+    lambda r: _figure_section("Pareto frontier", frontier_plot(_allocation(r)), "frontier"),
+    fallbacks_section,
+]
+
+
+def render_html(report: dict[str, Any]) -> str:
+    title = page_title(report)
+    parts = [f"<h1>{html.escape(title)}</h1>"] + [section(report) for section in SECTIONS]
+    return _page(f"{title} · compress run", "\n".join(p for p in parts if p))
 
 
 def write_html_report(report: dict[str, Any], path: Path) -> None:

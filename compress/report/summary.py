@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import platform
 import resource
 import sys
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -14,6 +17,8 @@ from torch import nn
 
 import compress
 from compress.engine.digest import shards_digest, weights_digest  # noqa: F401  (re-exported)
+from compress.quant import bnb_layout
+from compress.quant.bnb_layout import split_name
 from compress.quant.records import WeightRecord
 
 REPORT_SCHEMA_VERSION = 1
@@ -70,40 +75,120 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def _dtype_bits(dtype: torch.dtype) -> int:
+    if dtype == torch.bool:
+        return 8
     return torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
 
 
-def model_size(model: nn.Module, quantized: dict[str, WeightRecord], reference_dtype: torch.dtype) -> dict[str, Any]:
-    """Storage the compressed model needs vs. the checkpoint's own precision, counting each tied tensor once.
+# The parts a model's size is itemised into: a weight record's (StorageBits), a bitsandbytes module's metadata
+# (compress/quant/bnb_layout.py), and every tensor stored as it is.
+SIZE_PARTS = ("codes", "scales", "zero_points", "codebooks", "outliers", "metadata", "unquantized")
 
-    Quantized weights count what their record stores (`storage_bits().total`: codes, scales, zero points, ...);
-    everything else counts at `reference_dtype` (the checkpoint's precision, not the float32 we may compute in).
+
+def stored_tensors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Every tensor the model saves (parameters, persistent buffers, bitsandbytes quant state), by module and name
+    inside it; a shared (tied) tensor appears once, under its first name."""
+    modules = {name for name, _ in model.named_modules()}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():  # keep_vars: the tensors themselves, not copies
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        module, local = split_name(name)
+        while module and module not in modules:  # "lm_head.weight" splits right; nested names walk up
+            module, _, parent_local = module.rpartition(".")
+            local = f"{parent_local}.{local}"
+        grouped.setdefault(module, {})[local] = tensor
+    return grouped
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Weights, how many of them are quantized, and bits per stored part (SIZE_PARTS)."""
+
+    weights: int = 0
+    quantized: int = 0
+    bits: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SIZE_PARTS, 0))
+
+    def add(self, other: _Tally) -> None:
+        self.weights, self.quantized = self.weights + other.weights, self.quantized + other.quantized
+        for part, value in other.bits.items():
+            self.bits[part] += value
+
+
+def _module_tally(module: nn.Module, tensors: dict[str, torch.Tensor], record: WeightRecord | None,
+                  reference_bits: int) -> _Tally:
+    """What one module's stored tensors (`stored_tensors`) weigh."""
+    tally = _Tally()
+    bnb = bnb_layout.is_quantized(tensors)
+    for local, tensor in tensors.items():
+        part = bnb_layout.part_of(local) if bnb else None
+        if record is not None and local == "weight":  # what the record stores, not the dequantized floats we hold
+            for name, value in dataclasses.asdict(record.storage_bits()).items():
+                tally.bits[name] += value
+            tally.weights, tally.quantized = tally.weights + tensor.numel(), tally.quantized + tensor.numel()
+        elif part is not None:  # a bitsandbytes tensor counts as stored, in its own dtype
+            tally.bits[part] += tensor.numel() * _dtype_bits(tensor.dtype)
+            if part == "codes":  # packed two per byte (4-bit): the weights are the module's out x in, not the bytes
+                count = int(getattr(module, "in_features")) * int(getattr(module, "out_features"))
+                tally.weights, tally.quantized = tally.weights + count, tally.quantized + count
+        else:  # floats count at the checkpoint's precision (what `dtype: auto` exports), not the compute dtype
+            width = reference_bits if tensor.is_floating_point() else _dtype_bits(tensor.dtype)
+            tally.bits["unquantized"] += tensor.numel() * width
+            tally.weights += tensor.numel()
+    return tally
+
+
+def model_census(model: nn.Module, quantized: dict[str, WeightRecord], reference_dtype: torch.dtype) -> dict[str, Any]:
+    """Weights, quantized weights, and bits per stored part of `model`, every tied tensor once.
+
+    A weight with a record counts what the record stores (`storage_bits()`: codes, scales, zero points, ...); a
+    bitsandbytes module counts the tensors it saves (codes, absmax, double-quant constants, code maps, its JSON
+    quant state); every other tensor counts at `reference_dtype` if it is a float, at its own width if not.
     """
     reference_bits = _dtype_bits(reference_dtype)
-    seen: set[int] = set()
-    params = total_bits = quant_params = quant_bits = 0
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            params += param.numel()
-            record = quantized.get(module_name) if param_name == "weight" else None
-            if record is not None:
-                quant_params += param.numel()
-                record_bits = record.storage_bits().total
-                quant_bits += record_bits
-                total_bits += record_bits
-            else:
-                total_bits += param.numel() * reference_bits
+    modules = dict(model.named_modules())
+    total = _Tally()
+    quantized_bits = 0
+    for name, tensors in stored_tensors(model).items():
+        tally = _module_tally(modules[name], tensors, quantized.get(name), reference_bits)
+        total.add(tally)
+        if tally.quantized:
+            quantized_bits += sum(tally.bits.values()) - tally.bits["unquantized"]  # a bias is not the weight
+    return {"parameters": total.weights, "quantized_parameters": total.quantized, "quantized_bits": quantized_bits,
+            "bits": total.bits}
+
+
+def loaded_size(model: nn.Module, reference_dtype: torch.dtype) -> dict[str, int]:
+    """The model as loaded, before any pass: its weights and their bytes at the checkpoint's precision."""
+    census = model_census(model, {}, reference_dtype)
+    return {"parameters": census["parameters"], "bytes": sum(census["bits"].values()) // 8}
+
+
+def model_size(model: nn.Module, quantized: dict[str, WeightRecord], reference_dtype: torch.dtype,
+               baseline: dict[str, int] | None = None) -> dict[str, Any]:
+    """report.json `size`: what the compressed model stores, beside `baseline` (`loaded_size` before the passes;
+    by default the model itself, for a model no pass changed).
+
+    `bytes` is what an export in the model's own layout stores in tensors (compressed-tensors or GPTQ for weight
+    records, bitsandbytes for the bnb pass, dense for a pruned model): bytes on disk minus the safetensors header
+    and the per-format extras `compress inspect` itemises.
+    """
+    census = model_census(model, quantized, reference_dtype)
+    before = baseline or loaded_size(model, reference_dtype)
+    total_bits, weights, quantized_weights = sum(census["bits"].values()), census["parameters"], census["quantized_parameters"]
     return {
-        "parameters": params,
+        "parameters": weights,
         "reference_dtype": str(reference_dtype).replace("torch.", ""),
-        "baseline_bytes": params * reference_bits // 8,
+        "baseline_parameters": before["parameters"],
+        "baseline_bytes": before["bytes"],
         "bytes": total_bits // 8,
-        "bits_per_weight": round(total_bits / params, 4),
-        "quantized_parameters": quant_params,
-        "quantized_bits_per_weight": round(quant_bits / quant_params, 4) if quant_params else None,
+        "bits_per_weight": round(total_bits / weights, 4),
+        "stored_bits": {part: value for part, value in census["bits"].items() if value},
+        "quantized_parameters": quantized_weights,
+        "quantized_bytes": census["quantized_bits"] // 8,
+        "quantized_bits_per_weight": round(census["quantized_bits"] / quantized_weights, 4) if quantized_weights else None,
     }
 
 
@@ -139,14 +224,72 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def value_text(value: Any) -> str:
+    """A setting as a recipe spells it: null, true, 128, [a, b]; never Python's None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {value_text(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{key}: {value_text(value)}" for key, value in settings.items()) or "defaults"
+
+
+def size_rows(size: dict[str, Any]) -> list[tuple[str, str]]:
+    """The size facts people read, each labelled: bytes against the model as loaded, and bits per weight in the
+    quantized layers and over the whole model, whose unquantized embeddings, head and norms weigh it up."""
+    dtype, params = size.get("reference_dtype", "?"), size.get("parameters", 0)
+    baseline, baseline_params = size.get("baseline_bytes") or 0, size.get("baseline_parameters", params)
+    share = f", {size['bytes'] / baseline:.1%} of it" if baseline else ""
+    rows = [("size", f"{size.get('bytes', 0):,} bytes vs {baseline:,} as loaded ({dtype}){share}")]
+    if baseline_params != params:
+        rows.append(("weights", f"{params:,} of the {baseline_params:,} loaded"))
+    quantized, quantized_params = size.get("quantized_bits_per_weight"), size.get("quantized_parameters") or 0
+    rows.append(("bits per weight, quantized layers",
+                 f"{quantized} over {quantized_params:,} weights (codes with their scales, zero points, code tables)"
+                 if quantized is not None else "no layer is quantized"))
+    rest = params - quantized_params
+    rows.append(("bits per weight, whole model", f"{size.get('bits_per_weight')} over all {params:,} weights"
+                 + (f", {rest:,} of them unquantized (embeddings, head, norms) at {dtype}" if quantized_params else "")))
+    return rows
+
+
+def _fallback_text(fallback: Any) -> str:
+    return settings_text(fallback) if isinstance(fallback, dict) else str(fallback)
+
+
+def model_label(name: str) -> str:
+    """What the page calls the model: a hub id as it is, a local folder by its name, never an absolute path.
+
+    A folder named just `model` (the demo's, a lazy run's RUN_DIR/model) keeps its parent: `demo/model`.
+    """
+    path = PurePath(name)
+    if not (path.is_absolute() or name.startswith(("./", "../", "~"))):
+        return name  # "org/name" on the hub, or a relative path as the recipe wrote it
+    parts = [part for part in path.parts if part not in ("/", "~", ".", "..")]
+    if not parts:
+        return name
+    return "/".join(parts[-2:]) if parts[-1] == "model" and len(parts) > 1 else parts[-1]
+
+
+def page_title(report: dict[str, Any]) -> str:
+    """`<model> · <recipe>`: the model's name and the recipe file's stem."""
+    model = model_label(str(report.get("model", {}).get("name")))
+    recipe = report.get("recipe_file")
+    return f"{model} · {PurePath(recipe).stem}" if recipe else model
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     model, size = report["model"], report["size"]
     lines = [
-        f"# compress run: {model['name']}",
+        f"# compress run: {page_title(report)}",
         "",
         f"- parameters: {model['parameters']:,}",
-        f"- size: {size['bytes']:,} bytes vs {size['baseline_bytes']:,} ({size['reference_dtype']}), "
-        f"{size['bits_per_weight']} bits per weight overall, {size['quantized_bits_per_weight']} in quantized layers",
+        *[f"- {label}: {text}" for label, text in size_rows(size)],
         f"- total time: {report['timings']['total']:.1f} s, peak memory: {report['peak_memory_bytes'] / 2**20:.0f} MiB",
         "",
         "## Metrics",
@@ -157,13 +300,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {' | '.join(row)} |" for row in metric_rows(report)]
     lines += ["", "## Passes", "", "| pass | params | seconds | summary |", "|---|---|---|---|"]
     for entry in report["passes"]:
-        params = ", ".join(f"{k}={v}" for k, v in entry["params"].items())
-        summary = ", ".join(f"{k}={v}" for k, v in entry["summary"].items())
-        lines.append(f"| {entry['name']} | {params} | {entry['seconds']:.2f} | {summary} |")
+        summary = ", ".join(f"{k}={value_text(v)}" for k, v in entry["summary"].items())
+        lines.append(f"| {entry['name']} | {settings_text(entry['params'])} | {entry['seconds']:.2f} | {summary} |")
     if "allocation" in report:
         lines += allocation_lines(report["allocation"])
     if report["fallbacks"]:
-        lines += ["", "## Fallbacks", ""] + [f"- {f}" for f in report["fallbacks"]]
+        lines += ["", "## Fallbacks", ""] + [f"- {_fallback_text(f)}" for f in report["fallbacks"]]
     return "\n".join(lines) + "\n"
 
 
@@ -185,14 +327,17 @@ def allocation_lines(allocation: dict[str, Any]) -> list[str]:
 
 
 def summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"compress: {report['model']['name']}")
+    table = Table(title=f"compress: {page_title(report)}")
     for column in ("metric", "dataset", "baseline", "compressed", "change"):
         table.add_column(column, justify="right" if column in ("baseline", "compressed", "change") else "left")
     for row in metric_rows(report):
         table.add_row(*row)
     size = report["size"]
+    quantized = size.get("quantized_bits_per_weight")
     table.caption = (
-        f"{size['bits_per_weight']} bits/weight overall · {size['bytes'] / 2**20:.2f} MiB "
-        f"(baseline {size['baseline_bytes'] / 2**20:.2f} MiB) · {report['timings']['total']:.1f} s"
+        f"{size['bits_per_weight']} bits/weight whole model"
+        + (f" ({quantized} in quantized layers)" if quantized is not None else "")
+        + f" · {size['bytes'] / 2**20:.2f} MiB (as loaded {size['baseline_bytes'] / 2**20:.2f} MiB)"
+        f" · {report['timings']['total']:.1f} s"
     )
     return table
