@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from compress.cli.common import err_console, exit_codes
+from compress.cli.common import err_console, exit_codes, sigterm_as_interrupt
 
 EPILOG = (
     "Examples:\n\n"
@@ -17,6 +17,7 @@ EPILOG = (
     "  compress eval recipes/demo/model --zero-shot recipes/demo/cloze.jsonl --limit 200 --json\n\n"
     "  compress eval meta-llama/Llama-3.2-1B --perplexity wikitext2,c4 --seq-len 2048 --stride 512"
 )
+INTERRUPTED = "interrupted: the evaluation stopped before it finished"
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -44,7 +45,7 @@ def evaluate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
 ) -> None:
     """Score a model: perplexity (GPTQ protocol) and zero-shot accuracy (lm-evaluation-harness semantics)."""
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json, on_interrupt=INTERRUPTED), sigterm_as_interrupt():
         from pydantic import ValidationError
 
         from compress.engine.context import RunContext, RunInputs

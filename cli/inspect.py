@@ -28,7 +28,7 @@ def inspect(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
 ) -> None:
     """Per module: format, bits, group size, zero fraction, bytes; totals: parameters, bytes, bits per weight, ratio."""
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json):
         from compress.export.inspect import inspect_checkpoint
 
         summary = inspect_checkpoint(checkpoint)

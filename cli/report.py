@@ -53,7 +53,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
 ) -> None:
     """One table of several runs: size, bits per weight, each metric, time (and perplexity against size in --html)."""
-    with exit_codes():
+    with exit_codes(as_json=as_json):
         from compress.report.html import compare_rows, render_compare_html
 
         runs = [(str(path), read_report(path)) for path in run_dirs]
