@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
 from compress.cli.common import err_console, exit_codes, sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 EPILOG = (
     "Examples:\n\n"
@@ -114,6 +116,8 @@ def results_payload(model: str, results: list[Any]) -> dict[str, Any]:
 
 
 def results_table(model: str, results: list[Any]) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"compress eval: {model}")
     for column, justify in (("metric", "left"), ("dataset / task", "left"), ("value", "right"), ("± stderr", "right"), ("protocol", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from compress.cli.common import err_console, exit_codes
 
@@ -37,6 +36,8 @@ def inspect(
 
             typer.echo(json.dumps(finite_or_null(summary.to_dict()), indent=2, allow_nan=False))
             return
+        from rich.table import Table
+
         table = Table(title=f"{checkpoint} ({summary.format})")
         for column in ("module", "format", "bits", "group", "zeros", "parameters", "bytes"):
             table.add_column(column, justify="left" if column in ("module", "format") else "right")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
-from rich.table import Table
 
 from compress.cli.common import err_console, exit_codes, failure_of, load_recipe, print_failure
 from compress.recipe.errors import UserError
@@ -36,6 +35,8 @@ def list_recipes(
     if as_json:
         typer.echo(json.dumps([{"name": r.name, "path": str(r.path), "description": r.description} for r in recipes], indent=2))
         return
+    from rich.table import Table
+
     table = Table(title="shipped recipes (run with: compress run NAME)")
     table.add_column("name")
     table.add_column("description")

@@ -6,16 +6,17 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from compress.cli.common import NOT_WRITTEN, Interrupted, err_console, exit_codes, load_recipe, sigterm_as_interrupt
-from compress.engine.output import DiskFull
 from compress.recipe.errors import UserError
-from compress.engine.progress import Reporter
-from compress.recipe.schema import Recipe, dump_yaml
 from compress.recipes import resolve_recipe_path
+
+if TYPE_CHECKING:  # the rest is imported where it is used: `compress --help` and `validate` stay light
+    from compress.engine.output import DiskFull
+    from compress.recipe.schema import Recipe
 
 EPILOG = (
     "Examples:\n\n"
@@ -92,11 +93,15 @@ def run(
             if as_json:
                 typer.echo(json.dumps(plan, indent=2))
             elif not quiet:
+                from compress.recipe.schema import dump_yaml
+
                 err_console.print(f"[green]valid[/]: {recipe_path}")
                 typer.echo(dump_yaml(plan))
             return
         target = output or default_output(recipe_path)
         from compress.app.runner import run_recipe  # heavy imports (transformers) only when running
+        from compress.engine.output import DiskFull
+        from compress.engine.progress import Reporter
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         try:
