@@ -37,6 +37,7 @@ def workdir(tmp_path_factory):
         "evaluate:\n  perplexity: [{dataset: text.txt, seq_len: 64}]\n"
     )
     (root / "typo.yaml").write_text((root / "good.yaml").read_text().replace("group_size", "gropu_size"))
+    (root / "grid.yaml").write_text("recipe: good.yaml\ngrid:\n  passes[0].rtn.bits: [3, 4]\noutput: sweep-out\n")
     return root
 
 
@@ -136,6 +137,7 @@ main()
      "interrupted: the evaluation stopped"),
     (["run", "good.yaml", "--output", "stopped"], "compress.app.runner.run_recipe", "interrupted: no output"),
     (["sensitivity", "good.yaml"], "compress.app.sensitivity.recipe_sensitivities", "interrupted"),
+    (["sweep", "grid.yaml"], "compress.app.runner.run_recipe", "interrupted: finished trials are kept"),
 ])
 def test_sigterm_exits_130_with_a_message(workdir, args, stalled, message):
     module, name = stalled.rsplit(".", 1)
@@ -153,3 +155,23 @@ def test_sigterm_exits_130_with_a_message(workdir, args, stalled, message):
     assert message in stderr
     assert json.loads(stdout)["error"] == {"kind": "interrupted", "message": json.loads(stdout)["error"]["message"],
                                            "file": None, "line": None, "issues": []}
+
+
+def test_an_interrupted_parallel_sweep_stops_its_trial_processes():
+    """A SIGTERM reaches only the sweep's own process; its trials, each a process of its own, must be stopped too,
+    or leaving the thread pool would wait for every running trial to finish."""
+    import threading
+
+    from compress.app.sweep import TrialProcesses
+
+    processes = TrialProcesses()
+    outcome: list[tuple[int, str]] = []
+    waiter = threading.Thread(target=lambda: outcome.append(processes.run(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"])))
+    started = time.monotonic()
+    waiter.start()
+    while not len(processes) and time.monotonic() - started < 60:
+        time.sleep(0.05)
+    processes.interrupt()
+    waiter.join(timeout=60)
+    assert outcome and outcome[0][0] == -signal.SIGTERM and time.monotonic() - started < 60
