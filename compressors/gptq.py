@@ -43,6 +43,7 @@ from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is
 )
 from compress.compressors.configs import GPTQConfig  # noqa: F401  (re-exported; defined without torch)
 
+
 @dataclass(frozen=True)
 class GPTQResult:
     """What `gptq_quantize` produced for one weight matrix.

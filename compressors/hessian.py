@@ -7,7 +7,6 @@ and gives the upper Cholesky factor of the damped inverse that both kernels walk
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
 from compress.compressors.configs import NM, parse_pattern  # noqa: F401  (re-exported; defined without torch)
+
 
 def pruned_count(size: int, sparsity: float) -> int:
     """How many of `size` weights a sparsity prunes: the nearest whole number (0.5 of 7 columns prunes 4)."""

@@ -33,6 +33,7 @@ from compress.engine.model_io import ModelHandle
 from compress.recipe.registry import StrictConfig
 from compress.compressors.configs import Metric, WidthPruneConfig  # noqa: F401  (re-exported; defined without torch)
 
+
 @dataclass
 class ChannelStats:
     """Running per-channel sums of an input over calibration tokens, for mean and variance."""
