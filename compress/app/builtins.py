@@ -3,7 +3,7 @@
 Each is declared with its config (from `compress.compressors.configs` / `compress.evaluators.configs`, which import
 no torch) and the facts recipes are checked against, and names its implementation as "module:function": that module,
 and torch with it, is imported when the pass first runs. So a recipe validates (`compress validate`, a typo reported
-in well under a second) without importing torch or transformers. The core never imports plugins; whatever runs
+in under a second of CPU) without importing torch or transformers. The core never imports plugins; whatever runs
 recipes (the runner, the CLI, tests) imports this module first. bitsandbytes and lm-eval are imported only inside
 their pass or evaluator.
 """
