@@ -71,7 +71,6 @@ def test_columns_still_sets_the_width(workdir):
 @pytest.mark.parametrize("args, kind, message", [
     (["run", "typo.yaml"], "recipe_error", "unknown key 'gropu_size'"),
     (["run", "missing.yaml"], "user_error", "recipe file not found: missing.yaml"),
-    (["run", "good.yaml", "--bogus-flag"], "user_error", "No such option: --bogus-flag"),
     (["eval", "tiny"], "user_error", "nothing to evaluate"),
     (["inspect", "no-such-folder"], "user_error", "no-such-folder"),
     (["export", "no-such-run", "--format", "zip"], "user_error", "--format must be one of"),
@@ -79,13 +78,27 @@ def test_columns_still_sets_the_width(workdir):
     (["sensitivity", "good.yaml"], "user_error", "allocate"),
     (["sweep", "no-such-sweep.yaml"], "user_error", "no-such-sweep.yaml"),
 ])
-def test_json_errors_are_objects_on_stdout(workdir, args, kind, message):
-    result = compress(*args, "--json", cwd=workdir)
-    assert result.returncode == 2, result.stderr
+def test_json_errors_are_objects_on_stdout(workdir, monkeypatch, args, kind, message):
+    from typer.testing import CliRunner
+
+    from compress.cli.main import app
+
+    monkeypatch.chdir(workdir)
+    result = CliRunner().invoke(app, [*args, "--json"])  # in this process: torch is imported once for all
+    assert result.exit_code == 2, result.output
     payload = json.loads(result.stdout)
     assert payload["ok"] is False and payload["exit_code"] == 2
     assert payload["error"]["kind"] == kind and message in payload["error"]["message"]
     assert message in " ".join(result.stderr.split())  # the human message, unwrapped
+
+
+def test_json_usage_error_is_an_object_too(workdir):
+    """click rejects a bad option before any command runs: the entry point prints the object for it."""
+    result = compress("run", "good.yaml", "--bogus-flag", "--json", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "user_error" and "No such option: --bogus-flag" in error["message"]
+    assert "No such option" in result.stderr
 
 
 def test_json_recipe_error_names_file_and_line(workdir):
