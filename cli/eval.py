@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
-from compress.cli.common import err_console, exit_codes
+from compress.cli.common import err_console, exit_codes, sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 EPILOG = (
     "Examples:\n\n"
@@ -17,6 +19,7 @@ EPILOG = (
     "  compress eval recipes/demo/model --zero-shot recipes/demo/cloze.jsonl --limit 200 --json\n\n"
     "  compress eval meta-llama/Llama-3.2-1B --perplexity wikitext2,c4 --seq-len 2048 --stride 512"
 )
+INTERRUPTED = "interrupted: the evaluation stopped before it finished"
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -44,7 +47,7 @@ def evaluate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
 ) -> None:
     """Score a model: perplexity (GPTQ protocol) and zero-shot accuracy (lm-evaluation-harness semantics)."""
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json, on_interrupt=INTERRUPTED), sigterm_as_interrupt():
         from pydantic import ValidationError
 
         from compress.engine.context import RunContext, RunInputs
@@ -113,6 +116,8 @@ def results_payload(model: str, results: list[Any]) -> dict[str, Any]:
 
 
 def results_table(model: str, results: list[Any]) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"compress eval: {model}")
     for column, justify in (("metric", "left"), ("dataset / task", "left"), ("value", "right"), ("± stderr", "right"), ("protocol", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]

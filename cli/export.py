@@ -29,7 +29,7 @@ def export(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
 ) -> None:
     """Save a compressed run as a compressed-tensors, GPTQ, dense or bitsandbytes checkpoint (atomically)."""
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json):
         from compress.recipe.errors import UserError
         from compress.export import export_run
         from compress.recipe.export_config import FORMATS

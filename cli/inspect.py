@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from compress.cli.common import err_console, exit_codes
 
@@ -28,7 +27,7 @@ def inspect(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
 ) -> None:
     """Per module: format, bits, group size, zero fraction, bytes; totals: parameters, bytes, bits per weight, ratio."""
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json):
         from compress.export.inspect import inspect_checkpoint
 
         summary = inspect_checkpoint(checkpoint)
@@ -37,6 +36,8 @@ def inspect(
 
             typer.echo(json.dumps(finite_or_null(summary.to_dict()), indent=2, allow_nan=False))
             return
+        from rich.table import Table
+
         table = Table(title=f"{checkpoint} ({summary.format})")
         for column in ("module", "format", "bits", "group", "zeros", "parameters", "bytes"):
             table.add_column(column, justify="left" if column in ("module", "format") else "right")

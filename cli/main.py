@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import typer
 
 from compress.cli import eval as eval_cmd
@@ -39,8 +42,34 @@ app.add_typer(recipes_cmd.app, name="recipes")
 app.command("sweep", epilog=sweep_cmd.EPILOG)(sweep_cmd.sweep)
 
 
+# typer 0.29 vendors click (typer._click) and older versions use click itself: take the base of every usage error
+# from a public class rather than from either private path.
+CLICK_EXCEPTION: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
+    if "--json" in sys.argv[1:]:
+        sys.exit(main_with_json_errors(sys.argv[1:]))
     app()
+
+
+def main_with_json_errors(args: list[str]) -> int:
+    """`app` for a script that asked for --json: a bad option or argument, which click rejects before any command
+    runs, also leaves the error object on stdout (the commands print their own), never an empty stdout."""
+    from typer import rich_utils
+
+    from compress.cli.common import Failure
+    from compress.recipe.errors import ExitCode
+
+    try:
+        return typer.main.get_command(app).main(args, standalone_mode=False) or 0
+    except CLICK_EXCEPTION as exc:
+        rich_utils.rich_format_error(exc)  # type: ignore[arg-type]  # the message click would print, on stderr
+        code: int = getattr(exc, "exit_code", ExitCode.USER_ERROR)
+        kind = "user_error" if code == ExitCode.USER_ERROR else "internal_error"
+        message: str = getattr(exc, "format_message", lambda: str(exc))()
+        typer.echo(json.dumps(Failure(ExitCode(code), kind, message).to_json(), indent=2))
+        return code
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
-from rich.table import Table
 
-from compress.cli.common import err_console, exit_codes, load_recipe
-from compress.recipe.errors import RecipeError, UserError
+from compress.cli.common import err_console, exit_codes, failure_of, load_recipe, print_failure
+from compress.recipe.errors import UserError
 from compress.recipes import resolve_recipe_path, shipped_recipes
 
 VALIDATE_EPILOG = (
@@ -36,6 +35,8 @@ def list_recipes(
     if as_json:
         typer.echo(json.dumps([{"name": r.name, "path": str(r.path), "description": r.description} for r in recipes], indent=2))
         return
+    from rich.table import Table
+
     table = Table(title="shipped recipes (run with: compress run NAME)")
     table.add_column("name")
     table.add_column("description")
@@ -67,25 +68,26 @@ def validate(
     """
     from compress.app.output_places import OutputPlaces, validate_places
 
-    with exit_codes():
+    with exit_codes(as_json=as_json):
         path = resolve_recipe_path(recipe)
         try:
             parsed = load_recipe(path, overrides=set_ or [], model=model)
-        except RecipeError as exc:
-            if as_json:
-                issues = [{"path": i.path, "line": i.line, "message": i.message} for i in exc.issues]
-                typer.echo(json.dumps({"valid": False, "file": str(path), "issues": issues}, indent=2))
-                raise typer.Exit(2) from None
-            raise
-        try:
             validate_places(OutputPlaces.of(parsed, output or Path("."), overwrite), with_output=output is not None)
         except UserError as exc:
             if as_json:
-                typer.echo(json.dumps({"valid": False, "file": str(path), "issues": [{"path": None, "line": None,
-                                                                                  "message": str(exc)}]}, indent=2))
-                raise typer.Exit(2) from None
+                _print_invalid(path, exc)
             raise
         if as_json:
             typer.echo(json.dumps({"valid": True, "file": str(path), "recipe": parsed.to_dict()}, indent=2))
         else:
             err_console.print(f"[green]valid[/]: {path} ({len(parsed.passes)} passes, {len(parsed.evaluations)} evaluations)")
+
+
+def _print_invalid(path: Path, exc: UserError) -> NoReturn:
+    """The message on stderr and, on stdout, the error object of every command plus validate's own `valid: false`
+    with every problem as an issue (an output refusal is one issue without a YAML path)."""
+    failure = failure_of(exc)
+    issues = failure.issues or [{"path": None, "line": None, "message": str(exc)}]
+    print_failure(failure, as_json=False)
+    typer.echo(json.dumps({"valid": False, "file": str(path), "issues": issues, **failure.to_json()}, indent=2))
+    raise typer.Exit(failure.exit_code)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
 from compress.cli.common import err_console, exit_codes
 from compress.recipe.errors import UserError
@@ -53,7 +52,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
 ) -> None:
     """One table of several runs: size, bits per weight, each metric, time (and perplexity against size in --html)."""
-    with exit_codes():
+    with exit_codes(as_json=as_json):
         from compress.report.html import compare_rows, render_compare_html
 
         runs = [(str(path), read_report(path)) for path in run_dirs]
@@ -63,6 +62,8 @@ def compare(
 
             typer.echo(json.dumps(finite_or_null([dict(zip(header, row)) for row in rows]), indent=2, allow_nan=False))
         else:
+            from rich.table import Table
+
             table = Table(title="compress: runs compared")
             for column in header:
                 table.add_column(column, justify="left" if column == "run" else "right")

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import shlex
-import signal
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from compress.cli.common import err_console, exit_codes, load_recipe
-from compress.engine.output import DiskFull
-from compress.recipe.errors import ExitCode
-from compress.engine.progress import Reporter
-from compress.recipe.schema import Recipe, dump_yaml
+from compress.cli.common import NOT_WRITTEN, Interrupted, err_console, exit_codes, load_recipe, sigterm_as_interrupt
+from compress.recipe.errors import UserError
 from compress.recipes import resolve_recipe_path
+
+if TYPE_CHECKING:  # the rest is imported where it is used: `compress --help` and `validate` stay light
+    from compress.engine.output import DiskFull
+    from compress.recipe.schema import Recipe
 
 EPILOG = (
     "Examples:\n\n"
@@ -38,24 +38,20 @@ def resume_command(recipe: str, target: Path, set_: list[str], model: str | None
     return shlex.join(words + ["--resume"])
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def interrupted_message(recipe: str, target: Path, set_: list[str], model: str | None) -> str:
     from compress.engine.checkpoint import checkpoint_dir_for
 
     checkpoints = checkpoint_dir_for(target)
     if not checkpoints.exists():
-        return "interrupted: no output was written"
+        return NOT_WRITTEN
     return (f"interrupted: finished layers are saved in {checkpoints}.\n"
             f"Resume with: {resume_command(recipe, target, set_, model)}")
 
 
 def disk_full_message(exc: DiskFull, recipe: str, target: Path, set_: list[str], model: str | None) -> str:
     if exc.checkpoints is None:
-        return f"error: {exc}"
-    return f"error: {exc}\nResume with: {resume_command(recipe, target, set_, model)}"
+        return str(exc)
+    return f"{exc}\nResume with: {resume_command(recipe, target, set_, model)}"
 
 
 def default_output(recipe_path: Path) -> Path:
@@ -89,7 +85,7 @@ def run(
     checkpoints: Annotated[bool, typer.Option("--checkpoints/--no-checkpoints", help="Save each finished decoder layer beside the output so an interrupted run can --resume.")] = True,
 ) -> None:
     """Run a compression recipe: baseline, passes, evaluation, report."""
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json):
         recipe_path = resolve_recipe_path(recipe)
         parsed = load_recipe(recipe_path, overrides=set_ or [], model=model)
         if dry_run:
@@ -97,29 +93,25 @@ def run(
             if as_json:
                 typer.echo(json.dumps(plan, indent=2))
             elif not quiet:
+                from compress.recipe.schema import dump_yaml
+
                 err_console.print(f"[green]valid[/]: {recipe_path}")
                 typer.echo(dump_yaml(plan))
             return
         target = output or default_output(recipe_path)
         from compress.app.runner import run_recipe  # heavy imports (transformers) only when running
+        from compress.engine.output import DiskFull
+        from compress.engine.progress import Reporter
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
-        # A batch scheduler's SIGTERM (preemption, time limit) stops the run the way Ctrl-C does.
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter,
-                                resume=resume, checkpoints=checkpoints)
+            with sigterm_as_interrupt():
+                report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter,
+                                    resume=resume, checkpoints=checkpoints)
         except KeyboardInterrupt:
-            # soft_wrap: a log file is no terminal, and a command cut across lines cannot be pasted back
-            err_console.print(interrupted_message(recipe, target, set_ or [], model), highlight=False, markup=False,
-                              soft_wrap=True)
-            raise typer.Exit(ExitCode.INTERRUPTED) from None
+            raise Interrupted(interrupted_message(recipe, target, set_ or [], model)) from None
         except DiskFull as exc:
-            err_console.print(disk_full_message(exc, recipe, target, set_ or [], model), highlight=False,
-                              markup=False, soft_wrap=True)
-            raise typer.Exit(ExitCode.USER_ERROR) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            raise UserError(disk_full_message(exc, recipe, target, set_ or [], model)) from None
         if as_json:
             typer.echo(json.dumps(report, indent=2, allow_nan=False))  # the runner made it strict (finite_or_null)
         elif not quiet:

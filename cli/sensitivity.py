@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from compress.cli.common import err_console, exit_codes, load_recipe
-from compress.engine.progress import Reporter
+from compress.cli.common import err_console, exit_codes, load_recipe, sigterm_as_interrupt
 from compress.recipes import resolve_recipe_path
 
 EPILOG = (
@@ -35,9 +34,10 @@ def sensitivity(
 
     Reuse them across budgets with `allocate: {sensitivity_file: FILE}`.
     """
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json), sigterm_as_interrupt():
         parsed = load_recipe(resolve_recipe_path(recipe), overrides=set_ or [], model=model)
         from compress.app.sensitivity import recipe_sensitivities  # heavy imports only when running
+        from compress.engine.progress import Reporter
 
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         with reporter.status("estimating sensitivities"):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from compress.cli.common import err_console, exit_codes
+from compress.cli.common import err_console, exit_codes, sigterm_as_interrupt
 from compress.recipe.errors import ExitCode, UserError
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ EPILOG = (
     "(named on stderr and in compare.md) or an internal error, 2 a problem in the sweep file or an option."
 )
 BACKENDS = ("local", "ray", "slurm")
+INTERRUPTED = ("interrupted: finished trials are kept; launch the same command again to continue (finished trials "
+               "are skipped, an interrupted one resumes from its checkpoints)")
 
 
 def sweep(
@@ -44,7 +46,7 @@ def sweep(
     """Run a sweep of recipe variants and compare them (size vs. metrics, Pareto plot)."""
     from compress.app import sweep as sweeps
 
-    with exit_codes(verbose):
+    with exit_codes(verbose, as_json, on_interrupt=INTERRUPTED), sigterm_as_interrupt():
         spec = sweeps.load_sweep(sweep_file, output=output)
         chosen = backend or spec.config.backend
         if chosen not in BACKENDS:

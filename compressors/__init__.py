@@ -1,2 +1,3 @@
 """Compression algorithms (installed as `compress.compressors`). Each module holds one algorithm: a pure tensor
-function plus a registered pass. The built-ins are listed in `compress.app.builtins`."""
+function plus the pass that applies it. Their configs live in `configs.py`, which imports no torch, so recipes
+validate without it; the built-ins are declared in `compress.app.builtins`."""

@@ -17,10 +17,9 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable
 
 import torch
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compress.quant.bit_plan import bits_for, check_plan_names, dump_plan, read_plan
@@ -28,11 +27,10 @@ from compress.engine.context import RunContext
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
-from compress.engine.vocab_head import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB
 from compress.quant.modules import find_linears, matches, select, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import UniformAffine
-from compress.recipe.registry import StrictConfig, module_pattern_problem, register_pass
+from compress.recipe.registry import StrictConfig
 from compress.compressors import sensitivity as sens
 from compress.compressors.base import WeightQuantConfig
 from compress.compressors.bit_allocation import (
@@ -46,111 +44,17 @@ from compress.compressors.bit_allocation import (
     solve_ilp,
     solve_pareto,
 )
+from compress.compressors.configs import (  # noqa: F401  (re-exported; defined without torch)
+    Estimator,
+    BudgetConfig,
+    ConstraintsConfig,
+    AllocateConfig,
+    QuantizePlanConfig,
+)
 
 SENSITIVITY_FORMAT = "compress.sensitivity"
 SENSITIVITY_VERSION = 1
 REPORT_FRONTIER_POINTS = 200  # the frontier in report.json is thinned to this many points (enough to plot)
-
-Estimator = Literal["hessian_trace", "delta_loss", "fisher", "io_similarity"]
-
-
-class BudgetConfig(StrictConfig):
-    """Exactly one of:
-    avg_bits: storage bits per allocated weight, scales and zero points included (uniform W3 g128 is 3.125);
-    bytes: storage of the allocated weights; ratio: of their size at the checkpoint's own precision.
-    """
-
-    avg_bits: float | None = Field(None, gt=0, le=32)
-    bytes: int | None = Field(None, gt=0, le=10**15)
-    ratio: float | None = Field(None, gt=0, le=1)
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "BudgetConfig":
-        given = [k for k in ("avg_bits", "bytes", "ratio") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of avg_bits, bytes, ratio (got {', '.join(given) or 'none'})")
-        return self
-
-    def describe(self) -> tuple[str, float]:
-        kind = next(k for k in ("avg_bits", "bytes", "ratio") if getattr(self, k) is not None)
-        return kind, float(getattr(self, kind))
-
-    def limit_bits(self, parameters: int, reference_bits: int) -> int:
-        if self.avg_bits is not None:
-            return math.floor(self.avg_bits * parameters)
-        if self.bytes is not None:
-            return self.bytes * 8
-        assert self.ratio is not None
-        return math.floor(self.ratio * parameters * reference_bits)
-
-
-class ConstraintsConfig(StrictConfig):
-    """min_bits: per-pattern floors, e.g. {"*down_proj": 3} (globs or re:, as in `ignore`; the highest matching
-    floor wins). max_bops: a second limit on bit operations per token, sum of rows*cols*weight_bits*activation_bits.
-    """
-
-    min_bits: dict[str, int] = Field(default_factory=dict)
-    max_bops: int | None = Field(None, gt=0, le=10**21)
-    activation_bits: int = Field(16, ge=2, le=32)
-
-    @field_validator("min_bits")
-    @classmethod
-    def _floors_in_range(cls, value: dict[str, int]) -> dict[str, int]:
-        for pattern, bits in value.items():
-            problem = module_pattern_problem(pattern)
-            if problem:
-                raise ValueError(f"min_bits: {problem}")
-            if not 2 <= bits <= 8:
-                raise ValueError(f"min_bits[{pattern!r}] must be from 2 to 8, got {bits}")
-        return value
-
-
-class AllocateConfig(StrictConfig):
-    """Mixed-precision bit allocation under an exact budget.
-
-    samples: calibration windows the estimator uses (default: all); tol / max_probes: Hutchinson's stopping rule
-    (hessian_trace). sensitivity_file: reuse costs saved by `compress sensitivity` instead of computing them.
-    logit_chunk_mb: how many MiB of float32 logits (positions x vocabulary x 4 bytes) the loss holds at once; at a
-    128k vocabulary hessian_trace then differentiates a batch a few hundred positions at a time (more forwards,
-    same numbers) instead of holding every position's softmax for the second derivative.
-
-    Recipe example:
-
-        passes:
-          - allocate:
-              granularity: module          # module (each linear) | layer (each decoder layer)
-              candidates: [2, 3, 4, 8]     # group size and symmetry come from the quantizer below
-              sensitivity: hessian_trace   # hessian_trace | delta_loss | fisher | io_similarity
-              solver: ilp                  # ilp | pareto | greedy
-              budget: {avg_bits: 3.0}      # or {bytes: N} or {ratio: 0.25}; counts scales and zero points
-              constraints: {min_bits: {"*down_proj": 3}}
-          - gptq: {bits: 4, group_size: 128}
-    """
-
-    path_fields: ClassVar[tuple[str, ...]] = ("sensitivity_file",)
-
-    granularity: Literal["module", "layer"] = "module"
-    candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], min_length=1)
-    sensitivity: Estimator = "hessian_trace"
-    solver: Literal["ilp", "pareto", "greedy"] = "ilp"
-    budget: BudgetConfig
-    constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig)
-    sensitivity_file: str | None = None
-    samples: int | None = Field(None, ge=1, le=100_000)
-    tol: float = Field(1e-2, gt=0, lt=1)
-    max_probes: int = Field(32, ge=1, le=10_000)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
-                                description="MiB of float32 vocabulary-wide logits the estimators hold at once")
-
-    @field_validator("candidates")
-    @classmethod
-    def _widths(cls, value: list[int]) -> list[int]:
-        bad = [b for b in value if not 2 <= b <= 8]
-        if bad:
-            raise ValueError(f"candidate widths must be from 2 to 8, got {bad}")
-        return sorted(set(value))
-
 
 # ---------------------------------------------------------------------------------------------------
 # Units: what gets one width
@@ -326,7 +230,6 @@ def solve(problem: Problem, solver: str) -> tuple[Allocation, list[FrontierPoint
     return allocation, frontier, exact
 
 
-@register_pass("allocate", AllocateConfig, scope="model", kind="allocate", needs_calibration=True)
 def run_allocate(handle: ModelHandle, cfg: AllocateConfig, run: RunContext,
                  next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Pick per-module bit widths from second-order sensitivities under an exact size budget (HAWQ-V2 / ILP)."""
@@ -409,20 +312,6 @@ def allocation_section(cfg: AllocateConfig, quantizer: WeightQuantConfig, sensit
 # A hand-edited plan
 
 
-class QuantizePlanConfig(StrictConfig):
-    """Recipe example:
-
-        passes:
-          - quantize_plan: {file: bit_plan.yaml}   # e.g. an allocate run's plan, edited by hand
-          - gptq: {group_size: 128}
-    """
-
-    path_fields: ClassVar[tuple[str, ...]] = ("file",)
-
-    file: str
-
-
-@register_pass("quantize_plan", QuantizePlanConfig, scope="model", kind="allocate")
 def run_quantize_plan(handle: ModelHandle, cfg: QuantizePlanConfig, run: RunContext,
                       next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Take per-module bit widths from a plan file (module name or pattern -> bits) for the next quantizer."""

@@ -21,61 +21,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import matches, weight_matrix
 from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
 from compress.quant.records import quantize_rtn
-from compress.recipe.registry import PassKind, register_pass
 from compress.quant.activation import install_activation_quant
-from compress.compressors.base import WeightQuantConfig, keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import keep_pruned_zeros, spec_for, write_back
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
+from compress.compressors.configs import AWQConfig  # noqa: F401  (re-exported; defined without torch)
 
 # Query/key errors only show up through the softmax, not in their own outputs, so the reference skips them.
 CLIP_SKIP = ("q_proj", "k_proj", "c_attn", "query_key_value")
 # see AWQ reference `auto_clip_layer`: try shrinking the range by up to 50%
 MAX_SHRINK = 0.5
-
-
-class AWQConfig(WeightQuantConfig):
-    """Activation-aware scaling, optional range clipping, then round-to-nearest.
-
-    grid: α values tried for the scales (α = 0, 1/grid, ..., (grid-1)/grid; α = 0 is plain RTN).
-    clip: also search a per-group range shrink (not for q/k projections), as the reference does.
-    clip_grid: range steps; ratios 1, 1 - 1/clip_grid, ... down to 50%.
-    max_tokens: evenly strided calibration tokens whose input Gram matrix both searches score against.
-    quantize: false only searches and folds the scales and leaves the weights in fp, for a later pass
-    (gptq) to round; the search still uses this pass's bits/group_size, so give gptq the same ones.
-
-    Recipe example:
-
-        calibration: {dataset: calib.txt, samples: 128, seq_len: 512}
-        passes:
-          - awq: {bits: 4, group_size: 128}
-        # or AWQ scales + GPTQ rounding:
-          - awq: {bits: 4, group_size: 128, quantize: false}
-          - gptq: {bits: 4, group_size: 128}
-    """
-
-    grid: int = Field(20, ge=1, le=200)
-    clip: bool = True
-    clip_grid: int = Field(20, ge=2, le=200)
-    max_tokens: int = Field(16384, ge=16, le=10_000_000)
-    quantize: bool = True
-
-    @property
-    def acts_as(self) -> PassKind | None:
-        """Without `quantize`, AWQ only folds scales: a transform, which a quantizer (gptq) may follow."""
-        return None if self.quantize else "transform"
-
-    @model_validator(mode="after")
-    def _activations_need_quantize(self) -> "AWQConfig":
-        if not self.quantize and self.activations is not None:
-            raise ValueError("activations are quantized by the pass that rounds the weights; "
-                             "move `activations:` to it or set quantize: true")
-        return self
 
 
 @dataclass(frozen=True)
@@ -222,7 +182,6 @@ def w_groups_absmax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
 
-@register_pass("awq", AWQConfig, scope="layer", kind="quantize", needs_calibration=True)
 def run_awq(layer: LayerContext, cfg: AWQConfig) -> dict[str, Any]:
     """Activation-aware per-channel scaling (folded into norms/linears), range clipping, round-to-nearest."""
     quantized = layer.linears(cfg.ignore)

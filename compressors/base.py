@@ -2,50 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from compress.quant.bit_plan import bits_for
 from compress.engine.context import RunContext
-from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
-from compress.quant.activation import ActivationQuantConfig
-from compress.quant.primitives import PerChannel, PerGroup, QuantSpec
+from compress.quant.modules import set_weight_matrix, weight_matrix
+from compress.quant.primitives import QuantSpec
 from compress.quant.records import WeightRecord
-from compress.recipe.registry import ModulePatterns, StrictConfig
-
-
-class WeightQuantConfig(StrictConfig):
-    """Uniform integer weight quantization settings shared by rtn, gptq and awq.
-
-    group_size: input columns per scale; `null` or -1 means one scale per output channel. A width the group
-    size does not divide gets a shorter last group. plan: a bit plan file (see compress/quant/bit_plan.py) whose
-    entries override `bits` per module; it wins over a plan from an earlier `allocate` pass.
-    """
-
-    path_fields: ClassVar[tuple[str, ...]] = ("plan",)  # resolved against the recipe's folder at load
-
-    bits: int = Field(4, ge=2, le=8)
-    group_size: int | None = Field(128, le=1_048_576)
-    symmetric: bool = True
-    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
-    activations: ActivationQuantConfig | None = None
-    plan: str | None = None
-
-    @field_validator("group_size")
-    @classmethod
-    def _per_channel_spelling(cls, value: int | None) -> int | None:
-        if value is None or value == -1:
-            return None
-        if value < 1:
-            raise ValueError("group_size must be a positive number of columns, or null / -1 for per-channel")
-        return value
-
-    def spec(self, bits: int | None = None) -> QuantSpec:
-        granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
-        return QuantSpec(self.bits if bits is None else bits, self.symmetric, granularity)
+from compress.compressors.configs import WeightQuantConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> QuantSpec:

@@ -10,36 +10,18 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from compress.engine.context import RunContext
 from compress.recipe.errors import UserError
 from compress.engine.model_io import DTYPES, ModelHandle
-from compress.quant.modules import DEFAULT_IGNORE
-from compress.recipe.registry import ModulePatterns, StrictConfig, register_pass
-from compress.recipe.storage import BITSANDBYTES_MODULES
+from compress.recipe.registry import StrictConfig
+from compress.compressors.configs import BnbConfig  # noqa: F401  (re-exported; defined without torch)
 
 BITS = {"int8": 8, "nf4": 4, "fp4": 4}
 BNB_4BIT_BLOCK = 64  # transformers' default bnb_4bit blocksize
-
-
-class BnbConfig(StrictConfig):
-    """Recipe example:
-
-        passes:
-          - bnb: {mode: nf4, double_quant: true}        # 4-bit NormalFloat, scales quantized again
-          - bnb: {mode: int8, int8_threshold: 6.0}      # LLM.int8(): outlier columns stay in float16
-        export: {format: bitsandbytes}
-    """
-
-    mode: Literal["int8", "nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    int8_threshold: float = Field(6.0, gt=0, description="LLM.int8() outlier threshold on activation magnitude")
-    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
 
 def bnb_quantization_config(cfg: BnbConfig, model_dtype: torch.dtype) -> Any:
@@ -53,7 +35,6 @@ def bnb_quantization_config(cfg: BnbConfig, model_dtype: torch.dtype) -> Any:
                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=cfg.ignore)
 
 
-@register_pass("bnb", BnbConfig, scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
 def run_bnb(handle: ModelHandle, cfg: BnbConfig, run: RunContext,
             next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Quantize every linear (but `ignore`) with bitsandbytes: LLM.int8() or 4-bit NF4/FP4."""

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from compress.engine.context import RunContext
@@ -32,9 +31,8 @@ from compress.recipe.errors import UserError
 from compress.quant.modules import weight_matrix
 from compress.quant.primitives import QuantSpec, codes_dtype, compute_qparams, dequantize_codes, group_bounds, quantize_codes
 from compress.quant.records import UniformAffine, quantize_rtn
-from compress.recipe.registry import register_pass
 from compress.quant.activation import install_activation_quant
-from compress.compressors.base import WeightQuantConfig, keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import keep_pruned_zeros, spec_for, write_back
 from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
     HessianAccumulator,
     HessianNotPositiveDefinite,
@@ -43,6 +41,8 @@ from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is
     inverse_hessian_factor,
     mark_dead_columns,
 )
+from compress.compressors.configs import GPTQConfig  # noqa: F401  (re-exported; defined without torch)
+
 
 @dataclass(frozen=True)
 class GPTQResult:
@@ -198,45 +198,6 @@ def _current_group(
 # The pass
 
 
-class GPTQConfig(WeightQuantConfig, HessianOptions):
-    """GPTQ weight quantization (Frantar et al. 2022), calibrated layer by layer.
-
-    damp: dampening added to the Hessian diagonal, as a fraction of its mean (raised automatically when the
-    Hessian is still not factorizable; RTN is the recorded fallback). block_size: columns per lazy batch update
-    (speed only; results do not depend on it). act_order: quantize columns by descending input energy.
-    static_groups: group scales from the original weights up front, in the original column order; defaults to
-    act_order, and must be true when act_order is used with groups. true_sequential: quantize the sublayers of
-    a decoder layer in execution order ([q,k,v], [o], [gate,up], [down] for Llama), re-capturing inputs so later
-    ones see the already-quantized earlier ones; false collects every Hessian in one forward pass.
-
-    Recipe example:
-
-        passes:
-          - gptq: {bits: 4, group_size: 128, symmetric: true}
-          - gptq: {bits: 3, group_size: 128, act_order: true, damp: 0.01, block_size: 128}
-    """
-
-    damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1, le=1_048_576)
-    act_order: bool = False
-    static_groups: bool | None = None
-    true_sequential: bool = True
-
-    @model_validator(mode="after")
-    def _storable_groups(self) -> "GPTQConfig":
-        if self.act_order and self.group_size is not None and self.static_groups is False:
-            raise ValueError(
-                "act_order with group_size needs static_groups: true (or leave it unset): groups formed in "
-                "act-order cannot be stored in the original column order"
-            )
-        return self
-
-    @property
-    def use_static_groups(self) -> bool:
-        return self.act_order if self.static_groups is None else self.static_groups
-
-
-@register_pass("gptq", GPTQConfig, scope="layer", kind="quantize", needs_calibration=True, data_parallel=True)
 def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     """GPTQ: quantize with second-order error compensation from calibration inputs (Frantar et al. 2022)."""
     modules = layer.linears(cfg.ignore)

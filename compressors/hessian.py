@@ -7,16 +7,13 @@ and gives the upper Cholesky factor of the damped inverse that both kernels walk
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from compress.engine.distributed import all_reduce_sum
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
-from compress.recipe.registry import StrictConfig
+from compress.compressors.configs import HessianOptions  # noqa: F401  (re-exported; defined without torch)
 
 # When the damped Hessian is still not positive definite, retry with the dampening multiplied by this factor,
 # at most this many times, before the caller degrades (GPTQ falls back to RTN, SparseGPT to magnitude).
@@ -71,18 +68,6 @@ class HessianAccumulator:
             self._hessian = (self.total * scale).to(torch.float32)
             self.total = None
         return self._hessian
-
-
-class HessianOptions(StrictConfig):
-    """Config keys of the passes that solve with a layer Hessian (GPTQ, SparseGPT)."""
-
-    hessian_dtype: Literal["float64", "float32"] = Field(
-        "float64", description="precision of the running Hessian sum: float64 makes it independent of batch order "
-        "and of the data-parallel split; float32 halves its memory (columns^2 x 4 bytes instead of 8)")
-
-    @property
-    def hessian_torch_dtype(self) -> torch.dtype:
-        return torch.float64 if self.hessian_dtype == "float64" else torch.float32
 
 
 def collect_hessians(

@@ -13,14 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
-from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
-from compress.recipe.registry import StrictConfig, register_pass
+from compress.recipe.registry import StrictConfig
+from compress.compressors.configs import LayerDropConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def block_influence(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> tuple[float, int]:
@@ -33,35 +32,6 @@ def layers_to_drop(influence: list[float], count: int) -> list[int]:
     """Indices of the `count` least influential layers, ascending."""
     order = sorted(range(len(influence)), key=lambda i: influence[i])
     return sorted(order[:count])
-
-
-class LayerDropConfig(StrictConfig):
-    """Remove whole decoder layers with the lowest block influence on the calibration windows.
-
-    count: how many layers to remove; or ratio: the share of layers (rounded to the nearest count). At least one
-    layer always stays.
-
-    Recipe example:
-
-        passes:
-          - layer_drop: {count: 1}
-          - layer_drop: {ratio: 0.25}
-    """
-
-    count: int | None = Field(None, ge=1, le=10_000)
-    ratio: float | None = Field(None, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _one_of(self) -> "LayerDropConfig":
-        if (self.count is None) == (self.ratio is None):
-            raise ValueError("set exactly one of `count` (layers to remove) or `ratio` (share of layers to remove)")
-        return self
-
-    def count_for(self, layers: int) -> int:
-        count = self.count if self.count is not None else int(round((self.ratio or 0) * layers))
-        if count >= layers:
-            raise UserError(f"layer_drop would remove {count} of the model's {layers} decoder layers; keep at least one")
-        return count
 
 
 def _measure(influence: dict[int, tuple[float, int]]) -> Any:
@@ -77,7 +47,6 @@ def _measure(influence: dict[int, tuple[float, int]]) -> Any:
     return measure
 
 
-@register_pass("layer_drop", LayerDropConfig, scope="model", kind="restructure", needs_calibration=True)
 def run_layer_drop(handle: ModelHandle, cfg: LayerDropConfig, run: RunContext,
                    next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Layer drop: remove the decoder layers with the lowest block influence (ShortGPT)."""

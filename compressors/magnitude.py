@@ -12,9 +12,9 @@ import torch
 
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
-from compress.recipe.registry import register_pass
-from compress.compressors.pruning import PruneConfig, apply_mask, prunable
+from compress.compressors.pruning import apply_mask, prunable
 from compress.compressors.sparsity import NM, select_mask
+from compress.compressors.configs import MagnitudeConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> torch.Tensor:
@@ -22,18 +22,6 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) 
     return select_mask(weight.detach().float().abs(), sparsity, nm, per="module")
 
 
-class MagnitudeConfig(PruneConfig):
-    """Magnitude pruning, no calibration.
-
-    Recipe example:
-
-        passes:
-          - magnitude: {sparsity: 0.5}
-          - magnitude: {pattern: "2:4", ignore: [lm_head, "*.down_proj"]}
-    """
-
-
-@register_pass("magnitude", MagnitudeConfig, scope="layer", kind="prune")
 def run_magnitude(layer: LayerContext, cfg: MagnitudeConfig) -> dict[str, Any]:
     """Magnitude pruning: zero the smallest weights of every linear, unstructured or N:M."""
     target, nm = cfg.sparsity_for(layer), cfg.nm

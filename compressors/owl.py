@@ -12,30 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field
 
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
 from compress.engine.model_io import ModelHandle
-from compress.quant.modules import DEFAULT_IGNORE, weight_matrix
-from compress.recipe.registry import ModulePatterns, StrictConfig, register_pass
+from compress.quant.modules import weight_matrix
+from compress.recipe.registry import StrictConfig
 from compress.compressors.pruning import input_sq_norms
 from compress.compressors.sparsity import outlier_share, owl_sparsities
 from compress.compressors.wanda import wanda_score
-
-
-class OWLConfig(StrictConfig):
-    """Recipe example (OWL's defaults: lambda 0.08, M 5):
-
-        passes:
-          - owl: {sparsity: 0.7, spread: 0.08, threshold: 5}
-          - wanda: {sparsity: 0.7}
-    """
-
-    sparsity: float = Field(gt=0, lt=1)
-    spread: float = Field(0.08, ge=0, lt=0.5)
-    threshold: float = Field(5.0, gt=1)
-    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+from compress.compressors.configs import OWLConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def _measure(shares: dict[str, float], cfg: OWLConfig) -> Any:
@@ -49,7 +35,6 @@ def _measure(shares: dict[str, float], cfg: OWLConfig) -> Any:
     return measure
 
 
-@register_pass("owl", OWLConfig, scope="model", kind="allocate_sparsity", needs_calibration=True)
 def run_owl(handle: ModelHandle, cfg: OWLConfig, run: RunContext,
             next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """OWL: per-layer sparsity from the share of activation outliers, mean held at the target."""

@@ -6,88 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compress.engine.context import RunContext
 from compress.engine.distributed import all_reduce_sum
 from compress.engine.layer_sweep import LayerContext
 from compress.recipe.errors import UserError
-from compress.quant.modules import DEFAULT_IGNORE, set_weight_matrix, weight_matrix
-from compress.recipe.registry import ModulePatterns, StrictConfig
-from compress.compressors.sparsity import NM, is_nm, measured_sparsity, parse_pattern
-
-
-class PruneConfig(StrictConfig):
-    """Settings shared by the weight-pruning passes.
-
-    sparsity: share of weights removed in every pruned matrix (0 to 1), or a list with one value per decoder
-    layer (a schedule). With an N:M pattern it defaults to, and must equal, 1 - N/M.
-    pattern: "unstructured", or "N:M" (keep N of every M consecutive weights along the input dimension;
-    "2:4" and "4:8" are what sparse tensor cores and runtimes accelerate).
-    ignore: module-name patterns left dense (glob or `re:`), as for the quantizers; lm_head by default.
-    """
-
-    sparsity: float | list[float] | None = None
-    pattern: str = "unstructured"
-    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
-
-    @field_validator("pattern", mode="before")
-    @classmethod
-    def _quoted(cls, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 2:4 as base-60: 2*60 + 4
-            n, m = divmod(value, 60)
-            raise ValueError(f'quote the pattern: YAML reads an unquoted {n}:{m} as the number {value}; '
-                             f'write pattern: "{n}:{m}"')
-        return value
-
-    @field_validator("pattern")
-    @classmethod
-    def _known_pattern(cls, value: str) -> str:
-        parse_pattern(value)
-        return value
-
-    @field_validator("sparsity")
-    @classmethod
-    def _in_range(cls, value: float | list[float] | None) -> float | list[float] | None:
-        values = value if isinstance(value, list) else [] if value is None else [value]
-        if isinstance(value, list) and not value:
-            raise ValueError("a sparsity schedule needs one value per decoder layer, got an empty list")
-        for v in values:
-            if not 0 <= v < 1:
-                raise ValueError(f"sparsity must be in [0, 1), got {v}")
-        return value
-
-    @model_validator(mode="after")
-    def _pattern_matches_sparsity(self) -> "PruneConfig":
-        nm = self.nm
-        if nm is None and self.sparsity is None:
-            raise ValueError("set `sparsity` (e.g. 0.5) or an N:M `pattern` (e.g. '2:4')")
-        if nm is not None and self.sparsity is not None and (
-            isinstance(self.sparsity, list) or abs(self.sparsity - nm.sparsity) > 1e-9
-        ):
-            raise ValueError(f"pattern {nm} prunes exactly {nm.sparsity:g} of the weights; "
-                             f"drop `sparsity` or set it to {nm.sparsity:g}")
-        return self
-
-    @property
-    def nm(self) -> NM | None:
-        return parse_pattern(self.pattern)
-
-    def sparsity_for(self, layer: LayerContext) -> float:
-        """This decoder layer's target: an allocation pass's plan (OWL) first, then the schedule or the constant."""
-        planned = layer.run.handoff.layer_sparsity.get(layer.prefix)
-        if planned is not None and self.nm is None:
-            return planned
-        if self.nm is not None:
-            return self.nm.sparsity
-        if isinstance(self.sparsity, list):
-            if layer.index >= len(self.sparsity):
-                raise UserError(f"the sparsity schedule has {len(self.sparsity)} values but the model has more "
-                                f"decoder layers (layer {layer.index}): give one value per layer")
-            return self.sparsity[layer.index]
-        assert self.sparsity is not None  # guaranteed by the validator
-        return self.sparsity
+from compress.quant.modules import set_weight_matrix, weight_matrix
+from compress.compressors.sparsity import NM, is_nm, measured_sparsity
+from compress.compressors.configs import PruneConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def prunable(layer: LayerContext, cfg: PruneConfig) -> dict[str, nn.Module]:

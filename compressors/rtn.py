@@ -7,21 +7,11 @@ from typing import Any
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
 from compress.quant.records import quantize_rtn
-from compress.recipe.registry import register_pass
 from compress.quant.activation import install_activation_quant
-from compress.compressors.base import WeightQuantConfig, keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import keep_pruned_zeros, spec_for, write_back
+from compress.compressors.configs import RTNConfig  # noqa: F401  (re-exported; defined without torch)
 
 
-class RTNConfig(WeightQuantConfig):
-    """Recipe example:
-
-        passes:
-          - rtn: {bits: 4, group_size: 128, symmetric: true}
-          - rtn: {bits: 8, group_size: null, activations: {bits: 8, per: token}}   # W8A8
-    """
-
-
-@register_pass("rtn", RTNConfig, scope="layer", kind="quantize")
 def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, Any]:
     """Round each weight to the nearest point of a uniform integer grid (per channel or per group)."""
     results = {}

@@ -11,26 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field
 
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
-from compress.recipe.registry import StrictConfig, register_pass
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
-
-
-class SmoothQuantConfig(StrictConfig):
-    """alpha: how much of the outlier difficulty moves from activations to weights (0 = none, 1 = all).
-
-    Recipe example (W8A8):
-
-        calibration: {dataset: calib.txt, samples: 128, seq_len: 512}
-        passes:
-          - smoothquant: {alpha: 0.5}
-          - rtn: {bits: 8, group_size: null, activations: {bits: 8, per: token}}
-    """
-
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
+from compress.compressors.configs import SmoothQuantConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -62,7 +47,6 @@ def input_absmax(layer: LayerContext, groups: list[ScaleGroup]) -> dict[str, tor
     return absmax
 
 
-@register_pass("smoothquant", SmoothQuantConfig, scope="layer", kind="transform", needs_calibration=True)
 def run_smoothquant(layer: LayerContext, cfg: SmoothQuantConfig) -> dict[str, Any]:
     """Fold per-channel smoothing scales into each norm and the linears it feeds (no quantization)."""
     groups = [g for g in scale_groups(layer.layer, layer.prefix) if g.after_norm]

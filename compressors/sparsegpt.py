@@ -15,24 +15,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, input_groups
 from compress.quant.modules import weight_matrix
-from compress.recipe.registry import register_pass
 from compress.compressors.hessian import (
     HessianAccumulator,
-    HessianOptions,
     HessianNotPositiveDefinite,
     collect_hessians,
     inverse_hessian_factor,
     mark_dead_columns,
 )
 from compress.compressors.magnitude import magnitude_mask
-from compress.compressors.pruning import PruneConfig, apply_mask, prunable
+from compress.compressors.pruning import apply_mask, prunable
 from compress.compressors.sparsity import NM, nm_mask, topk_mask
+from compress.compressors.configs import SparseGPTConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 @dataclass(frozen=True)
@@ -107,26 +105,6 @@ def _prune_columns(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, nm: NM 
     return keep, float(loss)
 
 
-class SparseGPTConfig(PruneConfig, HessianOptions):
-    """SparseGPT pruning with OBS weight reconstruction, calibrated layer by layer.
-
-    damp: dampening added to the Hessian diagonal as a fraction of its mean (raised automatically when needed;
-    magnitude pruning is the recorded fallback). block_size: columns per mask decision and lazy update (the
-    paper's B_s = 128; a multiple of M for N:M). The sublayers of a decoder layer share one forward, as in the
-    reference; `gptq` right after `sparsegpt` in the same recipe keeps the mask (the paper's 50% + 4-bit mode).
-
-    Recipe example:
-
-        passes:
-          - sparsegpt: {sparsity: 0.5, block_size: 128, damp: 0.01}
-          - sparsegpt: {pattern: "2:4"}
-    """
-
-    damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1, le=1_048_576)
-
-
-@register_pass("sparsegpt", SparseGPTConfig, scope="layer", kind="prune", needs_calibration=True, data_parallel=True)
 def run_sparsegpt(layer: LayerContext, cfg: SparseGPTConfig) -> dict[str, Any]:
     """SparseGPT: prune with second-order weight reconstruction from calibration inputs (Frantar & Alistarh 2023)."""
     modules = prunable(layer, cfg)

@@ -12,41 +12,11 @@ entries survive; the algorithms differ only in the score they pass in.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
-
-
-@dataclass(frozen=True)
-class NM:
-    """Semi-structured sparsity: at most `n` nonzeros in every `m` consecutive weights along the input dimension."""
-
-    n: int
-    m: int
-
-    @property
-    def sparsity(self) -> float:
-        return 1 - self.n / self.m
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
-
-
-def parse_pattern(pattern: str) -> NM | None:
-    """`"unstructured"` -> None, `"2:4"` -> NM(2, 4); ValueError (a recipe error) for anything else."""
-    if pattern == "unstructured":
-        return None
-    match = PATTERN_RE.match(pattern)
-    if match is None:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4' or '4:8', got {pattern!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise ValueError(f"pattern {pattern!r}: N:M needs 0 < N < M (keep N of every M weights)")
-    return NM(n, m)
+from compress.compressors.configs import NM, parse_pattern  # noqa: F401  (re-exported; defined without torch)
 
 
 def pruned_count(size: int, sparsity: float) -> int:

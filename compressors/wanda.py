@@ -13,9 +13,9 @@ import torch
 
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
-from compress.recipe.registry import register_pass
-from compress.compressors.pruning import PruneConfig, apply_mask, prunable, input_sq_norms
+from compress.compressors.pruning import apply_mask, prunable, input_sq_norms
 from compress.compressors.sparsity import NM, select_mask
+from compress.compressors.configs import WandaConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def wanda_score(weight: torch.Tensor, act_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -28,18 +28,6 @@ def wanda_mask(weight: torch.Tensor, act_sq_norm: torch.Tensor, sparsity: float,
     return select_mask(wanda_score(weight, act_sq_norm), sparsity, nm, per="row")
 
 
-class WandaConfig(PruneConfig):
-    """Wanda pruning from calibration activations; the sublayers of a decoder layer are scored on one forward.
-
-    Recipe example:
-
-        passes:
-          - wanda: {sparsity: 0.5}
-          - wanda: {pattern: "2:4"}
-    """
-
-
-@register_pass("wanda", WandaConfig, scope="layer", kind="prune", needs_calibration=True, data_parallel=True)
 def run_wanda(layer: LayerContext, cfg: WandaConfig) -> dict[str, Any]:
     """Wanda: prune by |weight| x input-activation norm per output row (Sun et al. 2023)."""
     modules = prunable(layer, cfg)

@@ -21,19 +21,17 @@ already pruned layers before it), then rewrites the config.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
-from compress.recipe.registry import StrictConfig, register_pass
-
-Metric = Literal["fluctuation", "magnitude"]
+from compress.recipe.registry import StrictConfig
+from compress.compressors.configs import Metric, WidthPruneConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 @dataclass
@@ -96,27 +94,6 @@ def shrink_linear(linear: nn.Linear, *, rows: torch.Tensor | None = None, column
                                                                            device=weight.device)
         new.bias.data.copy_(old if rows is None else old[rows])
     return new
-
-
-class WidthPruneConfig(StrictConfig):
-    """Remove a share of every layer's KV groups (attention heads) and MLP intermediate channels.
-
-    attention_ratio / mlp_ratio: share to remove per layer (the same count in every layer, since a Hugging Face
-    config has one head count and one intermediate size); at least one group stays. channel_multiple: the
-    kept intermediate size is rounded to a multiple of this (8 keeps matmuls aligned). metric: see module
-    docstring. compensate: add the removed channels' mean output as a bias (FLAP; Llama-style configs only).
-
-    Recipe example:
-
-        passes:
-          - width_prune: {attention_ratio: 0.25, mlp_ratio: 0.25, metric: fluctuation, compensate: true}
-    """
-
-    attention_ratio: float = Field(0.0, ge=0, lt=1)
-    mlp_ratio: float = Field(0.0, ge=0, lt=1)
-    channel_multiple: int = Field(8, ge=1, le=65_536)
-    metric: Metric = "fluctuation"
-    compensate: bool = False
 
 
 @dataclass(frozen=True)
@@ -236,7 +213,6 @@ def _check_compensation(config: Any, cfg: WidthPruneConfig) -> None:
                         f"the compensating bias could not be saved; set compensate: false")
 
 
-@register_pass("width_prune", WidthPruneConfig, scope="model", kind="restructure", needs_calibration=True)
 def run_width_prune(handle: ModelHandle, cfg: WidthPruneConfig, run: RunContext,
                     next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Width pruning: remove attention heads (KV groups) and MLP channels by activation importance (FLAP)."""

@@ -1,2 +1,2 @@
-"""Evaluators (installed as `compress.evaluators`); each declares its protocol and version in the report. The
-built-ins are listed in `compress.app.builtins`."""
+"""Evaluators (installed as `compress.evaluators`); each declares its protocol and version in the report. Their
+configs live in `configs.py`, which imports no torch; the built-ins are declared in `compress.app.builtins`."""

@@ -36,16 +36,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
 
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
-from compress.recipe.registry import StrictConfig, register_evaluator
 from compress.recipe.registry import EvalResult
 from compress.evaluators.tasks import TaskDef, registry
 from compress.evaluators.zero_shot import resolve_data_dir
+from compress.evaluators.configs import LmEvalConfig  # noqa: F401  (re-exported; defined without torch)
 
 # Our task name -> lm-eval's task YAML, relative to lm_eval/tasks.
 LM_EVAL_YAMLS = {
@@ -58,20 +57,6 @@ LM_EVAL_YAMLS = {
     "lambada_openai": "lambada/lambada_openai.yaml",
 }
 LOCAL_PREFIX = "compress_"
-
-
-class LmEvalConfig(StrictConfig):
-    """Recipe example:
-
-        evaluate:
-          lm_eval: {tasks: [piqa, mmlu], limit: 100, batch_size: 16}
-    """
-
-    tasks: list[str] = Field(min_length=1)
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
-    num_fewshot: int | None = Field(None, ge=0)
-    data_dir: str | None = Field(None, description="local copies of the built-in tasks (../shared/data layout)")
 
 
 def require_lm_eval() -> Any:
@@ -140,7 +125,6 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | No
     return output
 
 
-@register_evaluator("lm_eval", LmEvalConfig)
 def evaluate_lm_eval(handle: ModelHandle, cfg: LmEvalConfig, run: RunContext) -> list[EvalResult]:
     """Any lm-evaluation-harness task, run by lm-eval itself on the in-memory model."""
     data_dir = resolve_data_dir(cfg.data_dir)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from compress.engine.context import RunContext
@@ -32,47 +31,18 @@ from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
 from compress.engine.vocab_head import (
     DEFAULT_LOGIT_CHUNK_MB,
-    MAX_LOGIT_CHUNK_MB,
     OutputHead,
     next_token_scorer,
     rows_per_chunk,
     target_nll,
 )
 from compress.engine.progress import SILENT, Advance, Reporter, no_progress
-from compress.recipe.registry import StrictConfig, register_evaluator
 from compress.recipe.registry import EvalResult
+from compress.evaluators.configs import PerplexityConfig  # noqa: F401  (re-exported; defined without torch)
 
 PROTOCOL = {"name": "token_ppl", "version": 1, "stride": "seq_len", "joined": "\\n\\n"}
 SLIDING_PROTOCOL = {"name": "token_ppl", "version": 2, "joined": "\\n\\n",
                     "windows": "seq_len tokens every stride tokens; each token scored once; tail kept"}
-
-
-class PerplexityConfig(StrictConfig):
-    """Recipe example:
-
-        evaluate:
-          perplexity: [{dataset: eval.txt, seq_len: 512}, {dataset: wikitext2, seq_len: 2048}]
-
-    `logit_chunk_mb`: MiB of float32 logits (positions x vocabulary x 4 bytes) alive at once. The model's head
-    runs on that many positions at a time, each chunk reduced to its summed NLL, so a batch's memory is its
-    activations plus 2-4 times this (the logsumexp's temporaries), not batch_size x seq_len x vocabulary
-    (8 GiB for 8 x 2048 at 128k).
-    """
-
-    dataset: str
-    seq_len: int = Field(512, ge=8)
-    batch_size: int = Field(8, ge=1)
-    max_windows: int | None = Field(None, ge=1, description="score only the first N windows (quick checks)")
-    stride: int | None = Field(None, ge=1, description="sliding windows (token_ppl v2); unset: disjoint windows (v1)")
-    data_dir: str | None = Field(None, description="local copies of hub names, laid out like ../shared/data")
-    logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
-                                description="MiB of float32 vocabulary-wide logits scored at once")
-
-    @model_validator(mode="after")
-    def _stride_within_window(self) -> "PerplexityConfig":
-        if self.stride is not None and self.stride > self.seq_len:
-            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len}): tokens would be skipped")
-        return self
 
 
 @torch.no_grad()
@@ -144,7 +114,6 @@ def sliding_perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: in
     return math.exp(total_nll / total_tokens), {"windows": len(windows), "scored_tokens": total_tokens}
 
 
-@register_evaluator("perplexity", PerplexityConfig)
 def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunContext) -> EvalResult:
     """Token perplexity on a text, non-overlapping windows (GPTQ/SparseGPT/AWQ protocol)."""
     def tokenize() -> torch.Tensor:

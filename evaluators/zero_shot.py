@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from compress.engine.context import RunContext
@@ -53,53 +52,15 @@ from compress.engine.data import DATA_DIR_ENV
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
-from compress.engine.vocab_head import (
-    DEFAULT_LOGIT_CHUNK_MB,
-    MAX_LOGIT_CHUNK_MB,
-    next_token_scorer,
-    rows_per_chunk,
-    target_scores,
-)
+from compress.engine.vocab_head import DEFAULT_LOGIT_CHUNK_MB, next_token_scorer, rows_per_chunk, target_scores
 from compress.engine.progress import SILENT, Advance, Reporter, no_progress
-from compress.recipe.registry import StrictConfig, did_you_mean, register_evaluator
 from compress.recipe.registry import EvalResult
 from compress.evaluators.tasks import Doc, TaskDef, registry
 from compress.evaluators.tasks.generic import read_docs
+from compress.evaluators.configs import ZeroShotConfig  # noqa: F401  (re-exported; defined without torch)
 
 PROTOCOL = {"name": "lm_eval_loglikelihood", "version": 1, "num_fewshot": 0, "target_delimiter": " ",
             "acc_norm": "sum logprob / len(choice) in characters", "stderr": "sample std / sqrt(n)"}
-
-
-class ZeroShotConfig(StrictConfig):
-    """Recipe example:
-
-        evaluate:
-          zero_shot: {tasks: [piqa, arc_easy, my_task.jsonl], limit: 200, batch_size: 32, data_dir: ../data}
-
-    `tasks`: built-in names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, lambada_openai)
-    or paths to JSONL files of `{context, choices, gold}`. `data_dir`: a folder laid out like
-    ../shared/data (piqa/valid.jsonl, arc_easy/arc_easy.jsonl, ...) to read the built-in tasks from
-    instead of the hub; defaults to $COMPRESS_DATA_DIR. `logit_chunk_mb`: how many MiB of float32 logits
-    (positions x vocabulary x 4 bytes) the scorer holds at once (256 MiB is 523 positions at a 128,256-token
-    vocabulary); larger is no faster once the head's matmul is big, smaller bounds memory further.
-    """
-
-    tasks: list[str] = Field(min_length=1)
-    limit: int | None = Field(None, ge=1, description="score only the first N documents of each task")
-    batch_size: int = Field(32, ge=1, description="model inputs per forward pass")
-    data_dir: str | None = None
-    max_length: int | None = Field(None, ge=2, description="context length; default: the model's (as lm-eval)")
-    logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
-                                description="MiB of float32 vocabulary-wide logits scored at once")
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        known = registry()
-        for task in tasks:
-            if task not in known and not task.endswith(".jsonl"):
-                raise ValueError(f"unknown task '{task}' (or give a .jsonl file).{did_you_mean(task, list(known))}")
-        return tasks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +322,6 @@ def _read_hub_check_offline(task: TaskDef) -> None:
         _read_hub(task)  # raises the offline error naming the local file to use instead
 
 
-@register_evaluator("zero_shot", ZeroShotConfig)
 def evaluate_zero_shot(handle: ModelHandle, cfg: ZeroShotConfig, run: RunContext) -> list[EvalResult]:
     """Zero-shot accuracy (acc, acc_norm, stderr) with lm-evaluation-harness semantics."""
     data_dir = resolve_data_dir(cfg.data_dir)

@@ -1,17 +1,61 @@
 """The built-in passes and evaluators, listed in one place above the core.
 
-Importing a plugin module registers it (`@register_pass`, `@register_evaluator`); the core never imports plugins,
-so whatever runs recipes (the runner, the CLI, tests) imports this module first. Heavy dependencies stay lazy:
-bitsandbytes and lm-eval are imported only when their pass or evaluator runs.
+Each is declared with its config (from `compress.compressors.configs` / `compress.evaluators.configs`, which import
+no torch) and the facts recipes are checked against, and names its implementation as "module:function": that module,
+and torch with it, is imported when the pass first runs. So a recipe validates (`compress validate`, a typo reported
+in under a second of CPU) without importing torch or transformers. The core never imports plugins; whatever runs
+recipes (the runner, the CLI, tests) imports this module first. bitsandbytes and lm-eval are imported only inside
+their pass or evaluator.
 """
 
-from compress.compressors import rtn  # noqa: F401  (rtn)
-from compress.compressors import gptq  # noqa: F401  (gptq)
-from compress.compressors import awq, smoothquant  # noqa: F401  (awq, smoothquant)
-from compress.compressors import bnb  # noqa: F401  (bnb)
-from compress.compressors import magnitude, owl, sparsegpt, wanda  # noqa: F401  (magnitude, owl, sparsegpt, wanda)
-from compress.compressors import layer_drop, width_prune  # noqa: F401  (layer_drop, width_prune)
-from compress.compressors import allocate  # noqa: F401  (allocate, quantize_plan)
-from compress.evaluators import perplexity  # noqa: F401  (perplexity)
-from compress.evaluators import zero_shot  # noqa: F401  (zero_shot)
-from compress.evaluators import lm_eval_adapter  # noqa: F401  (lm_eval)
+from compress.compressors.configs import (
+    AllocateConfig,
+    AWQConfig,
+    BnbConfig,
+    GPTQConfig,
+    LayerDropConfig,
+    MagnitudeConfig,
+    OWLConfig,
+    QuantizePlanConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    WidthPruneConfig,
+)
+from compress.evaluators.configs import LmEvalConfig, PerplexityConfig, ZeroShotConfig
+from compress.recipe.registry import declare_evaluator, declare_pass
+from compress.recipe.storage import BITSANDBYTES_MODULES
+
+PASSES = "compress.compressors"
+EVALUATORS = "compress.evaluators"
+
+# quantizers
+declare_pass("rtn", RTNConfig, f"{PASSES}.rtn:run_rtn", scope="layer", kind="quantize")
+declare_pass("gptq", GPTQConfig, f"{PASSES}.gptq:run_gptq", scope="layer", kind="quantize", needs_calibration=True,
+             data_parallel=True)
+declare_pass("awq", AWQConfig, f"{PASSES}.awq:run_awq", scope="layer", kind="quantize", needs_calibration=True)
+declare_pass("bnb", BnbConfig, f"{PASSES}.bnb:run_bnb", scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
+declare_pass("smoothquant", SmoothQuantConfig, f"{PASSES}.smoothquant:run_smoothquant", scope="layer",
+             kind="transform", needs_calibration=True)
+# pruning
+declare_pass("magnitude", MagnitudeConfig, f"{PASSES}.magnitude:run_magnitude", scope="layer", kind="prune")
+declare_pass("wanda", WandaConfig, f"{PASSES}.wanda:run_wanda", scope="layer", kind="prune", needs_calibration=True,
+             data_parallel=True)
+declare_pass("sparsegpt", SparseGPTConfig, f"{PASSES}.sparsegpt:run_sparsegpt", scope="layer", kind="prune",
+             needs_calibration=True, data_parallel=True)
+declare_pass("owl", OWLConfig, f"{PASSES}.owl:run_owl", scope="model", kind="allocate_sparsity", needs_calibration=True)
+# structured pruning
+declare_pass("layer_drop", LayerDropConfig, f"{PASSES}.layer_drop:run_layer_drop", scope="model", kind="restructure",
+             needs_calibration=True)
+declare_pass("width_prune", WidthPruneConfig, f"{PASSES}.width_prune:run_width_prune", scope="model",
+             kind="restructure", needs_calibration=True)
+# bit allocation
+declare_pass("allocate", AllocateConfig, f"{PASSES}.allocate:run_allocate", scope="model", kind="allocate",
+             needs_calibration=True)
+declare_pass("quantize_plan", QuantizePlanConfig, f"{PASSES}.allocate:run_quantize_plan", scope="model",
+             kind="allocate")
+
+declare_evaluator("perplexity", PerplexityConfig, f"{EVALUATORS}.perplexity:evaluate_perplexity")
+declare_evaluator("zero_shot", ZeroShotConfig, f"{EVALUATORS}.zero_shot:evaluate_zero_shot")
+declare_evaluator("lm_eval", LmEvalConfig, f"{EVALUATORS}.lm_eval_adapter:evaluate_lm_eval")

@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -385,18 +386,50 @@ def trial_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_trial_process(sweep: Sweep, trial: Trial, threads: int) -> Status:
+class TrialProcesses:
+    """The trial processes running now, so an interrupted sweep can stop them: Ctrl-C reaches every process of the
+    terminal's group, but a scheduler's or `kill`'s SIGTERM reaches only this one, which would otherwise wait for
+    every running trial to finish before it exits."""
+
+    def __init__(self) -> None:
+        self._running: set[subprocess.Popen[str]] = set()
+        self._lock = threading.Lock()
+
+    def run(self, command: list[str], **options: Any) -> tuple[int, str]:
+        """(exit code, stdout) of `command`, tracked while it runs."""
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, **options) as process:
+            with self._lock:
+                self._running.add(process)
+            try:
+                stdout, _ = process.communicate()
+            finally:
+                with self._lock:
+                    self._running.discard(process)
+        return process.returncode, stdout
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def interrupt(self) -> None:
+        """SIGTERM to each running trial: it stops as an interrupted run does, keeping its layer checkpoints."""
+        with self._lock:
+            for process in self._running:
+                process.send_signal(signal.SIGTERM)
+
+
+def run_trial_process(sweep: Sweep, trial: Trial, threads: int, processes: TrialProcesses | None = None) -> Status:
     """Run one trial in a fresh Python process; a crash there (OOM kill, segfault) fails this trial only."""
     log = sweep.log_path(trial)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w", encoding="utf-8") as stderr:
-        done = subprocess.run(trial_command(sweep, trial), stdout=subprocess.PIPE, stderr=stderr, text=True,
-                              env=trial_env(threads), cwd=Path.cwd())
-    status = parse_status(done.stdout)
+        returncode, stdout = (processes or TrialProcesses()).run(trial_command(sweep, trial), stderr=stderr,
+                                                                 env=trial_env(threads), cwd=Path.cwd())
+    status = parse_status(stdout)
     if status is None:
-        how = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
-               else f"exited with code {done.returncode}")
+        how = (f"killed by {signal.Signals(-returncode).name}" if returncode < 0
+               else f"exited with code {returncode}")
         status = _failed(trial, f"trial process {how} before reporting a result",
                          seconds=round(time.perf_counter() - start, 2))
     status.pop("traceback", None)  # it is in the log
@@ -414,13 +447,20 @@ def run_local(sweep: Sweep, parallel: int, on_result: OnResult | None = None) ->
             report(results[-1])
         return results
     threads = max(1, (os.cpu_count() or 1) // parallel)
+    processes = TrialProcesses()
     # Threads only wait here; each trial runs in a process of its own.
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(run_trial_process, sweep, trial, threads) for trial in todo]
+        futures = [pool.submit(run_trial_process, sweep, trial, threads, processes) for trial in todo]
         results = []
-        for future in as_completed(futures):
-            results.append(future.result())
-            report(results[-1])
+        try:
+            for future in as_completed(futures):
+                results.append(future.result())
+                report(results[-1])
+        except KeyboardInterrupt:  # leaving the pool waits for its threads: stop the trials they wait for
+            for future in futures:
+                future.cancel()
+            processes.interrupt()
+            raise
     return sorted(results, key=lambda status: status["index"])
 
 

@@ -24,10 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 from compress.recipe.errors import UserError
 
-# The default `logit_chunk_mb` of the evaluators: float32 logits alive at once (the logsumexp's temporaries take one
-# to three times as much again while it runs). 256 MiB is 523 positions at a 128,256-token vocabulary, 16,384 at 4,096.
-DEFAULT_LOGIT_CHUNK_MB = 256
-MAX_LOGIT_CHUNK_MB = 1 << 20  # 1 TiB: a bound for the config field, not a recommendation
+# The default `logit_chunk_mb` of the evaluators (compress/engine/settings.py, importable without torch): float32
+# logits alive at once (the logsumexp's temporaries take one to three times as much again while it runs). 256 MiB is
+# 523 positions at a 128,256-token vocabulary, 16,384 at 4,096.
+from compress.engine.settings import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB  # noqa: E402,F401
 
 
 def rows_per_chunk(vocab_size: int, chunk_mb: int) -> int:

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
 from torch import nn
 
 from compress.quant.primitives import fake_quantize_per_tensor, fake_quantize_per_token
-from compress.recipe.registry import StrictConfig
-
-
-class ActivationQuantConfig(StrictConfig):
-    """Dynamic symmetric activation fake-quantization of every quantized linear's input (the 'A' in W8A8)."""
-
-    bits: int = Field(8, ge=4, le=8)
-    per: Literal["token", "tensor"] = "token"
+from compress.quant.config import ActivationQuantConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def install_activation_quant(fqn: str, module: nn.Module, cfg: ActivationQuantConfig | None,

@@ -18,7 +18,7 @@ try:  # Conv1D is GPT-2's linear layer; keep working if a future transformers mo
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
 
-DEFAULT_IGNORE = ("lm_head",)
+from compress.quant.config import DEFAULT_IGNORE  # noqa: E402,F401  (defined without torch, for the configs)
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -2,18 +2,24 @@
 
 A new algorithm is one module plus one decorator:
 
-    @register_pass("rtn", RTNConfig, scope="layer")
+    @register_pass("rtn", RTNConfig, scope="layer", kind="quantize")
     def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, dict]: ...
 
+or, to keep its torch code unimported until a run needs it, a declaration naming the implementation:
+
+    declare_pass("rtn", RTNConfig, "compress.compressors.rtn:run_rtn", scope="layer", kind="quantize")
+
 Registration is explicit (no package scanning). Built-in passes live in `compress.compressors`, built-in
-evaluators in `compress.evaluators`; `compress.app.builtins` lists them and registers them when imported, so this
-module (the bottom layer) never imports a plugin and `import compress` stays light.
+evaluators in `compress.evaluators`; `compress.app.builtins` declares them with their configs (from modules that
+do not import torch) when imported, so this module (the bottom layer) never imports a plugin until a recipe runs
+one, and `compress validate` checks a recipe without importing torch.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -143,7 +149,7 @@ class PassDef:
 
     name: str
     config: type[StrictConfig]
-    apply: Callable[..., dict[str, Any]]
+    implementation: Implementation  # the function, or where to import it from ("module:function")
     scope: Scope
     needs_calibration: bool
     kind: PassKind  # what the pass does to the model, for recipe-level checks (see PassKind)
@@ -155,6 +161,11 @@ class PassDef:
     # check the records themselves at export; a pass storing only what every format holds declares nothing.
     stores: frozenset[str] = frozenset()
 
+    @property
+    def apply(self) -> Callable[..., dict[str, Any]]:
+        """The pass's function, imported on first use when it was declared by name."""
+        return _resolved(self.implementation)
+
     def kind_of(self, config: StrictConfig) -> PassKind:
         """What the pass does with this config: its kind, unless the config says it acts as another (`acts_as`)."""
         acts_as = getattr(config, "acts_as", None)
@@ -164,6 +175,22 @@ class PassDef:
     def summary(self) -> str:
         doc = (self.apply.__doc__ or self.config.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+
+Implementation = Callable[..., Any] | str
+"""A registered function, or the "module:function" it is imported from when first called."""
+
+
+def _resolved(implementation: Implementation) -> Callable[..., Any]:
+    if not isinstance(implementation, str):
+        return implementation
+    module, _, function = implementation.partition(":")
+    return typing.cast(Callable[..., Any], getattr(importlib.import_module(module), function))
+
+
+def _where(implementation: Implementation) -> str:
+    """Which module holds it, without importing a declared one (for the registered-twice message)."""
+    return implementation.partition(":")[0] if isinstance(implementation, str) else implementation.__module__
 
 
 @dataclass(frozen=True)
@@ -182,7 +209,12 @@ class EvaluatorDef:
 
     name: str
     config: type[StrictConfig]
-    apply: Callable[..., Any]
+    implementation: Implementation  # the function, or where to import it from ("module:function")
+
+    @property
+    def apply(self) -> Callable[..., Any]:
+        """The evaluator's function, imported on first use when it was declared by name."""
+        return _resolved(self.implementation)
 
     @property
     def summary(self) -> str:
@@ -192,6 +224,25 @@ class EvaluatorDef:
 
 _PASSES: dict[str, PassDef] = {}
 _EVALUATORS: dict[str, EvaluatorDef] = {}
+
+
+def declare_pass(
+    name: str,
+    config: type[StrictConfig],
+    implementation: Implementation,
+    *,
+    scope: Scope,
+    kind: PassKind,
+    needs_calibration: bool = False,
+    data_parallel: bool = False,
+    stores: Iterable[str] = (),
+) -> None:
+    """Register a pass under the name recipes use. What a recipe is validated against (its config and the facts
+    below) is given here; `implementation` may be "module:function", imported when the pass first runs."""
+    if name in _PASSES:
+        raise ValueError(f"pass {name!r} is registered twice ({_where(_PASSES[name].implementation)} and "
+                         f"{_where(implementation)})")
+    _PASSES[name] = PassDef(name, config, implementation, scope, needs_calibration, kind, data_parallel, frozenset(stores))
 
 
 def register_pass(
@@ -204,20 +255,26 @@ def register_pass(
     data_parallel: bool = False,
     stores: Iterable[str] = (),
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """`declare_pass` as a decorator of the pass's function."""
     def decorate(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        if name in _PASSES:
-            raise ValueError(f"pass {name!r} is registered twice ({_PASSES[name].apply.__module__} and {fn.__module__})")
-        _PASSES[name] = PassDef(name, config, fn, scope, needs_calibration, kind, data_parallel, frozenset(stores))
+        declare_pass(name, config, fn, scope=scope, kind=kind, needs_calibration=needs_calibration,
+                     data_parallel=data_parallel, stores=stores)
         return fn
 
     return decorate
 
 
+def declare_evaluator(name: str, config: type[StrictConfig], implementation: Implementation) -> None:
+    """Register an evaluator; `implementation` may be "module:function", imported when it first runs."""
+    if name in _EVALUATORS:
+        raise ValueError(f"evaluator {name!r} is registered twice")
+    _EVALUATORS[name] = EvaluatorDef(name, config, implementation)
+
+
 def register_evaluator(name: str, config: type[StrictConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`declare_evaluator` as a decorator of the evaluator's function."""
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _EVALUATORS:
-            raise ValueError(f"evaluator {name!r} is registered twice")
-        _EVALUATORS[name] = EvaluatorDef(name, config, fn)
+        declare_evaluator(name, config, fn)
         return fn
 
     return decorate

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from compress.engine import data
 from compress.recipe.errors import UserError
 
 TaskOutput = Literal["multiple_choice", "last_word"]
@@ -63,6 +62,8 @@ def multiple_choice(context: str, choices: list[str], gold: int, delimiter: str 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a task file; malformed lines name the file and line."""
+    from compress.engine import data  # it imports torch (tokenizing), and task names validate without torch
+
     return data.jsonl_records(path, what="task file")
 
 

@@ -322,7 +322,8 @@ def test_sweep_grid_is_capped_before_it_is_expanded(tmp_path):
 
 
 def test_json_output_of_a_refused_recipe_has_lines(folder):
-    code, output = validate(folder, BASE + "lazy: true\nlazy: false\n", "--json")
-    assert code == 2
-    issue = json.loads(output)["issues"][0]
+    (folder / "r.yaml").write_text(BASE + "lazy: true\nlazy: false\n")
+    result = CliRunner().invoke(app, ["validate", str(folder / "r.yaml"), "--json"])  # stderr has the message
+    assert result.exit_code == 2
+    issue = json.loads(result.stdout)["issues"][0]
     assert issue["line"] == 8 and issue["path"] == "lazy"
