@@ -15,6 +15,7 @@ from torch import nn
 
 from compress.engine.distributed import all_reduce_sum
 from compress.engine.layer_sweep import LayerContext
+from compress.engine.threads import single_threaded
 from compress.quant.modules import weight_matrix
 from compress.recipe.registry import StrictConfig
 
@@ -119,7 +120,14 @@ def inverse_hessian_factor(H: torch.Tensor, dampening_frac: float) -> tuple[torc
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising the dampening until it factorizes.
 
     Returns the factor and the dampening fraction that worked; raises HessianNotPositiveDefinite.
+    Single-threaded: MKL's Cholesky rounds differently with each thread count, and every code depends on this
+    factor (compress/engine/threads.py); a few ms per demo layer, against the column loop's every thread.
     """
+    with single_threaded():
+        return _damped_inverse_factor(H, dampening_frac)
+
+
+def _damped_inverse_factor(H: torch.Tensor, dampening_frac: float) -> tuple[torch.Tensor, float]:
     mean_diag = torch.diag(H).mean()
     frac = dampening_frac
     for _attempt in range(DAMPENING_RETRIES + 1):
