@@ -183,6 +183,9 @@ def main(columns: Annotated[str, typer.Option(help="comma-separated factor width
         "",
         f"The factor alone (`inverse_hessian_factor` on a random correlated H, dampening 0.01), 1 vs {threads} threads:",
         "",
+        "Pinning costs at most the one-thread time. On a machine with fewer free cores than threads, MKL's threads "
+        "wait on each other, so the many-thread column then shows contention, not an idle machine's speed-up.",
+        "",
         f"| columns | max abs diff, MKL-threaded | pinned equals 1-thread | pinned (ms) | {threads} threads (ms) |",
         "|---|---|---|---|---|",
         *factor_rows(widths, threads),

@@ -6,12 +6,12 @@ factorizations (potrf, potri) split their blocked updates over the threads and t
 The group scales GPTQ computes from the error-updated weights then differed in their last bits, so did o_proj's
 inputs and Hessian, and the differences grew layer by layer: up to 18% of a last-layer module's 4-bit codes flipped
 (perplexity 6.780 vs 6.793 on 16 windows). The other kernels the passes use gave equal bits at 1 to 16 threads
-(MKL_DYNAMIC=FALSE) up to Llama-7B widths: matmuls (MKL splits the output over threads, not the summed dimension),
-elementwise ops, and reductions with more than one output (torch splits only the kept dimensions over threads). A full reduction to one
-number of more than 32,768 elements does not: torch sums one partial per thread.
+(MKL_DYNAMIC=FALSE) up to 4096 wide (bench/threads.py): matmuls (MKL splits the output over threads, not the summed
+dimension), elementwise ops, and reductions with more than one output (torch splits only the kept dimensions over
+threads). A full reduction to one number of more than 32,768 elements does not: torch sums one partial per thread.
 
-So the factorization and the full sums that reach a report run single-threaded; everything else keeps every thread.
-On CUDA tensors the CPU thread count changes nothing, and this costs nothing.
+So the factorization and the full sums that reach a result or a report (losses, errors, sensitivities) run
+single-threaded; everything else keeps every thread. On CUDA tensors the CPU thread count changes nothing.
 """
 
 from __future__ import annotations
