@@ -12,6 +12,7 @@ import torch
 
 from compress.app.runner import run_recipe
 from compress.compressors.hessian import inverse_hessian_factor
+from compress.compressors.sensitivity import hutchinson_trace
 from compress.engine.threads import single_threaded, thread_independent_sum
 from compress.recipe.schema import load_recipe
 from tests.conftest import DEMO_DIR, requires_demo_model
@@ -73,8 +74,23 @@ def test_single_threaded_restores_the_callers_count_after_an_error():
 
 
 def test_thread_independent_sum_equals_the_one_thread_sum_at_two_threads():
-    values = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)).exp()  # > 32,768: split by thread
+    values = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)).exp()  # > 32,768: split by thread
     with torch_threads(1):
         expected = float(values.sum())
     with torch_threads(2):
         assert thread_independent_sum(values) == expected
+
+
+def test_hutchinson_traces_have_the_same_bits_at_one_and_two_threads():
+    # A diagonal Hessian over a 700 x 300 weight: v^T H v sums 210,000 products, which torch splits by thread.
+    diagonal = torch.rand(700, 300, generator=torch.Generator().manual_seed(0)) * 100
+
+    def hvp(probes):
+        return [[diagonal * v for v in vs] for vs in probes]
+
+    def traces(threads: int) -> tuple[float, ...]:
+        with torch_threads(threads):
+            return hutchinson_trace(hvp, [diagonal.shape], max_probes=8, tol=0.0,
+                                    generator=torch.Generator().manual_seed(1)).traces
+
+    assert traces(1) == traces(2)
