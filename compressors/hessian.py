@@ -121,8 +121,8 @@ def inverse_hessian_factor(H: torch.Tensor, dampening_frac: float) -> tuple[torc
 
     Returns the factor and the dampening fraction that worked; raises HessianNotPositiveDefinite.
     Single-threaded: MKL's Cholesky rounds differently with each thread count, and every code depends on this
-    factor (compress/engine/threads.py). The cost is the one-thread factorization: 11 ms at 256 columns, 0.2 s at
-    768, 20 s at 4096 on a loaded 2-core machine (bench/results/threads.md); CUDA tensors are not affected.
+    factor (compress/engine/threads.py). The cost is the one-thread factorization: 2 ms at 256 columns, 22 ms at
+    768, 2.5 s at 4096 on a 2-core machine at load 1.3 (bench/threads.py); CUDA tensors are not affected.
     """
     with single_threaded():
         return _damped_inverse_factor(H, dampening_frac)
