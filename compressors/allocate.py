@@ -27,6 +27,7 @@ from compress.engine.context import RunContext
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
+from compress.engine.threads import thread_independent_sum
 from compress.quant.modules import find_linears, matches, select, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import UniformAffine
@@ -148,7 +149,8 @@ def _estimate(
         # Away from a minimum (an untrained model) a trace can come out negative; a quadratic model with negative
         # curvature would reward rounding error, so such a module counts as insensitive instead (and is listed).
         scores = {name: max(traces[name].traces[0], 0.0) / weight_matrix(m).numel() for name, m in modules.items()}
-        costs = error_costs(modules, specs, lambda name, error: scores[name] * float(error.pow(2).sum()))
+        costs = error_costs(modules, specs,
+                            lambda name, error: scores[name] * thread_independent_sum(error.pow(2)))
         probes = {name: {"trace": t.traces[0], "probes": t.probes, "converged": t.converged} for name, t in traces.items()}
         negative = [name for name, t in traces.items() if t.traces[0] < 0]
         return scores, costs, {"hutchinson": probes, "tol": cfg.tol, "max_probes": cfg.max_probes,
@@ -156,12 +158,13 @@ def _estimate(
     if cfg.sensitivity == "fisher":
         windows = torch.cat(batches)
         fisher = sens.fisher_diagonals(model, modules, windows, logit_chunk_mb=cfg.logit_chunk_mb)
-        scores = {name: float(f.mean()) for name, f in fisher.items()}
-        costs = error_costs(modules, specs, lambda name, error: 0.5 * float((fisher[name] * error.pow(2)).sum()))
+        scores = {name: thread_independent_sum(f) / f.numel() for name, f in fisher.items()}
+        costs = error_costs(modules, specs,
+                            lambda name, error: 0.5 * thread_independent_sum(fisher[name] * error.pow(2)))
         return scores, costs, {"fisher": "empirical, per-window squared gradients"}
     dissimilarity = sens.io_dissimilarity(model, list(handle.layers), batches)
     scores = {name: dissimilarity[i] for i, layer in enumerate(layer_modules) for name in layer}
-    costs = error_costs(modules, specs, lambda name, error: scores[name] * float(error.pow(2).sum()))
+    costs = error_costs(modules, specs, lambda name, error: scores[name] * thread_independent_sum(error.pow(2)))
     return scores, costs, {"layer_dissimilarity": dissimilarity}
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from compress.quant.bit_plan import bits_for
 from compress.engine.context import RunContext
+from compress.engine.threads import single_threaded
 from compress.quant.modules import set_weight_matrix, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import WeightRecord
@@ -39,5 +40,6 @@ def write_back(fqn: str, module: nn.Module, qweight: WeightRecord, run: RunConte
     dequantized = qweight.dequantize().to(original.device)
     set_weight_matrix(module, dequantized)
     run.results.records[fqn] = qweight.to("cpu")
-    error = (dequantized - original).norm() / original.norm().clamp_min(1e-12)
+    with single_threaded():  # a whole-matrix norm sums one partial per thread (compress/engine/threads.py)
+        error = (dequantized - original).norm() / original.norm().clamp_min(1e-12)
     return {**qweight.describe(), "weight_rel_error": round(error.item(), 6)}

@@ -27,6 +27,7 @@ from torch import nn
 
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, input_groups
+from compress.engine.threads import thread_independent_sum
 from compress.recipe.errors import UserError
 from compress.quant.modules import weight_matrix
 from compress.quant.primitives import QuantSpec, codes_dtype, compute_qparams, dequantize_codes, group_bounds, quantize_codes
@@ -140,7 +141,7 @@ def _quantize_columns(
         scale = torch.empty(rows, len(bounds), device=W.device)
         zero = torch.empty_like(scale)
     Q = torch.empty_like(W)  # codes, float until the end
-    loss = torch.zeros((), device=W.device)
+    row_loss = torch.zeros(rows, device=W.device)  # per row: a whole-matrix sum would round by thread count
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         W1 = W[:, i1:i2].clone()
@@ -159,9 +160,9 @@ def _quantize_columns(
             err = (w - dequantize_codes(codes, s, z)) / Hinv1[i, i]  # (rows, 1)
             W1[:, i:].addmm_(err, Hinv1[i : i + 1, i:], alpha=-1)
             Err1[:, i : i + 1] = err
-        loss += Err1.pow(2).sum() / 2
+        row_loss += Err1.pow(2).sum(dim=1) / 2
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-    return Q, scale, zero, float(loss)
+    return Q, scale, zero, thread_independent_sum(row_loss)
 
 
 def _group_of_column(columns: int, spec: QuantSpec, perm: torch.Tensor | None) -> list[int]:

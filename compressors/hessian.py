@@ -12,6 +12,7 @@ from torch import nn
 
 from compress.engine.distributed import all_reduce_sum
 from compress.engine.layer_sweep import LayerContext
+from compress.engine.threads import single_threaded
 from compress.quant.modules import weight_matrix
 from compress.compressors.configs import HessianOptions  # noqa: F401  (re-exported; defined without torch)
 
@@ -104,7 +105,15 @@ def inverse_hessian_factor(H: torch.Tensor, dampening_frac: float) -> tuple[torc
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising the dampening until it factorizes.
 
     Returns the factor and the dampening fraction that worked; raises HessianNotPositiveDefinite.
+    Single-threaded: MKL's Cholesky rounds differently with each thread count, and every code depends on this
+    factor (compress/engine/threads.py). The cost is the one-thread factorization: 2 ms at 256 columns, 22 ms at
+    768, 2.5 s at 4096 on a 2-core machine at load 1.3 (bench/threads.py); CUDA tensors are not affected.
     """
+    with single_threaded():
+        return _damped_inverse_factor(H, dampening_frac)
+
+
+def _damped_inverse_factor(H: torch.Tensor, dampening_frac: float) -> tuple[torch.Tensor, float]:
     mean_diag = torch.diag(H).mean()
     frac = dampening_frac
     for _attempt in range(DAMPENING_RETRIES + 1):

@@ -18,6 +18,7 @@ from torch import nn
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, SweepStep, run_sweep
 from compress.engine.model_io import ModelHandle
+from compress.engine.threads import thread_independent_sum
 from compress.recipe.registry import StrictConfig
 from compress.compressors.configs import LayerDropConfig  # noqa: F401  (re-exported; defined without torch)
 
@@ -25,7 +26,7 @@ from compress.compressors.configs import LayerDropConfig  # noqa: F401  (re-expo
 def block_influence(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> tuple[float, int]:
     """Sum over tokens of 1 - cos(x_in, x_out), and the token count; (..., hidden) inputs. BI = sum / count."""
     cos = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)  # (...,)
-    return float((1 - cos).sum()), cos.numel()
+    return thread_independent_sum(1 - cos), cos.numel()
 
 
 def layers_to_drop(influence: list[float], count: int) -> list[int]:

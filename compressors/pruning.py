@@ -11,6 +11,7 @@ from torch import nn
 from compress.engine.context import RunContext
 from compress.engine.distributed import all_reduce_sum
 from compress.engine.layer_sweep import LayerContext
+from compress.engine.threads import single_threaded
 from compress.recipe.errors import UserError
 from compress.quant.modules import set_weight_matrix, weight_matrix
 from compress.compressors.sparsity import NM, is_nm, measured_sparsity
@@ -42,7 +43,8 @@ def apply_mask(fqn: str, module: nn.Module, keep: torch.Tensor, new_weight: torc
     pruned = source * keep.to(source.device)
     set_weight_matrix(module, pruned)
     run.handoff.masks[fqn] = keep
-    error = (pruned - original).norm() / original.norm().clamp_min(1e-12)
+    with single_threaded():  # a whole-matrix norm sums one partial per thread (compress/engine/threads.py)
+        error = (pruned - original).norm() / original.norm().clamp_min(1e-12)
     entry: dict[str, Any] = {
         "target_sparsity": round(target, 6),
         "sparsity": round(measured_sparsity(weight_matrix(module)), 6),

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from compress.engine.threads import thread_independent_sum
 from compress.engine.vocab_head import (
     DEFAULT_LOGIT_CHUNK_MB,
     next_token_scorer,
@@ -79,7 +80,7 @@ def hutchinson_trace(
         previous = list(means)
         for vs, hvs in zip(round_probes, hvp(round_probes)):
             for i, (v, hv) in enumerate(zip(vs, hvs)):
-                sums[i] += float((v * hv.to(v.dtype)).sum())
+                sums[i] += thread_independent_sum(v * hv.to(v.dtype))  # a whole-tensor sum rounds by thread count
         probes += count
         means = [total / probes for total in sums]
         settled = all(abs(m - p) <= tol * (abs(m) + 1e-12) for m, p in zip(means, previous))
@@ -234,7 +235,7 @@ def io_dissimilarity(model: nn.Module, layers: Sequence[nn.Module], batches: Seq
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, (tuple, list)) else output
             cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)  # (B, T)
-            sums[index] += float(cos.sum())
+            sums[index] += thread_independent_sum(cos)
         return hook
 
     handles = [layer.register_forward_hook(measure(i), with_kwargs=True) for i, layer in enumerate(layers)]

@@ -19,6 +19,7 @@ from torch import nn
 
 from compress.engine.context import RunContext
 from compress.engine.layer_sweep import LayerContext, input_groups
+from compress.engine.threads import thread_independent_sum
 from compress.quant.modules import weight_matrix
 from compress.compressors.hessian import (
     HessianAccumulator,
@@ -79,7 +80,7 @@ def _prune_columns(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, nm: NM 
     # see SparseGPT Alg. 1 (with GPTQ's lazy batch updates); Frantar & Alistarh 2023
     rows, columns = W.shape
     keep = torch.ones_like(W, dtype=torch.bool)
-    loss = torch.zeros((), device=W.device)
+    row_loss = torch.zeros(rows, device=W.device)  # per row: a whole-matrix sum would round by thread count
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         W1 = W[:, i1:i2].clone()
@@ -100,9 +101,9 @@ def _prune_columns(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, nm: NM 
             W1[:, i] = q
             Err1[:, i] = err
         W[:, i1:i2] = W1
-        loss += Err1.pow(2).sum() / 2
+        row_loss += Err1.pow(2).sum(dim=1) / 2
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-    return keep, float(loss)
+    return keep, thread_independent_sum(row_loss)
 
 
 def run_sparsegpt(layer: LayerContext, cfg: SparseGPTConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from compress.export.streaming import StreamingCompressedTensors
 from compress.engine.model_io import ModelHandle, PositionsNeeded, load_model
 from compress.engine.output import DiskFull, atomic_output, stopped_by_disk
 from compress.engine.progress import SILENT, Reporter
+from compress.engine.threads import parallelism
 from compress.app.output_places import OutputPlaces, preflight_places
 from compress.recipe.schema import EvalStep, PassStep, Recipe, dump_yaml
 from compress.report.html import write_html_report
@@ -456,6 +457,7 @@ def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, 
         "peak_memory_bytes": memory.get("cuda_allocated_bytes", memory["cpu_rss_bytes"]),
         "peak_memory": memory,
         "versions": versions(),
+        "parallelism": parallelism(),
         "output": str(output.resolve()),
     })
 
