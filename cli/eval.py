@@ -149,14 +149,16 @@ def model_to_load(model: str) -> str:
     from compress.recipe.errors import UserError
     from compress.recipe.model_ref import ModelRefError, resolve_model_ref
 
-    path = Path(model).expanduser().absolute()
-    hint = run_folder_hint(path)
-    if hint and not (path / "config.json").is_file():
-        raise UserError(f"no model folder at {path}: {hint}")
     try:
-        return resolve_model_ref(model, Path.cwd()).resolved
+        resolved = resolve_model_ref(model, Path.cwd())
     except ModelRefError as exc:
-        raise UserError(str(exc)) from None
+        hint = run_folder_hint(Path(model).expanduser().absolute())
+        raise UserError(f"no model folder at {Path(model).expanduser().absolute()}: {hint}" if hint else str(exc)) from None
+    if resolved.folder is not None and not (resolved.folder / "config.json").is_file():
+        hint = run_folder_hint(resolved.folder)
+        if hint:
+            raise UserError(f"no model folder at {resolved.folder}: {hint}")
+    return resolved.resolved
 
 
 def run_folder_hint(path: Path) -> str:
