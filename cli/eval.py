@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -14,8 +17,8 @@ if TYPE_CHECKING:
 
 EPILOG = (
     "Examples:\n\n"
-    "  compress eval recipes/demo/model --perplexity recipes/demo/eval.txt\n\n"
-    "  compress eval out/w4/model --zero-shot piqa,arc_easy --perplexity wikitext2 --data-dir ../shared/data\n\n"
+    "  compress eval recipes/demo/model --perplexity recipes/demo/eval.txt --max-windows 16\n\n"
+    "  compress eval out/w4-ct --zero-shot piqa,arc_easy --limit 100 --data-dir ../shared/data -o scores.json\n\n"
     "  compress eval recipes/demo/model --zero-shot recipes/demo/cloze.jsonl --limit 200 --json\n\n"
     "  compress eval meta-llama/Llama-3.2-1B --perplexity wikitext2,c4 --seq-len 2048 --stride 512"
 )
@@ -35,6 +38,8 @@ def evaluate(
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="Tokens per perplexity window.")] = 512,
     stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Sliding perplexity windows every N tokens (token_ppl v2); default: disjoint windows (v1).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Score only the first N documents of each zero-shot task.")] = None,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="Score only the first N perplexity windows of each data set.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON to this file, rewritten after each finished data set or task (a stopped eval keeps what finished).")] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local copies of the hub data sets, laid out like ../shared/data (default $COMPRESS_DATA_DIR).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows (perplexity) or inputs (zero-shot) per forward pass.")] = 8,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -62,11 +67,13 @@ def evaluate(
         if dtype != "auto" and dtype not in DTYPES:
             raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
         requested: list[tuple[str, dict[str, Any]]] = [
-            ("perplexity", {"dataset": ref, "seq_len": seq_len, "batch_size": batch_size, "stride": stride, "data_dir": data_dir})
+            ("perplexity", {"dataset": ref, "seq_len": seq_len, "batch_size": batch_size, "stride": stride, "data_dir": data_dir,
+                            "max_windows": max_windows})
             for ref in _split(perplexity)
         ]
-        if zero_shot:
-            requested.append(("zero_shot", {"tasks": _split(zero_shot), "limit": limit, "batch_size": batch_size, "data_dir": data_dir}))
+        # one step per task, so each task's result is shown and saved when it finishes, not after the last one
+        requested += [("zero_shot", {"tasks": [task], "limit": limit, "batch_size": batch_size, "data_dir": data_dir})
+                      for task in _split(zero_shot)]
         if lm_eval_tasks:
             requested.append(("lm_eval", {"tasks": _split(lm_eval_tasks), "limit": limit, "batch_size": batch_size, "data_dir": data_dir}))
         if not requested:
@@ -86,16 +93,24 @@ def evaluate(
                 assert isinstance(config, ZeroShotConfig)
                 check_task_files(config)
 
+        ref = model_to_load(model)
+        saved = ResultsFile(output, model) if output is not None else None
         reporter = Reporter(err_console, enabled=not quiet and not as_json)
         with reporter.status(f"loading {model}"):
-            handle = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+            handle = load_model(ref, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                 strict_weights=strict_weights,
                                 positions=[PositionsNeeded(seq_len, "--seq-len")] if perplexity else [])
         run = RunContext(RunInputs(device=handle.device, reporter=reporter))
-        results = []
-        for name, config in steps:
+        results: list[Any] = []
+        for index, (name, config) in enumerate(steps):
             returned = registry[name].apply(handle, config, run)
-            results.extend(returned if isinstance(returned, list) else [returned])
+            finished = returned if isinstance(returned, list) else [returned]
+            results.extend(finished)
+            if saved is not None:
+                saved.write(results, pending=len(steps) - index - 1)
+            if not quiet and not as_json:
+                for result in finished:  # shown as it finishes: an eval stopped later keeps it on screen
+                    err_console.print(f"done: {result.metric} {result.label} = {result.value:.4f}")
         if as_json:
             from compress.report.summary import finite_or_null
 
@@ -128,3 +143,94 @@ def results_table(model: str, results: list[Any]) -> Table:
         table.add_row(r.metric, r.label, f"{r.value:.4f}", "" if stderr is None else f"{stderr:.4f}",
                       f"{protocol} ({count} {'docs' if 'docs' in r.details else 'windows'})")
     return table
+
+
+def model_to_load(model: str) -> str:
+    """`model` as load_model should get it: an absolute folder or a hub id.
+
+    A path that is not a model folder is exit 2 naming it; a compress run folder (or a path inside one that is not
+    there, such as `out/w4/model`) gets what to pass instead, since an ordinary run writes no model folder.
+    """
+    from compress.recipe.errors import UserError
+    from compress.recipe.model_ref import ModelRefError, resolve_model_ref
+
+    try:
+        resolved = resolve_model_ref(model, Path.cwd())
+    except ModelRefError as exc:
+        hint = run_folder_hint(Path(model).expanduser().absolute())
+        raise UserError(f"no model folder at {Path(model).expanduser().absolute()}: {hint}" if hint else str(exc)) from None
+    if resolved.folder is not None and not (resolved.folder / "config.json").is_file():
+        hint = run_folder_hint(resolved.folder)
+        if hint:
+            raise UserError(f"no model folder at {resolved.folder}: {hint}")
+    return resolved.resolved
+
+
+def run_folder_hint(path: Path) -> str:
+    """"" unless `path` is, or lies inside, a compress run folder; then what to evaluate instead."""
+    from compress.engine.output import is_earlier_output
+
+    run_dir = next((folder for folder in (path, *path.parents) if folder.is_dir()), None)
+    if run_dir is None or not (run_dir / "report.json").is_file() or not is_earlier_output(run_dir):
+        return ""
+    exports = sorted(str(sub) for sub in run_dir.iterdir() if _is_model_output(sub))
+    if exports:
+        return f"{run_dir} is a compress run folder; its model is in {' or '.join(exports)}: pass that"
+    return (f"{run_dir} is a compress run folder, and an ordinary run writes no model folder. Export it first "
+            f"(`compress export {run_dir} --format compressed-tensors --output {run_dir}-ct`, then "
+            f"`compress eval {run_dir}-ct ...`), or add `export:` to the recipe")
+
+
+def _is_model_output(folder: Path) -> bool:
+    """An export inside a run folder (marked kind "export"), or a lazy run's `model/`; not the run's own `state/`."""
+    from compress.engine.output import MARKER
+
+    if not (folder / "config.json").is_file():
+        return False
+    if folder.name == "model":
+        return True
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("kind") == "export"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class ResultsFile:
+    """`compress eval --output`: the results so far, rewritten atomically after each finished step.
+
+    An existing file is replaced only when it is an earlier `compress eval` result, so a typo cannot clobber a
+    recipe or a report.
+    """
+
+    WRITER = "compress eval"
+
+    def __init__(self, path: Path, model: str) -> None:
+        from compress.recipe.errors import UserError
+
+        self.path, self.model = path, model
+        if path.is_dir():
+            raise UserError(f"--output {path} is a folder; give a file name such as {path / 'scores.json'}")
+        if path.exists() and not self._is_earlier_result(path):
+            raise UserError(f"--output {path} exists and is not an earlier `compress eval` result; "
+                            "choose another file or remove it")
+        if not path.parent.is_dir():
+            raise UserError(f"--output {path}: folder {path.parent} does not exist")
+
+    @classmethod
+    def _is_earlier_result(cls, path: Path) -> bool:
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("written_by") == cls.WRITER
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def write(self, results: list[Any], *, pending: int) -> None:
+        from compress.report.summary import finite_or_null
+
+        payload = {"written_by": self.WRITER, "complete": pending == 0, "pending_steps": pending,
+                   **results_payload(self.model, results)}
+        text = json.dumps(finite_or_null(payload), indent=2, allow_nan=False) + "\n"
+        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a results file is not a secret
+        os.replace(temporary, self.path)  # readers see the old file or the new one, never half of one

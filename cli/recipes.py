@@ -9,8 +9,8 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from compress.cli.common import err_console, exit_codes, failure_of, load_recipe, print_failure
-from compress.recipe.errors import UserError
-from compress.recipes import resolve_recipe_path, shipped_recipes
+from compress.recipe.errors import RecipeError, UserError
+from compress.recipes import portable_text, resolve_recipe_path, shipped_recipes
 
 VALIDATE_EPILOG = (
     "Examples:\n\n"
@@ -47,9 +47,13 @@ def list_recipes(
 
 @app.command("show", epilog="Example:\n\n  compress recipes show demo > my.yaml")
 def show(name: Annotated[str, typer.Argument(help="Shipped recipe name or a recipe file.")]) -> None:
-    """Print a recipe's YAML (copy it to start your own)."""
+    """Print a recipe's YAML (copy it to start your own).
+
+    Relative paths the recipe reads (model, data sets, task files) are printed absolute, so the copy runs from
+    any folder; comments and layout are kept.
+    """
     with exit_codes():
-        typer.echo(resolve_recipe_path(name).read_text(encoding="utf-8"), nl=False)
+        typer.echo(portable_text(resolve_recipe_path(name)), nl=False)
 
 
 @app.command("validate", epilog=VALIDATE_EPILOG)

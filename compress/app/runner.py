@@ -338,7 +338,7 @@ def _load_model(recipe: Recipe, allow_pickle: bool, staging: Path) -> ModelHandl
                          positions=positions_needed(recipe))
     return load_model(model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
                       trust_remote_code=recipe.trust_remote_code, strict_weights=recipe.strict_weights,
-                      positions=positions_needed(recipe))
+                      positions=positions_needed(recipe), local_candidate=recipe.model_local)
 
 
 SEQUENCE_FIELDS = ("seq_len", "max_length")  # evaluator settings that set how many positions a forward uses

@@ -24,7 +24,7 @@ def recipe_sensitivities(recipe: Any, *, allow_pickle: bool = False, reporter: A
         raise UserError("no model given: set `model:` in the recipe or pass --model")
     handle = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, allow_pickle=allow_pickle,
                         trust_remote_code=recipe.trust_remote_code, strict_weights=recipe.strict_weights,
-                        positions=positions_needed(recipe))
+                        positions=positions_needed(recipe), local_candidate=recipe.model_local)
     run = RunContext(RunInputs(device=handle.device, calibration=calibration_windows(handle, recipe),
                                reporter=reporter or SILENT))
     if recipe.calibration is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, cast
 from pathlib import Path
@@ -16,6 +15,7 @@ from compress.engine.checkpoint_files import INDEX_NAME, describe_names, stored_
 from compress.engine.eager import EagerWeights
 from compress.engine.families import check_supported_family
 from compress.recipe.errors import UserError
+from compress.recipe.model_ref import ModelRef, offline_hub_problem
 
 log = logging.getLogger("compress")
 
@@ -217,8 +217,12 @@ def load_model(
     trust_remote_code: bool = False,
     strict_weights: bool = True,
     positions: Sequence[PositionsNeeded] = (),
+    local_candidate: Path | None = None,
 ) -> ModelHandle:
     """Load a causal LM and its tokenizer from a local folder or hub id, on the CPU.
+
+    local_candidate: where a folder named `ref` was looked for (a recipe's folder + ref) when `ref` is a hub id,
+    so that a hub id missing offline is reported with both readings; default: `ref` under the current folder.
 
     Only safetensors weights are read unless `allow_pickle` (pickle can run arbitrary code); remote code
     runs only with `trust_remote_code`. Layers move to `device` one at a time during compression.
@@ -237,8 +241,10 @@ def load_model(
 
     compute_device = pick_device(device)
     local = Path(ref)
-    if not local.is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in ref and not local.exists():
-        raise UserError(f"model '{ref}' is neither a local folder nor reachable: offline mode is on (HF_HUB_OFFLINE=1)")
+    if not local.is_dir():
+        problem = offline_hub_problem(ModelRef(ref, (local_candidate or local).absolute(), hub_id=ref))
+        if problem:  # said now, without transformers' network attempts and its message about repo names
+            raise UserError(problem)
     # What the config alone can refuse is refused before gigabytes of weights are read.
     config = read_config(ref, trust_remote_code)
     if local.is_dir():

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from compress.recipe.datasets import is_hub_dataset
+from compress.recipe.model_ref import ModelRef, ModelRefError, resolve_model_ref
 from compress.recipe.export_config import ExportConfig, format_problems
 from compress.recipe.errors import RecipeError, RecipeIssue, UserError
 from compress.recipe.reading import (
@@ -133,6 +134,9 @@ class Recipe:
     lazy: bool = False
     max_memory: dict[str, str] | None = None
     strict_weights: bool = True
+    # where a local folder was looked for when `model` went to the hub as an id (for the loader's message if the hub
+    # has no such model either: `demo/model` may be a folder the user expected beside the recipe)
+    model_local: Path | None = None
     # 1-based line of a YAML path in the recipe file (None for --set values): for problems found after validation
     line_of: Callable[[Loc], int | None] = dataclasses.field(default=lambda loc: None, compare=False, repr=False)
 
@@ -387,7 +391,8 @@ class _Checker:
             return None
         return Recipe(
             source=None,
-            model=model,
+            model=model.resolved if model is not None else None,
+            model_local=model.local if model is not None and model.folder is None else None,
             dtype=top.dtype,
             device=top.device,
             trust_remote_code=top.trust_remote_code,
@@ -471,18 +476,17 @@ class _Checker:
             self.add(loc, f"cannot expand the home folder in {short_repr(ref)}")
             return None
 
-    def resolve_model(self, ref: str | None) -> str | None:
-        if ref is None:
-            return None  # the CLI asks for --model when it needs one
-        path = self.as_path(ref, ("model",))
-        if path is None:
-            return ref
-        candidate = path if path.is_absolute() else self.base_dir / path
-        if candidate.is_dir():
-            return str(candidate.resolve())
-        if ref.startswith((".", "/", "~")) or path.is_absolute():
-            self.add(("model",), f"model folder not found: {candidate}")
-        return ref  # a hub id such as "meta-llama/Llama-3.2-1B"
+    def resolve_model(self, ref: str | None) -> ModelRef | None:
+        """A local folder (made absolute) or a hub id; a path with no folder there is an issue naming it."""
+        if ref is None or self.as_path(ref, ("model",)) is None:
+            return None  # no model: the CLI asks for --model when it needs one
+        # --model is typed at a prompt, so it is relative to where the user stands; `model:` to the recipe's folder
+        base_dir = Path.cwd() if ("model",) in self.overridden else self.base_dir
+        try:
+            return resolve_model_ref(ref, base_dir)
+        except ModelRefError as exc:
+            self.add(("model",), str(exc))
+            return None
 
     def check_calibration(self, calibration: CalibrationConfig | None) -> CalibrationConfig | None:
         if calibration is None:
