@@ -41,7 +41,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy -p compress
 
 test: typecheck
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

@@ -31,20 +31,11 @@ import compress.compressors.gptq as gptq
 from compress.app.runner import run_recipe
 from compress.compressors import hessian
 from compress.recipe.schema import load_recipe
+from compress.engine.threads import torch_threads
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "threads.md"
 DEMO_OVERRIDES = ["calibration.samples=16", "evaluate.perplexity[0].max_windows=16"]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def demo_hessian(columns: int) -> torch.Tensor:

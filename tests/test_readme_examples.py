@@ -9,16 +9,27 @@ placeholders are ```text blocks, which are not run.
 The folder holds `recipes` (a link to the repo's, as if standing in the checkout) and, when the public data sets
 are present, `../shared/data`. `compress` is this checkout's CLI; HF_HUB_OFFLINE=1, so nothing reaches the
 network. Blocks share the folder, so `out/w4` made in Quick start is there for Reports.
+
+A plain `compress ARGS [> FILE]` line (the words split as the shell splits them, `# comment` dropped) runs
+in this process through the CLI's own Typer app, in the folder and environment the shell would give it: the
+README's 13 commands would otherwise pay torch's import 13 times (about 45 s of the suite on 2 cores). Anything
+else the shell would interpret (pipes, `&&`, variables, other programs) runs in bash. The real entry point and its
+process-level behaviour (exit codes, signals, imports) are covered by tests/test_cli_scripts.py and
+tests/core/test_lean_import.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
+from unittest import mock
 
 import pytest
 
@@ -92,6 +103,15 @@ def test_every_console_block_runs_or_says_why_not():
     assert len(RUN) >= 4 and sum(len(e.commands) for e in RUN) >= 12, "most of the README's examples must run"
 
 
+def test_plain_compress_lines_run_in_process_and_the_rest_in_bash():
+    assert plain_compress_command("compress recipes show demo > my.yaml   # a copy") == (
+        ["recipes", "show", "demo"], "my.yaml")
+    assert plain_compress_command("compress run demo --set passes[0].rtn.bits=3 --output out/w3") == (
+        ["run", "demo", "--set", "passes[0].rtn.bits=3", "--output", "out/w3"], None)
+    for line in ("make demo", "compress run x.yaml && ls out", "compress run $RECIPE", "compress eval a | jq ."):
+        assert plain_compress_command(line) == (None, None), line
+
+
 def test_block_parser_reads_commands_output_and_markers():
     text = ("x\n<!-- readme-test: skip (slow: takes an hour) -->\n```console\n$ a --b\n```\n\n  ```bash\n"
             "  $ c\n  valid: yes\n  ...\n  $ d\n  ```\n```text\n$ not run\n```\n")
@@ -133,15 +153,64 @@ class Session:
         if needs_shared_data(example) and not SHARED_DATA.is_dir():
             return None  # skipped by its own test; nothing after it may depend on it
         for command in example.commands:
-            done = subprocess.run(["bash", "-c", command.line], cwd=self.cwd, env=self.env, capture_output=True,
-                                  text=True, timeout=COMMAND_TIMEOUT_S)
-            printed = done.stdout + done.stderr
-            if done.returncode != 0:
-                return f"README.md:{example.start} `$ {command.line}` exited {done.returncode}:\n{printed[-3000:]}"
+            returncode, printed = self._execute(command.line)
+            if returncode != 0:
+                return f"README.md:{example.start} `$ {command.line}` exited {returncode}:\n{printed[-3000:]}"
             missing = [want for want in command.expected if _collapsed(want) not in _collapsed(printed)]
             if missing:
                 return f"README.md:{example.start} `$ {command.line}` did not print {missing}:\n{printed[-3000:]}"
         return None
+
+
+    def _execute(self, line: str) -> tuple[int, str]:
+        """(exit code, what it printed): in this process for a plain `compress` line, else in bash."""
+        argv, redirect = plain_compress_command(line)
+        if argv is None:
+            done = subprocess.run(["bash", "-c", line], cwd=self.cwd, env=self.env, capture_output=True, text=True,
+                                  timeout=COMMAND_TIMEOUT_S)
+            return done.returncode, done.stdout + done.stderr
+        from typer.testing import CliRunner
+
+        from compress.cli.main import app
+
+        with self._as_the_shell_would():
+            result = CliRunner().invoke(app, argv)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            import traceback
+
+            trace = "".join(traceback.format_exception(result.exception))
+            return 1, result.output + trace
+        if redirect is not None:
+            (self.cwd / redirect).write_text(result.stdout, encoding="utf-8")
+            return result.exit_code, result.stderr
+        return result.exit_code, result.output
+
+    @contextlib.contextmanager
+    def _as_the_shell_would(self) -> Iterator[None]:
+        before = Path.cwd()
+        os.chdir(self.cwd)
+        try:
+            with mock.patch.dict(os.environ, self.env, clear=True):
+                yield
+        finally:
+            os.chdir(before)
+
+
+SHELL_WORDS = re.compile(r"[|&;<>$`(){}*?~]|^\d*>")
+
+
+def plain_compress_command(line: str) -> tuple[list[str] | None, str | None]:
+    """(arguments, stdout file) of a `compress ARGS [> FILE]` line, or (None, None) when the shell must run it."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return None, None
+    redirect = None
+    if len(words) >= 3 and words[-2] == ">":
+        words, redirect = words[:-2], words[-1]
+    if not words or words[0] != "compress" or any(SHELL_WORDS.search(word) for word in words[1:]):
+        return None, None
+    return words[1:], redirect
 
 
 def needs_shared_data(example: Example) -> bool:

@@ -27,17 +27,22 @@ from compress.engine.distributed import world_size
 
 
 @contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run the body with one torch intra-op thread, then restore the caller's count (also on an exception)."""
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with `count` torch intra-op threads, then restore the caller's count (also on an exception)."""
     before = torch.get_num_threads()
-    if before == 1:
+    if before == count:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def single_threaded() -> contextlib.AbstractContextManager[None]:
+    """One torch thread for the body: the kernels whose rounding depends on the thread count (see above)."""
+    return torch_threads(1)
 
 
 def thread_independent_sum(values: torch.Tensor) -> float:

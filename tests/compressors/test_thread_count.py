@@ -3,9 +3,7 @@ for bit, and GPTQ on the demo recipe (weights, perplexity, losses) at 1 and 2 th
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -13,19 +11,9 @@ import torch
 from compress.app.runner import run_recipe
 from compress.compressors.hessian import inverse_hessian_factor
 from compress.compressors.sensitivity import hutchinson_trace
-from compress.engine.threads import single_threaded, thread_independent_sum
+from compress.engine.threads import single_threaded, thread_independent_sum, torch_threads
 from compress.recipe.schema import load_recipe
 from tests.conftest import DEMO_DIR, requires_demo_model
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def demo_like_hessian(columns: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from compress.engine.model_io import load_model
 from compress.compressors.gptq import GPTQConfig, run_gptq
 from compress.compressors.rtn import RTNConfig, run_rtn
 from compress.evaluators.perplexity import perplexity_of
-from tests.scale.helpers import save_sharded_bf16
+from tests.scale.helpers import run_lazy_and_eager, save_sharded_bf16
 
 STEPS = {
     "rtn": lambda: SweepStep("rtn", run_rtn, RTNConfig(bits=3, group_size=32), False),
@@ -121,20 +121,16 @@ def test_compress_run_lazy_end_to_end(sharded, text_file, tmp_path, prune):
     from compress.report.summary import shards_digest
 
     passes = ("  - sparsegpt: {pattern: \"2:4\"}\n" if prune else "") + "  - gptq: {bits: 3, group_size: 32}\n"
-    recipe = tmp_path / "lazy.yaml"
-    runs = {}
-    for lazy in (True, False):
-        recipe.write_text(
+
+    def recipe_text(lazy: bool) -> str:
+        return (
             f"model: {sharded}\nlazy: {str(lazy).lower()}\n"
             f"calibration: {{dataset: {text_file}, samples: 4, seq_len: 24, batch_size: 2}}\n"
             f"passes:\n{passes}"
             f"evaluate:\n  perplexity:\n    - {{dataset: {text_file}, seq_len: 32, max_windows: 4}}\n"
-            "export: {format: compressed-tensors}\n", encoding="utf-8")
-        out = tmp_path / ("lazy" if lazy else "eager")
-        result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(out), "--quiet"])
-        assert result.exit_code == 0, result.output
-        runs[lazy] = (out, json.loads((out / "report.json").read_text()))
+            "export: {format: compressed-tensors}\n")
 
+    runs = run_lazy_and_eager(tmp_path, recipe_text)
     (out, report), (eager_out, eager) = runs[True], runs[False]
     assert report["status"] == "ok" and report["passes"][-1]["summary"]["modules"] == 3 * 7
     # Streamed evaluation scores what the eager model scores. The baseline reads the same bf16 shards; the compressed

@@ -20,6 +20,7 @@ from compress.engine.model_io import load_model
 from compress.evaluators.perplexity import perplexity_of
 from compress.recipe.errors import UserError
 from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
+from tests.scale.helpers import run_lazy_and_eager
 from tests.tiny_models import save_tiny_model, save_tokenizer, tiny_config
 
 
@@ -161,23 +162,16 @@ def test_a_tied_config_over_a_checkpoint_with_a_different_head_stays_untied(tied
 def test_compress_run_lazy_on_the_demo_model_equals_eager(tmp_path):
     """The whole `compress run`: the streamed compressed-tensors export equals the eager one tensor for tensor, and
     the perplexities agree (see the tolerance below)."""
-    from typer.testing import CliRunner
 
-    from compress.cli.main import app
-
-    runs = {}
-    for lazy in (True, False):
-        recipe = tmp_path / f"{lazy}.yaml"
-        recipe.write_text(
+    def recipe_text(lazy: bool) -> str:
+        return (
             f"model: {DEMO_MODEL}\nlazy: {str(lazy).lower()}\n"
             f"calibration: {{dataset: {DEMO_DIR / 'calib.txt'}, samples: 4, seq_len: 64, batch_size: 2}}\n"
             "passes:\n  - rtn: {bits: 4, group_size: 64}\n"
             f"evaluate:\n  perplexity:\n    - {{dataset: {DEMO_DIR / 'eval.txt'}, seq_len: 64, max_windows: 4}}\n"
-            "export: {format: compressed-tensors}\n", encoding="utf-8")
-        out = tmp_path / ("lazy" if lazy else "eager")
-        result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(out), "--quiet"])
-        assert result.exit_code == 0, result.output
-        runs[lazy] = (out, json.loads((out / "report.json").read_text()))
+            "export: {format: compressed-tensors}\n")
+
+    runs = run_lazy_and_eager(tmp_path, recipe_text)
     (out, report), (eager_out, eager) = runs[True], runs[False]
     assert report["status"] == "ok" and report["passes"][-1]["summary"]["modules"] == 4 * 7
     streamed = _tensors(out / "export-compressed-tensors")
