@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -228,9 +226,6 @@ class ResultsFile:
 
         payload = {"written_by": self.WRITER, "complete": pending == 0, "pending_steps": pending,
                    **results_payload(self.model, results)}
-        text = json.dumps(finite_or_null(payload), indent=2, allow_nan=False) + "\n"
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a results file is not a secret
-        os.replace(temporary, self.path)  # readers see the old file or the new one, never half of one
+        from compress.engine.output import replace_atomically
+
+        replace_atomically(self.path, json.dumps(finite_or_null(payload), indent=2, allow_nan=False) + "\n")

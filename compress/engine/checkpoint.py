@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.quant.activation import ActivationQuantConfig, install_activation_quant
+from compress.engine.output import replace_atomically
 from compress.recipe.errors import UserError
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import restore_record, saved_form
@@ -137,12 +138,6 @@ def _contiguous_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 @dataclass
 class LayerState:
     """What one finished layer left behind, as read back from its checkpoint."""
@@ -184,7 +179,7 @@ class Checkpointer:
                 raise UserError(f"cannot resume: {refusal}; delete that folder to start over")
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(manifest, json.dumps({"fingerprint": self.fingerprint, "model_files": self.model_files}) + "\n")
+        replace_atomically(manifest, json.dumps({"fingerprint": self.fingerprint, "model_files": self.model_files}) + "\n")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

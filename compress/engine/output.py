@@ -246,6 +246,20 @@ def atomic_output(target: Path, *, overwrite: bool = False, inputs: Iterable[Pat
         _rename_into_place(staging, target)
 
 
+def replace_atomically(path: Path, data: str | bytes) -> None:
+    """Write `path` whole or not at all: a reader (or a run killed mid-write) sees the old file or the new one.
+
+    The temporary file sits beside `path` (one file system, so the rename is atomic) and is named by this
+    process, so two processes writing the same file never share one.
+    """
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(data, str):
+        temporary.write_text(data, encoding="utf-8")
+    else:
+        temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def _rename_into_place(staging: Path, target: Path) -> None:
     if not target.exists():
         staging.rename(target)

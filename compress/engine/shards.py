@@ -16,13 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from compress.engine.output import replace_atomically
+
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -58,5 +54,5 @@ class ShardWriter:
             "weight_map": dict(sorted(self.weight_map.items())),
         }
         path = self.folder / INDEX_NAME
-        _atomic_write_bytes(path, (json.dumps(index, indent=2) + "\n").encode())
+        replace_atomically(path, (json.dumps(index, indent=2) + "\n").encode())
         return path
