@@ -30,6 +30,7 @@ from compress.recipe.schema import EvalStep, PassStep, Recipe, dump_yaml
 from compress.report.html import write_html_report
 from compress.report.summary import (
     REPORT_SCHEMA_VERSION,
+    damage_section,
     loaded_size,
     model_size,
     peak_memory,
@@ -64,9 +65,14 @@ def next_quantizer(steps: tuple[PassStep, ...], step: PassStep) -> StrictConfig 
 
 
 def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext) -> tuple[list[dict[str, Any]], float]:
-    """Apply every pass; returns one report entry per pass and the seconds spent propagating activations."""
+    """Apply every pass; returns one report entry per pass and the seconds spent propagating activations.
+
+    Each calibrated sweep's output errors against the uncompressed layers go to `run.results.report_sections`
+    under `damage` (see `damage_section`).
+    """
     entries: dict[int, dict[str, Any]] = {}
     propagation = 0.0
+    sweeps: list[tuple[list[str], dict[str, dict[str, Any]]]] = []
     for stage in plan_stages(steps):
         if stage[0].definition.scope == "model":
             step = stage[0]
@@ -82,8 +88,12 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
         propagation += sweep.propagation_seconds
         for step in stage:
             entries[step.index] = _pass_entry(step, sweep.seconds[step.label], sweep.modules[step.label])
+        if sweep.damage:
+            sweeps.append(([s.label for s in stage], sweep.damage))
         log.info("sweep %s done in %.2fs (+%.2fs propagation)", [s.label for s in stage],
                  sum(sweep.seconds.values()), sweep.propagation_seconds)
+    if sweeps:
+        run.results.report_sections["damage"] = damage_section(sweeps)
     return [entries[i] for i in sorted(entries)], propagation
 
 
@@ -224,7 +234,7 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         with clock.phase("load"):
             handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging, clock)
-        loaded = loaded_size(handle.model, handle.checkpoint_dtype)  # the baseline: before any pass changes the model
+        loaded = loaded_size(handle.model, handle.checkpoint_dtype, by_part=True)  # the baseline: before any pass changes the model
         refuse_unpackable_layers(handle.layers, handle.layers_prefix, recipe.export)
         outputs = _run_outputs(handle, recipe, run, staging, export_scope, places)
         with clock.phase("baseline_eval"):
@@ -428,7 +438,7 @@ def _run_outputs(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: 
 
 def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, *, seed: int, resume: bool,
             passes: list[dict[str, Any]], metrics: dict[str, Any], clock: _Stopwatch,
-            passes_cuda_peak: int | None, loaded: dict[str, int]) -> dict[str, Any]:
+            passes_cuda_peak: int | None, loaded: dict[str, Any]) -> dict[str, Any]:
     """report.json (compress/report/report.schema.json), less the `export` entry, which comes after saving.
 
     `loaded` is the model's size as loaded (`loaded_size`), the baseline its compressed size is set against.

@@ -144,6 +144,7 @@ class LayerState:
 
     modules: dict[str, dict[str, Any]]  # step label -> module fqn -> report entry
     seconds: dict[str, float]  # step label -> seconds spent on this layer
+    damage: dict[str, dict[str, Any]] = field(default_factory=dict)  # output errors (compress/engine/damage.py)
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Checkpointer:
             run.handoff.bit_plan[fqn] = QuantSpec.from_description(described)
         self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
         run.results.fallbacks.extend(state["fallbacks"])
-        return LayerState(state["modules"], state["seconds"])
+        return LayerState(state["modules"], state["seconds"], state.get("damage", {}))  # older checkpoints: none
 
     @staticmethod
     def _reinstall_activation_quant(layer: nn.Module, prefix: str, settings: dict[str, Any], run: RunContext) -> None:
@@ -264,6 +265,7 @@ class Checkpointer:
         state = {
             "modules": layer_state.modules,
             "seconds": layer_state.seconds,
+            "damage": layer_state.damage,
             "quantized": records,
             "masks": masks,
             "bit_plan": {fqn: s.describe() for fqn, s in run.handoff.bit_plan.items() if fqn.startswith(owned)},

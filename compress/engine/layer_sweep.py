@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +33,7 @@ from compress.engine.activations import (
 )
 from compress.engine.checkpoint import LayerState, read_hidden
 from compress.engine.context import RunContext
+from compress.engine.damage import LayerReference, capture, measure_once, reference_outputs
 from compress.engine.eager import OFFLOAD_DEVICE, dispatched, evaluation_device_map  # noqa: F401  (re-exported)
 from compress.recipe.errors import UserError
 from compress.engine.faults import check_finite_inputs, check_finite_output, check_finite_weights, split_batches
@@ -179,6 +180,9 @@ class SweepResult:
     modules: dict[str, dict[str, dict[str, Any]]]  # step label -> module fqn -> result
     seconds: dict[str, float]  # step label -> seconds inside the pass
     propagation_seconds: float
+    # layer prefix or module fqn -> output error against the uncompressed layer (compress/engine/damage.py);
+    # empty for a sweep without calibration inputs
+    damage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def run_sweep(handle: ModelHandle, steps: list[SweepStep], run: RunContext) -> SweepResult:
@@ -214,6 +218,7 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
         check_finite_inputs(inputs, f"{handle.layers_prefix}.0")
     modules: dict[str, dict[str, dict[str, Any]]] = {step.label: {} for step in steps}
     seconds = {step.label: 0.0 for step in steps}
+    damage: dict[str, dict[str, Any]] = {}
     propagation = 0.0
     layers = handle.layers
     sweep = run.inputs.checkpoint.begin_sweep() if run.inputs.checkpoint is not None else None
@@ -222,7 +227,7 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
         resumed = run.inputs.checkpoint.restore(sweep, layers, handle.layers_prefix, run)
         first = resumed.next_layer
         for state in resumed.layers:
-            _merge_layer_state(modules, seconds, state)
+            _merge_layer_state(modules, seconds, damage, state)
         if inputs is not None and resumed.hidden_files is not None:
             inputs = _restored_inputs(inputs, resumed.hidden_files)
         if first:
@@ -234,14 +239,18 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
             layer = handle.bring_in(index, run.inputs.device)
             ctx = LayerContext(index, f"{handle.layers_prefix}.{index}", layer, inputs, run)
             check_finite_weights(layer, ctx.prefix, f"before {', '.join(step.label for step in steps)}")
+            reference = _reference(ctx)  # before the passes change the layer
             state = apply_with_oom_fallback(ctx, steps)
-            _merge_layer_state(modules, seconds, state)
             check_finite_weights(layer, ctx.prefix, f"after {', '.join(step.label for step in steps)}")
             feeds_next = ctx.inputs is not None and index + 1 < len(layers)  # the last layer's outputs feed no pass
             if feeds_next:
                 start = time.perf_counter()
-                inputs = _propagate(ctx)
+                inputs = _propagate(ctx, reference, state.damage)
                 propagation += time.perf_counter() - start
+            elif reference is not None and _same_first_batch(ctx, reference):
+                first_batch = ctx.calibration_inputs()[0]
+                state.damage.update(measure_once(reference, layer, ctx.linears(()), first_batch.hidden, first_batch.kwargs))
+            _merge_layer_state(modules, seconds, damage, state)
             if sweep is not None and run.inputs.checkpoint is not None:
                 layer.to(OFFLOAD_DEVICE)  # the checkpoint stores CPU tensors; a lazy layer is still in memory here
                 run.inputs.checkpoint.save(sweep, index, layer, ctx.prefix, run, state, run.results.fallbacks[fallbacks_before:],
@@ -249,22 +258,51 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
             if handle.layer_done(index):  # the layer left memory: keep only what the size report needs of it
                 shed_records(run, f"{handle.layers_prefix}.{index}.")
             advance(1)
-    return SweepResult(modules, seconds, propagation)
+    return SweepResult(modules, seconds, propagation, damage)
 
 
-def _propagate(ctx: LayerContext) -> list[LayerInput]:
+def _reference(ctx: LayerContext) -> LayerReference | None:
+    """The uncompressed layer's outputs on the first calibration batch (None for a sweep without inputs)."""
+    if ctx.inputs is None or not ctx.inputs:
+        return None
+    first_batch = ctx.inputs[0]
+    return reference_outputs(ctx.prefix, ctx.layer, ctx.linears(()), first_batch.hidden, first_batch.kwargs)
+
+
+def _same_first_batch(ctx: LayerContext, reference: LayerReference) -> bool:
+    """False once an out-of-memory retry split the batches: the first one then holds fewer windows than measured."""
+    return ctx.calibration_inputs()[0].shape[0] == reference.windows
+
+
+def _propagate(ctx: LayerContext, reference: LayerReference | None, damage: dict[str, dict[str, Any]]) -> list[LayerInput]:
     """The next layer's inputs: this layer's outputs, checked for NaN/Inf and stored one batch at a time.
 
-    The kwargs (masks, rotary tables) carry over unchanged; the inputs' store is freed once the outputs are complete.
+    The first batch's outputs are also compared with `reference` (its errors go into `damage`), so measuring the
+    compressed layer costs no forward of its own. The kwargs (masks, rotary tables) carry over unchanged; the
+    inputs' store is freed once the outputs are complete.
     """
     inputs = ctx.calibration_inputs()
+    measuring = reference if reference is not None and _same_first_batch(ctx, reference) else None
     store = ctx.new_store()
-    for batch, output in enumerate(ctx.outputs()):
+    outputs = ctx.outputs()
+    hooks = capture(ctx.linears(()), measuring.positions) if measuring is not None else contextlib.nullcontext({})
+    with hooks as seen:
+        first = next(outputs, None)  # the generator runs batch 0's forward here, inside the hooks
+    for batch, output in enumerate(_chain(first, outputs)):
         check_finite_output(ctx, batch, output)
+        if batch == 0 and measuring is not None:
+            damage.update(measuring.errors(output, seen))
         store.append(output)
         del output  # freed before the next batch is computed
     inputs[0].store.close()
     return layer_inputs(store, [item.kwargs for item in inputs])
+
+
+def _chain(first: torch.Tensor | None, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    if first is not None:
+        yield first
+        del first
+        yield from rest
 
 
 def _restored_inputs(captured: list[LayerInput], hidden_files: list[Path]) -> list[LayerInput]:
@@ -276,10 +314,12 @@ def _restored_inputs(captured: list[LayerInput], hidden_files: list[Path]) -> li
     return layer_inputs(store, [item.kwargs for item in captured])
 
 
-def _merge_layer_state(modules: dict[str, dict[str, dict[str, Any]]], seconds: dict[str, float], state: LayerState) -> None:
+def _merge_layer_state(modules: dict[str, dict[str, dict[str, Any]]], seconds: dict[str, float],
+                       damage: dict[str, dict[str, Any]], state: LayerState) -> None:
     for label, results in state.modules.items():
         modules[label].update(results)
         seconds[label] += state.seconds[label]
+    damage.update(state.damage)
 
 
 def _apply_steps(ctx: LayerContext, steps: list[SweepStep]) -> LayerState:

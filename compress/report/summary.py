@@ -19,6 +19,7 @@ import compress
 from compress.engine.digest import shards_digest, weights_digest  # noqa: F401  (re-exported)
 from compress.quant import bnb_layout
 from compress.quant.bnb_layout import split_name
+from compress.quant.modules import is_linear
 from compress.quant.records import WeightRecord
 
 REPORT_SCHEMA_VERSION = 1
@@ -140,8 +141,33 @@ def _module_tally(module: nn.Module, tensors: dict[str, torch.Tensor], record: W
     return tally
 
 
+def model_part(name: str, module: nn.Module, embeddings: nn.Module | None, head: nn.Module | None) -> str:
+    """Which part of the model a module's bytes belong to: embeddings, head, norms, a linear's kind by its own name
+    (q_proj, ..., down_proj; c_attn for GPT-2), or other."""
+    if module is embeddings:
+        return "embeddings"
+    if module is head:
+        return "head"
+    if "norm" in type(module).__name__.lower():
+        return "norms"
+    if is_linear(module):  # bitsandbytes' Linear4bit and Linear8bitLt are nn.Linear subclasses
+        return name.rpartition(".")[2]
+    return "other"
+
+
+def _in_and_out_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            found.append(getattr(model, getter)())
+        except (AttributeError, NotImplementedError):  # not a transformers model, or one without that accessor
+            found.append(None)
+    return found[0], found[1]
+
+
 def model_census(model: nn.Module, quantized: dict[str, WeightRecord], reference_dtype: torch.dtype) -> dict[str, Any]:
-    """Weights, quantized weights, and bits per stored part of `model`, every tied tensor once.
+    """Weights, quantized weights, and bits per stored part of `model`, every tied tensor once; also those bits
+    by part of the model (`model_part`: embeddings, head, norms, q_proj, ...), which add up to the same total.
 
     A weight with a record counts what the record stores (`storage_bits()`: codes, scales, zero points, ...); a
     bitsandbytes module counts the tensors it saves (codes, absmax, double-quant constants, code maps, its JSON
@@ -149,36 +175,45 @@ def model_census(model: nn.Module, quantized: dict[str, WeightRecord], reference
     """
     reference_bits = _dtype_bits(reference_dtype)
     modules = dict(model.named_modules())
+    embeddings, head = _in_and_out_embeddings(model)
     total = _Tally()
     quantized_bits = 0
+    by_part: dict[str, dict[str, int]] = {}
     for name, tensors in stored_tensors(model).items():
         tally = _module_tally(modules[name], tensors, quantized.get(name), reference_bits)
         total.add(tally)
+        part = by_part.setdefault(model_part(name, modules[name], embeddings, head), {})
+        for stored, bits in tally.bits.items():
+            if bits:
+                part[stored] = part.get(stored, 0) + bits
         if tally.quantized:
             quantized_bits += sum(tally.bits.values()) - tally.bits["unquantized"]  # a bias is not the weight
     return {"parameters": total.weights, "quantized_parameters": total.quantized, "quantized_bits": quantized_bits,
-            "bits": total.bits}
+            "bits": total.bits, "by_part": by_part}
 
 
-def loaded_size(model: nn.Module, reference_dtype: torch.dtype) -> dict[str, int]:
-    """The model as loaded, before any pass: its weights and their bytes at the checkpoint's precision."""
+def loaded_size(model: nn.Module, reference_dtype: torch.dtype, *, by_part: bool = False) -> dict[str, Any]:
+    """The model as loaded, before any pass: its weights and their bytes at the checkpoint's precision (and with
+    `by_part`, its bits by part of the model, as `model_census` itemises them)."""
     census = model_census(model, {}, reference_dtype)
-    return {"parameters": census["parameters"], "bytes": sum(census["bits"].values()) // 8}
+    size = {"parameters": census["parameters"], "bytes": sum(census["bits"].values()) // 8}
+    return {**size, "bits_by_part": census["by_part"]} if by_part else size
 
 
 def model_size(model: nn.Module, quantized: dict[str, WeightRecord], reference_dtype: torch.dtype,
-               baseline: dict[str, int] | None = None) -> dict[str, Any]:
+               baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.json `size`: what the compressed model stores, beside `baseline` (`loaded_size` before the passes;
     by default the model itself, for a model no pass changed).
 
     `bytes` is what an export in the model's own layout stores in tensors (compressed-tensors or GPTQ for weight
     records, bitsandbytes for the bnb pass, dense for a pruned model): bytes on disk minus the safetensors header
-    and the per-format extras `compress inspect` itemises.
+    and the per-format extras `compress inspect` itemises. `stored_bits_by_part` splits the same bits by part of
+    the model (embeddings, head, norms, each kind of linear) and by what is stored (codes, scales, ...).
     """
     census = model_census(model, quantized, reference_dtype)
-    before = baseline or loaded_size(model, reference_dtype)
+    before = baseline or loaded_size(model, reference_dtype, by_part=True)
     total_bits, weights, quantized_weights = sum(census["bits"].values()), census["parameters"], census["quantized_parameters"]
-    return {
+    size = {
         "parameters": weights,
         "reference_dtype": str(reference_dtype).replace("torch.", ""),
         "baseline_parameters": before["parameters"],
@@ -186,10 +221,14 @@ def model_size(model: nn.Module, quantized: dict[str, WeightRecord], reference_d
         "bytes": total_bits // 8,
         "bits_per_weight": round(total_bits / weights, 4),
         "stored_bits": {part: value for part, value in census["bits"].items() if value},
+        "stored_bits_by_part": census["by_part"],
         "quantized_parameters": quantized_weights,
         "quantized_bytes": census["quantized_bits"] // 8,
         "quantized_bits_per_weight": round(census["quantized_bits"] / quantized_weights, 4) if quantized_weights else None,
     }
+    if "bits_by_part" in before:
+        size["baseline_bits_by_part"] = before["bits_by_part"]
+    return size
 
 
 def summarize_modules(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -203,6 +242,32 @@ def summarize_modules(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for key, values in numeric.items():
         summary[f"mean_{key}"] = round(sum(values) / len(values), 6)
     return summary
+
+
+WORST_MODULES = 10
+
+
+def damage_section(sweeps: list[tuple[list[str], dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """report.json `damage` from each calibrated sweep's (pass labels, measured errors) (compress/engine/damage.py).
+
+    Per sweep, `layers` (prefix -> output_rel_error, windows, positions) and `modules` (fqn -> output_rel_error);
+    `worst` lists the WORST_MODULES modules with the largest output error over all sweeps, largest first.
+    """
+    entries = []
+    for labels, measured in sweeps:
+        layers = {name: entry for name, entry in measured.items() if "windows" in entry}  # a layer's entry says how it was measured
+        modules = {name: entry for name, entry in measured.items() if name not in layers}
+        entries.append({"passes": labels, "layers": layers, "modules": modules})
+    ranked = sorted(((entry["modules"][name]["output_rel_error"], name, ", ".join(entry["passes"]))
+                     for entry in entries for name in entry["modules"]
+                     if isinstance(entry["modules"][name].get("output_rel_error"), (int, float))), reverse=True)
+    return {
+        "measured_on": "the first calibration batch, at up to 512 evenly spaced token positions, against the layer "
+                       "before the sweep's passes; each input is what the compressed layers before it produced",
+        "sweeps": entries,
+        "worst": [{"module": name, "output_rel_error": error, "passes": labels}
+                  for error, name, labels in ranked[:WORST_MODULES]],
+    }
 
 
 def _fmt(value: float | None) -> str:
