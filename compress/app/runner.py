@@ -16,6 +16,13 @@ import compress.app.builtins  # noqa: F401  (registers the built-in passes and e
 from compress.engine.activations import OffloadSettings
 from compress.engine.checkpoint import Checkpointer, checkpoint_dir_for, model_files_fingerprint, recipe_fingerprint
 from compress.engine.context import RunContext, RunInputs
+from compress.engine.continuations import (
+    Continuation,
+    continuation_report,
+    default_prompts,
+    greedy_continuations,
+    top1_agreement,
+)
 from compress.engine.data import sample_windows, tokenize_text, load_text
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
@@ -26,7 +33,7 @@ from compress.engine.output import DiskFull, atomic_output, stopped_by_disk
 from compress.engine.progress import SILENT, Reporter
 from compress.engine.threads import parallelism
 from compress.app.output_places import OutputPlaces, preflight_places
-from compress.recipe.schema import EvalStep, PassStep, Recipe, dump_yaml
+from compress.recipe.schema import EvalStep, PassStep, Recipe, ReportConfig, dump_yaml
 from compress.report.html import write_html_report
 from compress.report.summary import (
     REPORT_SCHEMA_VERSION,
@@ -119,7 +126,8 @@ def evaluate_all(handle: ModelHandle, steps: tuple[EvalStep, ...], run: RunConte
 
 
 def merge_metrics(baseline: list[EvalResult], compressed: list[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
-    """`{"perplexity": {"eval": {"baseline": x, "compressed": y, "protocol": {...}}}}`."""
+    """`{"perplexity": {"eval": {"baseline": x, "compressed": y, "protocol": {...}}}}`, plus `baseline_stderr` and
+    `compressed_stderr` for a score that has a standard error (zero-shot accuracies)."""
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     for before, after in zip(baseline, compressed):
         label = before.label
@@ -128,7 +136,53 @@ def merge_metrics(baseline: list[EvalResult], compressed: list[EvalResult]) -> d
         while label in per_metric:  # two files with the same stem
             label, suffix = f"{before.label}_{suffix}", suffix + 1
         per_metric[label] = {"baseline": before.value, "compressed": after.value, "protocol": after.details}
+        for side, result in (("baseline", before), ("compressed", after)):  # zero-shot scores carry theirs
+            if isinstance(result.details.get("stderr"), (int, float)):
+                per_metric[label][f"{side}_stderr"] = result.details["stderr"]
     return metrics
+
+
+def report_prompts(recipe: Recipe) -> tuple[list[str], str] | None:
+    """The prompts report.html continues, and where they came from: `report.prompts`, else the first sentences of
+    the calibration text, else of the first evaluation text; None when they are off or there is no text."""
+    settings = recipe.report or ReportConfig()
+    if not settings.continuations:
+        return None
+    if settings.prompts:
+        return list(settings.prompts), "report.prompts in the recipe"
+    datasets = [("calibration text", recipe.calibration.dataset, None)] if recipe.calibration is not None else []
+    datasets += [("evaluation text", dataset, getattr(step.config, "data_dir", None)) for step in recipe.evaluations
+                 if isinstance(dataset := getattr(step.config, "dataset", None), str)]
+    for source, dataset, data_dir in datasets:
+        prompts = default_prompts(load_text(dataset, data_dir))
+        if prompts:
+            return prompts, f"the first sentences of the {source} ({dataset})"
+    return None
+
+
+@dataclasses.dataclass
+class _Said:
+    """What the baseline said before the passes (token ids only), and how it was asked."""
+
+    continuations: list[Continuation]
+    source: str
+    new_tokens: int
+
+
+def _baseline_continuations(handle: ModelHandle, recipe: Recipe) -> _Said | None:
+    found = report_prompts(recipe)
+    if found is None:
+        return None
+    prompts, source = found
+    new_tokens = (recipe.report or ReportConfig()).new_tokens
+    return _Said(greedy_continuations(handle, prompts, new_tokens), source, new_tokens)
+
+
+def _compare_continuations(handle: ModelHandle, said: _Said) -> dict[str, Any]:
+    """report.json `continuations`: the compressed model's own continuations and its top-1 agreement with the baseline's."""
+    compressed = greedy_continuations(handle, [c.prompt for c in said.continuations], said.new_tokens)
+    agreement = top1_agreement(handle, said.continuations)
+    return continuation_report(handle, said.continuations, compressed, agreement, said.source, said.new_tokens)
 
 
 def calibration_windows(handle: ModelHandle, recipe: Recipe) -> torch.Tensor | None:
@@ -239,10 +293,15 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
         outputs = _run_outputs(handle, recipe, run, staging, export_scope, places)
         with clock.phase("baseline_eval"):
             baseline = evaluate_all(handle, recipe.evaluations, run)
+        with clock.phase("continuations"):  # before the passes: only the token ids are kept
+            said = _baseline_continuations(handle, recipe)
         passes, passes_cuda_peak = _apply_passes(handle, recipe, run, clock)
         outputs.finish_model(handle, clock)
         with clock.phase("eval"):
             compressed = evaluate_all(handle, recipe.evaluations, run)
+        with clock.phase("continuations"):
+            if said is not None:
+                run.results.report_sections["continuations"] = _compare_continuations(handle, said)
         clock.stop()
         report = _report(recipe, output, handle, run, seed=seed, resume=resume, passes=passes,
                          metrics=merge_metrics(baseline, compressed), clock=clock, passes_cuda_peak=passes_cuda_peak,

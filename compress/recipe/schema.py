@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -75,6 +75,21 @@ class CalibrationConfig(StrictConfig):
                                     "removed when the sweep ends")
 
 
+class ReportConfig(StrictConfig):
+    """What report.html shows beyond the passes' own results.
+
+        report: {prompts: ["The capital of France is"], new_tokens: 24}
+        report: {continuations: false}   # skip them (a lazy run reads its layers once per generated token)
+
+    By default the prompts are the first sentences of the calibration text (else of the first evaluation text).
+    """
+
+    continuations: bool = Field(True, description="greedy continuations of a few prompts, baseline beside compressed")
+    prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
+        None, min_length=1, max_length=16, description="default: the first 3 sentences of the calibration text")
+    new_tokens: int = Field(24, ge=1, le=256, description="tokens generated per prompt")
+
+
 class RecipeFile(StrictConfig):
     """Top level of a recipe file, before the pass and evaluator sections are checked against the registries."""
 
@@ -93,6 +108,7 @@ class RecipeFile(StrictConfig):
     passes: list[Any] = Field(default_factory=list)
     evaluate: dict[str, Any] = Field(default_factory=dict)
     export: ExportConfig | None = None
+    report: ReportConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,7 @@ class Recipe:
     passes: tuple[PassStep, ...]
     evaluations: tuple[EvalStep, ...]
     export: ExportConfig | None = None
+    report: ReportConfig | None = None  # None: the defaults (ReportConfig())
     lazy: bool = False
     max_memory: dict[str, str] | None = None
     strict_weights: bool = True
@@ -166,6 +183,7 @@ class Recipe:
             "passes": [{s.name: s.config.model_dump(mode="json")} for s in self.passes],
             "evaluate": evaluate,
             **({"export": self.export.model_dump(mode="json")} if self.export else {}),
+            **({"report": self.report.model_dump(mode="json")} if self.report else {}),
         }
 
 
@@ -400,6 +418,7 @@ class _Checker:
             passes=tuple(steps),
             evaluations=tuple(evaluations),
             export=export,
+            report=top.report,
             lazy=top.lazy,
             max_memory=max_memory,
             strict_weights=top.strict_weights,

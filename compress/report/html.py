@@ -15,7 +15,15 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from compress.report.summary import metric_rows, page_title, settings_text, size_rows, value_text
+from compress.report.charts import heatmap_svg, scatter_svg, stacked_bars_svg
+from compress.report.summary import (
+    SIZE_PARTS,
+    change_verdict,
+    page_title,
+    settings_text,
+    size_rows,
+    value_text,
+)
 
 _LAYER_MODULE = re.compile(r"\.(\d+)\.(.+)$")  # "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj")
 
@@ -28,6 +36,25 @@ th { background: #f3f3f3; }
 .worse { color: #b00020; } .better { color: #1b7f3b; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .muted { color: #777; } td.text { text-align: left; }
+.multiples { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
+.side-by-side { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 1.5em; }
+.side-by-side > div { overflow-x: auto; }
+svg.chart { max-width: 100%; height: auto; }
+.said { display: grid; grid-template-columns: 1fr 1fr; gap: 0.5em 1.5em; margin: 0.5em 0 1.5em; }
+.said .prompt { grid-column: 1 / 3; font-style: italic; }
+.tokens { font-family: ui-monospace, monospace; font-size: 0.9em; white-space: pre-wrap; line-height: 1.6; }
+.tokens span.diff { background: #fde2e1; color: #8a1c1c; border-radius: 2px; }
+.agree { display: flex; gap: 1px; grid-column: 1 / 3; }
+.agree i { width: 10px; height: 10px; display: inline-block; background: #7cb87e; }
+.agree i.no { background: #d9534f; }
+@media print {
+  body { max-width: none; margin: 0; font-size: 10pt; color: #000; }
+  section { break-inside: avoid; page-break-inside: avoid; }
+  h1, h2 { break-after: avoid; }
+  img, svg.chart { max-width: 100%; }
+  .tokens span.diff { outline: 1px solid #8a1c1c; }
+  th { background: none; }
+}
 """
 
 
@@ -190,10 +217,6 @@ def _page(title: str, body: str) -> str:
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
-def _figure(title: str, uri: str | None) -> str:
-    return f"<h2>{html.escape(title)}</h2><img alt=\"{html.escape(title)}\" src=\"{uri}\">" if uri else ""
-
-
 def _summary(report: dict[str, Any]) -> list[list[str]]:
     model, size, timings = report.get("model", {}), report.get("size", {}), report.get("timings", {})
     rows = [
@@ -225,14 +248,46 @@ def summary_section(report: dict[str, Any]) -> str | None:
     return f'<section id="summary">{_table(None, rows, [["", "text"]] * len(rows))}</section>'
 
 
+def _with_stderr(value: Any, stderr: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "—"
+    return f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, (int, float)) else f"{value:.4f}"
+
+
+def _protocol_name(protocol: dict[str, Any]) -> str:
+    if not protocol:
+        return "—"
+    length = protocol.get("seq_len", protocol.get("max_length"))
+    return f"{protocol.get('name', '?')} v{protocol.get('version', '?')}" + (f", {length} tokens" if length else "")
+
+
+def metric_table_rows(report: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    """Rows (metric, data set, protocol, baseline ± se, compressed ± se, change, verdict) and their CSS classes."""
+    rows, classes = [], []
+    for metric, per_dataset in report.get("metrics", {}).items():
+        for label, values in per_dataset.items():
+            baseline, compressed = values.get("baseline"), values.get("compressed")
+            verdict = change_verdict(metric, values)
+            change = (f"{(compressed / baseline - 1) * 100:+.2f}%" if isinstance(baseline, (int, float))
+                      and isinstance(compressed, (int, float)) and baseline else "—")
+            if "perplexity" not in metric and isinstance(baseline, (int, float)) and isinstance(compressed, (int, float)):
+                change = f"{compressed - baseline:+.4f}"  # an accuracy's change in points, not percent of itself
+            rows.append([metric, label, _protocol_name(values.get("protocol") or {}),
+                         _with_stderr(baseline, values.get("baseline_stderr")),
+                         _with_stderr(compressed, values.get("compressed_stderr")), change, verdict or "—"])
+            css = verdict if verdict in ("worse", "better") else "muted" if verdict else ""
+            classes.append(["", "text", "text", "", "", css, css])
+    return rows, classes
+
+
 def metrics_section(report: dict[str, Any]) -> str | None:
-    rows = [list(row) for row in metric_rows(report)]
-    # For every metric we report today (perplexity), lower is better, so a rise is drawn as a loss.
-    classes = [["", "", "", "", "worse" if row[4].startswith("+") else "better" if row[4].startswith("-") else ""]
-               for row in rows]
-    body = (_table(["metric", "dataset", "baseline", "compressed", "change"], rows, classes) if rows
-            else '<p class="muted">no evaluations in this recipe</p>')
-    return _section("Metrics", body, "metrics")
+    rows, classes = metric_table_rows(report)
+    if not rows:
+        return _section("Metrics", '<p class="muted">no evaluations in this recipe</p>', "metrics")
+    note = ('<p class="muted">± is the standard error; a change is marked only when it exceeds the standard error '
+            'of the difference. Perplexity has no standard error here: any change is marked.</p>')
+    header = ["metric", "data set / task", "protocol", "baseline", "compressed", "change", "verdict"]
+    return _section("Metrics", _table(header, rows, classes) + note, "metrics")
 
 
 def _dash(value: Any) -> str:
@@ -336,6 +391,168 @@ def fallbacks_section(report: dict[str, Any]) -> str | None:
     return _section("Fallbacks", f"<ul>{items}</ul>", "fallbacks")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Where the damage is, where the bytes are, what the model now says
+
+# Per-module numbers the passes report, drawn as small multiples: (field, what the chart calls it).
+DAMAGE_FIELDS = (("gptq_loss", "GPTQ loss"), ("weight_rel_error", "relative weight error"),
+                 ("sparsity", "sparsity achieved"), ("awq_output_mse", "AWQ output MSE"))
+
+
+def _short_kind(kind: str) -> str:
+    return kind.rpartition(".")[2]  # "self_attn.q_proj" -> "q_proj"
+
+
+def module_heatmap(values: dict[str, float], title: str) -> str | None:
+    """Layers x module kinds as an SVG heatmap, each cell titled with the module's full name."""
+    layers, kinds, grid = layer_grid(values)
+    if not layers:
+        return None
+    prefix = {fqn[: m.start()] for fqn in values if (m := _LAYER_MODULE.search(fqn))}
+    root = next(iter(prefix)) if len(prefix) == 1 else ""
+    names = [[f"{root}.{layer}.{kind}" for kind in kinds] for layer in layers]
+    return heatmap_svg(title, [str(layer) for layer in layers], [_short_kind(k) for k in kinds], grid, names=names)
+
+
+def layer_strip(layers: dict[str, dict[str, Any]], title: str) -> str | None:
+    """One column: each decoder layer's output error against the uncompressed layer."""
+    cells = sorted((int(m.group(1)), float(e["output_rel_error"])) for name, e in layers.items()
+                   if (m := re.search(r"\.(\d+)$", name)) and isinstance(e.get("output_rel_error"), (int, float)))
+    if not cells:
+        return None
+    names = [[name] for name in sorted(layers, key=lambda n: int(n.rpartition(".")[2]) if n.rpartition(".")[2].isdigit() else -1)]
+    return heatmap_svg(title, [str(layer) for layer, _ in cells], ["layer out"], [[value] for _, value in cells], names=names)
+
+
+def worst_modules(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The ten most damaged modules: by measured output error when the run has one, else by weight error."""
+    damage = report.get("damage")
+    if isinstance(damage, dict) and damage.get("worst"):
+        return "output_rel_error", damage["worst"]
+    ranked = sorted(((float(result["weight_rel_error"]), fqn, entry.get("name", "?"))
+                     for entry in report.get("passes", []) for fqn, result in (entry.get("modules") or {}).items()
+                     if isinstance(result, dict) and isinstance(result.get("weight_rel_error"), (int, float))),
+                    reverse=True)
+    return "weight_rel_error", [{"module": fqn, "weight_rel_error": error, "passes": name} for error, fqn, name in ranked[:10]]
+
+
+def damage_charts(report: dict[str, Any]) -> list[str]:
+    """The small multiples: measured output errors per sweep, then each per-module number each pass reported."""
+    charts: list[str] = []
+    damage = report.get("damage") if isinstance(report.get("damage"), dict) else {}
+    for sweep in damage.get("sweeps", []):
+        label = ", ".join(sweep.get("passes", []))
+        errors = {fqn: float(e["output_rel_error"]) for fqn, e in sweep.get("modules", {}).items()
+                  if isinstance(e.get("output_rel_error"), (int, float))}
+        charts += [c for c in (module_heatmap(errors, f"output error after {label}"),
+                               layer_strip(sweep.get("layers", {}), "layer output error")) if c]
+    for entry in report.get("passes", []):
+        for field, title in DAMAGE_FIELDS:
+            values = {fqn: float(r[field]) for fqn, r in (entry.get("modules") or {}).items()
+                      if isinstance(r, dict) and isinstance(r.get(field), (int, float)) and not isinstance(r.get(field), bool)}
+            chart = module_heatmap(values, f"{title} ({entry.get('name', '?')})")
+            if chart:
+                charts.append(chart)
+    return charts
+
+
+def damage_section(report: dict[str, Any]) -> str | None:
+    charts = damage_charts(report)
+    field, worst = worst_modules(report)
+    if not charts and not worst:
+        return None
+    damage = report.get("damage") if isinstance(report.get("damage"), dict) else {}
+    measured = (f'<p class="muted">Output error = ||compressed - uncompressed|| / ||uncompressed|| of each module\'s '
+                f'and each layer\'s output, measured on {html.escape(str(damage["measured_on"]))}.</p>'
+                if damage.get("measured_on") else
+                '<p class="muted">No pass in this run calibrated, so no output error was measured; the relative '
+                'weight error ||W - W_compressed|| / ||W|| stands in.</p>')
+    rows = [[str(i + 1), str(item["module"]), f"{float(item[field]):.4g}", str(item.get("passes", ""))]
+            for i, item in enumerate(worst)]
+    table = _table(["#", "module", field.replace("_", " "), "pass"], rows, [["", "text", "", "text"]] * len(rows))
+    body = measured + f'<div class="multiples">{"".join(charts)}</div><h3>Worst {len(rows)} modules</h3>{table}'
+    return _section("Where the damage is", body, "damage")
+
+
+def _bytes_of(bits: dict[str, int]) -> dict[str, float]:
+    return {part: value / 8 for part, value in bits.items() if value}
+
+
+def byte_rows(size: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """Bars for the byte chart: per part of the model, before and after, largest first; then the two totals."""
+    after = size.get("stored_bits_by_part") or {}
+    before = size.get("baseline_bits_by_part") or {}
+    names = sorted(set(after) | set(before), key=lambda n: -sum((before.get(n) or after.get(n) or {}).values()))
+    rows: list[tuple[str, dict[str, float]]] = []
+    for name in names:
+        if name in before:
+            rows.append((f"{name} before", _bytes_of(before[name])))
+        rows.append((f"{name} after", _bytes_of(after.get(name, {}))))
+    def total(by_part: dict[str, dict[str, int]]) -> dict[str, float]:
+        return {part: sum(bits.get(part, 0) for bits in by_part.values()) / 8 for part in SIZE_PARTS}
+    if before:
+        rows.append(("total before", total(before)))
+    rows.append(("total after", total(after)))
+    return rows
+
+
+def bytes_section(report: dict[str, Any]) -> str | None:
+    size = report.get("size") or {}
+    by_part = size.get("stored_bits_by_part")
+    if not by_part:
+        return None
+    total_bytes = sum(sum(bits.values()) for bits in by_part.values()) // 8  # as size.bytes: bits summed, then floored
+    chart = stacked_bars_svg("bytes by part of the model, before and after", byte_rows(size))
+    rows = []
+    baseline = size.get("baseline_bits_by_part") or {}
+    for name in sorted(by_part, key=lambda n: -sum(by_part[n].values())):
+        bits = by_part[name]
+        rows.append([name, f"{sum(baseline.get(name, {}).values()) // 8:,}" if baseline else "—",
+                     f"{sum(bits.values()) // 8:,}", *[f"{bits.get(p, 0) / 8:,.0f}" for p in ("codes", "scales", "zero_points")],
+                     f"{sum(v for p, v in bits.items() if p not in ('codes', 'scales', 'zero_points')) / 8:,.0f}"])
+    table = _table(["part", "bytes before", "bytes after", "codes", "scales", "zero points", "other (unquantized, tables, ...)"],
+                   rows, [["text", "", "", "", "", "", ""]] * len(rows))
+    note = (f'<p>Total after: <strong data-total-bytes="{total_bytes}">{total_bytes:,} bytes</strong> of tensors, '
+            f'what <code>compress inspect</code> reports as <code>bytes</code> for an export in the run\'s own layout '
+            '(bytes on disk less the safetensors header and the format extras it itemises).</p>')
+    return _section("Where the bytes are", note + chart + table, "bytes")
+
+
+def _token_spans(pieces: list[str], tokens: list[int], other: list[int]) -> str:
+    """Each token as a span; one that differs from the other side's token at that position is marked."""
+    spans = []
+    for i, (piece, token) in enumerate(zip(pieces, tokens)):
+        differs = i >= len(other) or other[i] != token
+        spans.append(f'<span class="diff">{html.escape(piece)}</span>' if differs else html.escape(piece))
+    return "".join(spans)
+
+
+def continuations_section(report: dict[str, Any]) -> str | None:
+    said = report.get("continuations")
+    if not isinstance(said, dict) or not said.get("prompts"):
+        return None
+    blocks = []
+    for item in said["prompts"]:
+        before, after = item["baseline"], item["compressed"]
+        agree = "".join(f'<i class="{"" if a else "no"}" title="position {i}: {"same" if a else "different"} top-1"></i>'
+                        for i, a in enumerate(item.get("top1_agreement", [])))
+        share = item.get("agreement")
+        blocks.append(
+            f'<div class="said"><div class="prompt">{html.escape(item["prompt"])}</div>'
+            f'<div><strong>baseline</strong><div class="tokens">{_token_spans(before["pieces"], before["tokens"], after["tokens"])}</div></div>'
+            f'<div><strong>compressed</strong><div class="tokens">{_token_spans(after["pieces"], after["tokens"], before["tokens"])}</div></div>'
+            f'<div class="agree" aria-label="top-1 agreement per position">{agree}</div>'
+            f'<div class="muted">top-1 agreement with the baseline continuation: '
+            f'{"—" if share is None else f"{share:.0%}"}</div></div>')
+    overall = said.get("agreement")
+    intro = (f'<p class="muted">{html.escape(str(said.get("decoding")))}, {said.get("new_tokens")} new tokens per prompt; '
+             f'prompts: {html.escape(str(said.get("source")))}. Highlighted: tokens that differ from the other side '
+             f'at the same position. Squares: whether the compressed model\'s top-1 next token, fed the baseline\'s '
+             f'continuation, is the baseline\'s (green) or not (red). Overall: '
+             f'{"—" if overall is None else f"{overall:.0%}"}.</p>')
+    return _section("What the model now says", intro + "".join(blocks), "continuations")
+
+
 Section = Callable[[dict[str, Any]], "str | None"]
 
 # The page, top to bottom: each entry renders one <section> from report.json, or None when the run has nothing
@@ -343,6 +560,9 @@ Section = Callable[[dict[str, Any]], "str | None"]
 SECTIONS: list[Section] = [
     summary_section,
     metrics_section,
+    damage_section,
+    bytes_section,
+    continuations_section,
     protocol_section,
     passes_section,
     timings_section,
@@ -394,31 +614,47 @@ def compare_rows(runs: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], lis
     return header, rows
 
 
+def quality_points(runs: list[tuple[str, dict[str, Any]]]) -> tuple[str, list[tuple[float, float, str]]]:
+    """(metric label, [(MiB, compressed value, run)]) for the first metric every run measured, perplexity first."""
+    keys: list[tuple[str, str]] = []
+    for _, report in runs:
+        for metric, per_dataset in report.get("metrics", {}).items():
+            keys += [(metric, label) for label in per_dataset if (metric, label) not in keys]
+    keys.sort(key=lambda key: key[0] != "perplexity")  # stable: perplexity first, then the rest in run order
+    for metric, label in keys:
+        points = [(report.get("size", {}).get("bytes", 0) / 2**20, float(value), name) for name, report in runs
+                  if isinstance(value := report.get("metrics", {}).get(metric, {}).get(label, {}).get("compressed"),
+                                (int, float))]
+        if len(points) == len(runs):
+            return f"{metric} [{label}]", points
+    return "", []
+
+
 def size_metric_plot(runs: list[tuple[str, dict[str, Any]]]) -> str | None:
-    """Perplexity (first dataset) against size in MiB, one labelled point per run."""
-    points = []
-    for name, report in runs:
-        per_dataset = report.get("metrics", {}).get("perplexity", {})
-        if per_dataset:
-            value = next(iter(per_dataset.values())).get("compressed")
-            if isinstance(value, (int, float)):
-                points.append((report.get("size", {}).get("bytes", 0) / 2**20, float(value), name))
+    """Quality against size in MiB, one labelled point per run (inline SVG)."""
+    label, points = quality_points(runs)
     if len(points) < 2:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([p[0] for p in points], [p[1] for p in points])
-    for x, y, name in points:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("size (MiB)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("perplexity against size")
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return scatter_svg(f"{label} against size", points, "size (MiB)", label)
+
+
+def _run_column(name: str, report: dict[str, Any]) -> str:
+    """One run's charts for the side-by-side view: bytes by part, then the damage small multiples."""
+    size = report.get("size") or {}
+    charts = [stacked_bars_svg("bytes by part", byte_rows(size))] if size.get("stored_bits_by_part") else []
+    charts += damage_charts(report)[:2]
+    said = report.get("continuations")
+    if isinstance(said, dict) and said.get("agreement") is not None:
+        charts.append(f'<p>top-1 agreement with the baseline\'s continuations: {said["agreement"]:.0%}</p>')
+    body = "".join(charts) or '<p class="muted">no per-part sizes or damage in this report</p>'
+    return f'<div><h3>{html.escape(name)}</h3>{body}</div>'
 
 
 def render_compare_html(runs: list[tuple[str, dict[str, Any]]]) -> str:
     header, rows = compare_rows(runs)
+    plot = size_metric_plot(runs)
     body = ["<h1>compress: runs compared</h1>", _table(header, rows),
-            _figure("Perplexity against size", size_metric_plot(runs))]
+            _section("Quality against size", plot, "quality-vs-size") if plot else "",
+            _section("Side by side", f'<div class="side-by-side">{"".join(_run_column(n, r) for n, r in runs)}</div>',
+                     "side-by-side")]
     return _page("compress: runs compared", "\n".join(b for b in body if b))

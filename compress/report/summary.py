@@ -289,6 +289,29 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def lower_is_better(metric: str) -> bool:
+    """Perplexities fall as a model improves; accuracies (acc, acc_norm, lm_eval_*) rise."""
+    return "perplexity" in metric or metric.endswith("ppl")
+
+
+def change_verdict(metric: str, values: dict[str, Any]) -> str:
+    """"worse", "better", "within noise" or "" (nothing to compare) for one metric's baseline and compressed.
+
+    A score with standard errors counts as changed only when the difference exceeds the standard error of the
+    difference, sqrt(se_baseline^2 + se_compressed^2) (both scored on the same documents, so this errs wide).
+    A perplexity has none: any change counts.
+    """
+    baseline, compressed = values.get("baseline"), values.get("compressed")
+    if not isinstance(baseline, (int, float)) or not isinstance(compressed, (int, float)) or baseline == compressed:
+        return ""
+    se_b, se_c = values.get("baseline_stderr"), values.get("compressed_stderr")
+    if isinstance(se_b, (int, float)) and isinstance(se_c, (int, float)):
+        if abs(compressed - baseline) <= math.hypot(se_b, se_c):
+            return "within noise"
+    rose = compressed > baseline
+    return "worse" if rose == lower_is_better(metric) else "better"
+
+
 def value_text(value: Any) -> str:
     """A setting as a recipe spells it: null, true, 128, [a, b]; never Python's None."""
     if isinstance(value, str):
