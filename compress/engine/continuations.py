@@ -7,9 +7,10 @@ whether its top-1 next token is still the baseline's:
 
     agreement[i] = argmax p_compressed(x_{i} | prompt, baseline[:i]) == baseline[i]
 
-Each new token is one forward over the prompt and the tokens so far (no KV cache, so every architecture and every
-way the engine places a model, a lazy one read layer by layer included, works the same); a few prompts of a few
-dozen tokens keep this to seconds on a GPU. A lazy run reads its layers once per generated token.
+All prompts share one batch, and each new token is one forward over the prompts and the tokens so far (no KV
+cache, so every architecture and every way the engine places a model, a lazy one read layer by layer included,
+works the same): `new_tokens` forwards before the passes and `new_tokens + 1` after. A lazy run reads its layers
+once per forward.
 """
 
 from __future__ import annotations
@@ -50,41 +51,55 @@ class Continuation:
     tokens: list[int]  # the greedy continuation, new tokens only
 
 
+def _right_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """(prompts, longest) ids, each row padded on the right. In a causal model a token after position i never
+    changes what position i predicts, so the padding needs no attention mask and shifts no position ids."""
+    longest = max(len(row) for row in rows)
+    return torch.tensor([row + [0] * (longest - len(row)) for row in rows], device=device)
+
+
+def _next_tokens(handle: ModelHandle, rows: list[list[int]], at: list[list[int]]) -> list[list[int]]:
+    """For each row, the argmax next token after each position in `at[row]`, from one batched forward."""
+    head, body = next_token_scorer(handle.model)
+    hidden = body(_right_padded(rows, handle.device))  # (prompts, longest, hidden)
+    picked = [hidden[r, positions] for r, positions in enumerate(at)]  # (positions, hidden) each
+    return [head(rows_hidden).argmax(-1).tolist() for rows_hidden in picked]
+
+
 @torch.no_grad()
 def greedy_continuations(handle: ModelHandle, prompts: list[str], new_tokens: int) -> list[Continuation]:
-    """Each prompt continued by `new_tokens` argmax tokens (stops early at the tokenizer's end-of-sequence)."""
-    found = []
+    """Each prompt continued by `new_tokens` argmax tokens, cut after the tokenizer's end-of-sequence token.
+
+    All prompts go in one batch, so this costs `new_tokens` forwards whatever the number of prompts.
+    """
+    ids = [_prompt_ids(handle, prompt) for prompt in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
     with model_on_device(handle, handle.device):
-        head, body = next_token_scorer(handle.model)
-        for prompt in prompts:
-            ids = _prompt_ids(handle, prompt)
-            tokens: list[int] = []
-            for _ in range(new_tokens):
-                batch = torch.tensor([ids + tokens], device=handle.device)  # (1, length)
-                token = int(head(body(batch)[0, -1:]).argmax(-1).item())
-                tokens.append(token)
-                if token == handle.tokenizer.eos_token_id:
-                    break
-            found.append(Continuation(prompt, ids, tokens))
-    return found
+        for _ in range(new_tokens):
+            rows = [prompt + said for prompt, said in zip(ids, tokens)]
+            for said, (token,) in zip(tokens, _next_tokens(handle, rows, [[len(row) - 1] for row in rows])):
+                said.append(token)
+    return [Continuation(prompt, prompt_ids, _until_end(said, handle.tokenizer.eos_token_id))
+            for prompt, prompt_ids, said in zip(prompts, ids, tokens)]
+
+
+def _until_end(tokens: list[int], eos: int | None) -> list[int]:
+    # greedy tokens never depend on later ones, so cutting afterwards is the same as stopping there
+    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
 
 
 @torch.no_grad()
 def top1_agreement(handle: ModelHandle, baseline: list[Continuation]) -> list[list[bool]]:
-    """Per prompt and position, whether the model's top-1 next token after the prompt and baseline[:i] is baseline[i]."""
-    agreement = []
+    """Per prompt and position, whether the model's top-1 next token after the prompt and baseline[:i] is baseline[i].
+
+    One batched forward over every prompt followed by its baseline continuation (teacher forcing).
+    """
+    rows = [item.prompt_ids + item.tokens for item in baseline]
+    # the hidden state at position len(prompt) - 1 + i predicts baseline token i
+    at = [list(range(len(item.prompt_ids) - 1, len(item.prompt_ids) - 1 + len(item.tokens))) for item in baseline]
     with model_on_device(handle, handle.device):
-        head, body = next_token_scorer(handle.model)
-        for item in baseline:
-            if not item.tokens:
-                agreement.append([])
-                continue
-            batch = torch.tensor([item.prompt_ids + item.tokens], device=handle.device)
-            start = len(item.prompt_ids) - 1  # the hidden state that predicts the first new token
-            hidden = body(batch)[0, start : start + len(item.tokens)]  # (new tokens, hidden)
-            predicted = head(hidden).argmax(-1).tolist()
-            agreement.append([p == t for p, t in zip(predicted, item.tokens)])
-    return agreement
+        predicted = _next_tokens(handle, rows, at)
+    return [[p == t for p, t in zip(guesses, item.tokens)] for guesses, item in zip(predicted, baseline)]
 
 
 def _prompt_ids(handle: ModelHandle, prompt: str) -> list[int]:

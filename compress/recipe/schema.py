@@ -78,7 +78,7 @@ class CalibrationConfig(StrictConfig):
 class ReportConfig(StrictConfig):
     """What report.html shows beyond the passes' own results.
 
-        report: {prompts: ["The capital of France is"], new_tokens: 24}
+        report: {prompts: ["The capital of France is"], new_tokens: 32}
         report: {continuations: false}   # skip them (a lazy run reads its layers once per generated token)
 
     By default the prompts are the first sentences of the calibration text (else of the first evaluation text).
@@ -87,7 +87,7 @@ class ReportConfig(StrictConfig):
     continuations: bool = Field(True, description="greedy continuations of a few prompts, baseline beside compressed")
     prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
         None, min_length=1, max_length=16, description="default: the first 3 sentences of the calibration text")
-    new_tokens: int = Field(24, ge=1, le=256, description="tokens generated per prompt")
+    new_tokens: int = Field(16, ge=1, le=256, description="tokens generated per prompt (each one forward of every prompt at once)")
 
 
 class RecipeFile(StrictConfig):

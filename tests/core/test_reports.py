@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,7 +33,8 @@ def runs(tmp_path_factory, tiny_llama, text_file) -> dict[str, Path]:
     found = {}
     for name, bits in (("w4", 4), ("w8", 8)):
         recipe = root / f"{name}.yaml"
-        recipe.write_text(recipe_text(tiny_llama, text_file, f"  - rtn: {{bits: {bits}, group_size: 32}}", text_file))
+        recipe.write_text(recipe_text(tiny_llama, text_file, f"  - rtn: {{bits: {bits}, group_size: 32}}", text_file)
+                          + "report: {new_tokens: 2}\n")
         compress_run(recipe, root / name)
         found[name] = root / name
     return found
@@ -117,6 +119,18 @@ def test_report_command_refuses_a_folder_without_report(tmp_path):
     assert result.exit_code == 2 and "no report.json" in result.output
 
 
+def test_compare_page_plots_quality_against_size_and_puts_runs_side_by_side(runs, tmp_path):
+    page = tmp_path / "compare.html"
+    result = CliRunner().invoke(app, ["compare", str(runs["w4"]), str(runs["w8"]), "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    text = page.read_text()
+    reports = [json.loads((runs[n] / "report.json").read_text()) for n in ("w4", "w8")]
+    points = re.findall(r'class="point" data-x="([^"]+)" data-y="([^"]+)"', text)
+    assert [(float(x), float(y)) for x, y in points] == [
+        (r["size"]["bytes"] / 2**20, r["metrics"]["perplexity"]["text"]["compressed"]) for r in reports]
+    assert 'id="side-by-side"' in text and text.count('aria-label="bytes by part"') == 2
+
+
 def test_compare_lists_each_run_and_writes_html(runs, tmp_path):
     page = tmp_path / "compare.html"
     result = CliRunner().invoke(app, ["compare", str(runs["w4"]), str(runs["w8"]), "--json", "--html", str(page)])
@@ -127,7 +141,7 @@ def test_compare_lists_each_run_and_writes_html(runs, tmp_path):
     ppl_column = next(key for key in rows[0] if key.startswith("perplexity[text]"))
     assert [float(row[ppl_column]) for row in rows] == [round(r["metrics"]["perplexity"]["text"]["compressed"], 4) for r in reports]
     assert float(rows[0]["size MiB"]) < float(rows[1]["size MiB"])
-    assert 'alt="Perplexity against size"' in page.read_text()
+    assert "perplexity [text] against size" in page.read_text()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs a headless Chromium (apt-get install chromium); .ci/run installs it")
