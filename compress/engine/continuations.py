@@ -79,7 +79,7 @@ def greedy_continuations(handle: ModelHandle, prompts: list[str], new_tokens: in
             rows = [prompt + said for prompt, said in zip(ids, tokens)]
             for said, (token,) in zip(tokens, _next_tokens(handle, rows, [[len(row) - 1] for row in rows])):
                 said.append(token)
-    return [Continuation(prompt, prompt_ids, _until_end(said, handle.tokenizer.eos_token_id))
+    return [Continuation(prompt, prompt_ids, _until_end(said, _tokenizer(handle).eos_token_id))
             for prompt, prompt_ids, said in zip(prompts, ids, tokens)]
 
 
@@ -102,8 +102,12 @@ def top1_agreement(handle: ModelHandle, baseline: list[Continuation]) -> list[li
     return [[p == t for p, t in zip(guesses, item.tokens)] for guesses, item in zip(predicted, baseline)]
 
 
+def _tokenizer(handle: ModelHandle) -> Any:
+    return handle.tokenizer  # a transformers tokenizer; the handle types it as a bare object
+
+
 def _prompt_ids(handle: ModelHandle, prompt: str) -> list[int]:
-    ids = handle.tokenizer(prompt, add_special_tokens=True).input_ids
+    ids = _tokenizer(handle)(prompt, add_special_tokens=True).input_ids
     return [int(i) for i in ids]
 
 
@@ -118,7 +122,7 @@ def _first_difference(before: list[int], after: list[int]) -> int | None:
 def continuation_report(handle: ModelHandle, baseline: list[Continuation], compressed: list[Continuation],
                         agreement: list[list[bool]], source: str, new_tokens: int) -> dict[str, Any]:
     """report.json `continuations`: per prompt, both continuations as text and as token pieces, and the agreement."""
-    decode = handle.tokenizer.decode
+    decode = _tokenizer(handle).decode
 
     def side(item: Continuation) -> dict[str, Any]:
         return {"text": decode(item.tokens), "tokens": item.tokens, "pieces": [decode([t]) for t in item.tokens]}

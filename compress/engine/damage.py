@@ -48,13 +48,16 @@ def _rows(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def capture(modules: dict[str, nn.Module], positions: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
-    """For a `with` block: the sampled rows of each module's output, by name, from the forwards run inside it."""
+def capture(modules: dict[str, nn.Module], positions: torch.Tensor, tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+    """For a `with` block: the sampled rows of each module's output, by name, from the forwards run inside it on a
+    batch of `tokens` positions (windows x seq_len)."""
     found: dict[str, torch.Tensor] = {}
 
     def keep(name: str, output: Any) -> None:
         value = _first(output)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        # A module whose output has a row per token position; an MoE expert's has one per token routed to it,
+        # which no position index can address, so it is left out.
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:-1].numel() == tokens:
             found[name] = _rows(value, positions)
 
     handles = [m.register_forward_hook(lambda _m, _a, out, name=name: keep(name, out)) for name, m in modules.items()]
@@ -85,6 +88,7 @@ class LayerReference:
     prefix: str
     positions: torch.Tensor  # indices into the first batch's (windows x seq_len) flattened positions
     windows: int
+    tokens: int  # windows x seq_len of the first batch
     layer_output: torch.Tensor  # (positions, hidden) float32
     module_outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # fqn -> (positions, out_features)
 
@@ -108,16 +112,17 @@ class LayerReference:
 def reference_outputs(prefix: str, layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor,
                       kwargs: dict[str, Any]) -> LayerReference:
     """Run the uncompressed layer once on one calibration batch `hidden` (batch, seq, hidden) and keep samples."""
-    positions = sampled_positions(hidden.shape[0] * hidden.shape[1])
-    with uncounted(layer), capture(modules, positions) as outputs:
+    tokens = hidden.shape[0] * hidden.shape[1]
+    positions = sampled_positions(tokens)
+    with uncounted(layer), capture(modules, positions, tokens) as outputs:
         output = _first(layer(hidden, **kwargs))
-    return LayerReference(prefix, positions, hidden.shape[0], _rows(output, positions), outputs)
+    return LayerReference(prefix, positions, hidden.shape[0], tokens, _rows(output, positions), outputs)
 
 
 @torch.no_grad()
 def measure_once(reference: LayerReference, layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor,
                  kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The errors of a layer whose outputs feed nothing (the last one): one more forward on the first batch."""
-    with uncounted(layer), capture(modules, reference.positions) as outputs:
+    with uncounted(layer), capture(modules, reference.positions, reference.tokens) as outputs:
         output = _first(layer(hidden, **kwargs))
     return reference.errors(output, outputs)

@@ -285,7 +285,8 @@ def _propagate(ctx: LayerContext, reference: LayerReference | None, damage: dict
     measuring = reference if reference is not None and _same_first_batch(ctx, reference) else None
     store = ctx.new_store()
     outputs = ctx.outputs()
-    hooks = capture(ctx.linears(()), measuring.positions) if measuring is not None else contextlib.nullcontext({})
+    hooks: contextlib.AbstractContextManager[dict[str, torch.Tensor]] = (
+        capture(ctx.linears(()), measuring.positions, measuring.tokens) if measuring is not None else contextlib.nullcontext({}))
     with hooks as seen:
         first = next(outputs, None)  # the generator runs batch 0's forward here, inside the hooks
     for batch, output in enumerate(_chain(first, outputs)):

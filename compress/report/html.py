@@ -416,18 +416,18 @@ def module_heatmap(values: dict[str, float], title: str) -> str | None:
 
 def layer_strip(layers: dict[str, dict[str, Any]], title: str) -> str | None:
     """One column: each decoder layer's output error against the uncompressed layer."""
-    cells = sorted((int(m.group(1)), float(e["output_rel_error"])) for name, e in layers.items()
+    cells = sorted((int(m.group(1)), float(e["output_rel_error"]), name) for name, e in layers.items()
                    if (m := re.search(r"\.(\d+)$", name)) and isinstance(e.get("output_rel_error"), (int, float)))
     if not cells:
         return None
-    names = [[name] for name in sorted(layers, key=lambda n: int(n.rpartition(".")[2]) if n.rpartition(".")[2].isdigit() else -1)]
-    return heatmap_svg(title, [str(layer) for layer, _ in cells], ["layer out"], [[value] for _, value in cells], names=names)
+    return heatmap_svg(title, [str(layer) for layer, _, _ in cells], ["layer out"], [[value] for _, value, _ in cells],
+                       names=[[name] for _, _, name in cells])
 
 
 def worst_modules(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """The ten most damaged modules: by measured output error when the run has one, else by weight error."""
-    damage = report.get("damage")
-    if isinstance(damage, dict) and damage.get("worst"):
+    damage = _damage(report)
+    if damage.get("worst"):
         return "output_rel_error", damage["worst"]
     ranked = sorted(((float(result["weight_rel_error"]), fqn, entry.get("name", "?"))
                      for entry in report.get("passes", []) for fqn, result in (entry.get("modules") or {}).items()
@@ -436,10 +436,15 @@ def worst_modules(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     return "weight_rel_error", [{"module": fqn, "weight_rel_error": error, "passes": name} for error, fqn, name in ranked[:10]]
 
 
+def _damage(report: dict[str, Any]) -> dict[str, Any]:
+    found = report.get("damage")
+    return found if isinstance(found, dict) else {}
+
+
 def damage_charts(report: dict[str, Any]) -> list[str]:
     """The small multiples: measured output errors per sweep, then each per-module number each pass reported."""
     charts: list[str] = []
-    damage = report.get("damage") if isinstance(report.get("damage"), dict) else {}
+    damage = _damage(report)
     for sweep in damage.get("sweeps", []):
         label = ", ".join(sweep.get("passes", []))
         errors = {fqn: float(e["output_rel_error"]) for fqn, e in sweep.get("modules", {}).items()
@@ -461,7 +466,7 @@ def damage_section(report: dict[str, Any]) -> str | None:
     field, worst = worst_modules(report)
     if not charts and not worst:
         return None
-    damage = report.get("damage") if isinstance(report.get("damage"), dict) else {}
+    damage = _damage(report)
     measured = (f'<p class="muted">Output error = ||compressed - uncompressed|| / ||uncompressed|| of each module\'s '
                 f'and each layer\'s output, measured on {html.escape(str(damage["measured_on"]))}.</p>'
                 if damage.get("measured_on") else

@@ -253,14 +253,15 @@ def damage_section(sweeps: list[tuple[list[str], dict[str, dict[str, Any]]]]) ->
     Per sweep, `layers` (prefix -> output_rel_error, windows, positions) and `modules` (fqn -> output_rel_error);
     `worst` lists the WORST_MODULES modules with the largest output error over all sweeps, largest first.
     """
-    entries = []
+    entries: list[dict[str, Any]] = []
+    ranked: list[tuple[float, str, str]] = []
     for labels, measured in sweeps:
         layers = {name: entry for name, entry in measured.items() if "windows" in entry}  # a layer's entry says how it was measured
         modules = {name: entry for name, entry in measured.items() if name not in layers}
         entries.append({"passes": labels, "layers": layers, "modules": modules})
-    ranked = sorted(((entry["modules"][name]["output_rel_error"], name, ", ".join(entry["passes"]))
-                     for entry in entries for name in entry["modules"]
-                     if isinstance(entry["modules"][name].get("output_rel_error"), (int, float))), reverse=True)
+        ranked += [(float(entry["output_rel_error"]), name, ", ".join(labels)) for name, entry in modules.items()
+                   if isinstance(entry.get("output_rel_error"), (int, float))]
+    ranked.sort(reverse=True)
     return {
         "measured_on": "the first calibration batch, at up to 512 evenly spaced token positions, against the layer "
                        "before the sweep's passes; each input is what the compressed layers before it produced",

@@ -208,7 +208,7 @@ class Page(HTMLParser):
         self._where = tag
 
     def handle_data(self, data):
-        if self._where == "title":
+        if self._where == "title" and self._section is None:  # the page's own, not a chart's hover <title>
             self.title += data
         elif self._where in ("td", "th") and self._section:
             self.sections[self._section][-1][-1] += data
