@@ -337,6 +337,7 @@ def passes_section(report: dict[str, Any]) -> str | None:
 PHASES = {
     "load": ("load the model", {"calibration_data": "of which calibration data (read, tokenize, sample)"}),
     "baseline_eval": ("baseline evaluation", {}),
+    "continuations": ("continuations (baseline before the passes, compressed after)", {}),
     "passes": ("passes", {"propagation": "of which calibration forwards between layers"}),
     "save": ("write what is outside the layers (lazy)", {}),
     "eval": ("final evaluation", {}),
