@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.export.inspect import inspect_checkpoint
 from compress.recipe.errors import RecipeError
-from compress.report.summary import change_verdict
 from tests.conftest import recipe_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -119,6 +118,8 @@ def test_continuations_are_the_baseline_and_compressed_models_own_greedy_decodin
 
 
 def test_change_is_marked_only_beyond_its_standard_error():
+    from compress.report.summary import change_verdict
+
     acc = {"baseline": 0.60, "compressed": 0.55, "baseline_stderr": 0.03, "compressed_stderr": 0.03}
     assert change_verdict("acc", acc) == "worse"  # 0.05 beyond hypot(0.03, 0.03) = 0.042
     assert change_verdict("acc", {**acc, "compressed": 0.57}) == "within noise"  # 0.03 is not
