@@ -27,21 +27,28 @@ from compress.engine.vocab_head import next_token_scorer
 
 DEFAULT_PROMPTS = 3
 PROMPT_CHARS = 200  # a default prompt is cut at a word boundary below this
+MIN_WORDS = 5
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def default_prompts(text: str, count: int = DEFAULT_PROMPTS) -> list[str]:
-    """The first `count` sentences of `text` (each up to PROMPT_CHARS, cut at a space), skipping blank ones."""
+    """The first `count` sentences of `text` that read as prose: at least MIN_WORDS words, mostly letters (so a
+    markup line such as `.. highlight:: c` or a `=====` rule is skipped), each cut at a space below PROMPT_CHARS."""
     prompts = []
-    for sentence in _SENTENCE_END.split(" ".join(text[: count * PROMPT_CHARS * 4].split())):
-        sentence = sentence.strip()
-        if len(sentence) > PROMPT_CHARS:
-            sentence = sentence[:PROMPT_CHARS].rsplit(" ", 1)[0]
-        if sentence:
-            prompts.append(sentence)
-        if len(prompts) == count:
-            break
+    for paragraph in re.split(r"\n\s*\n", text[: count * PROMPT_CHARS * 20]):
+        for sentence in _SENTENCE_END.split(" ".join(paragraph.split())):
+            if len(sentence) > PROMPT_CHARS:
+                sentence = sentence[:PROMPT_CHARS].rsplit(" ", 1)[0]
+            if _reads_as_prose(sentence):
+                prompts.append(sentence)
+            if len(prompts) == count:
+                return prompts
     return prompts
+
+
+def _reads_as_prose(sentence: str) -> bool:
+    letters = sum(ch.isalpha() or ch.isspace() for ch in sentence)
+    return len(sentence.split()) >= MIN_WORDS and letters >= 0.8 * len(sentence)
 
 
 @dataclass(frozen=True)
