@@ -289,7 +289,9 @@ def _propagate(ctx: LayerContext, reference: LayerReference | None, damage: dict
         capture(ctx.linears(()), measuring.positions, measuring.tokens) if measuring is not None else contextlib.nullcontext({}))
     with hooks as seen:
         first = next(outputs, None)  # the generator runs batch 0's forward here, inside the hooks
-    for batch, output in enumerate(_chain(first, outputs)):
+    batches = _chain(first, outputs)
+    del first  # held by `batches` alone, which lets go of it after batch 0, as for every other batch
+    for batch, output in enumerate(batches):
         check_finite_output(ctx, batch, output)
         if batch == 0 and measuring is not None:
             damage.update(measuring.errors(output, seen))

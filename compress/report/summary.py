@@ -143,9 +143,10 @@ def _module_tally(module: nn.Module, tensors: dict[str, torch.Tensor], record: W
 
 def model_part(name: str, module: nn.Module, embeddings: nn.Module | None, head: nn.Module | None) -> str:
     """Which part of the model a module's bytes belong to: embeddings, head, norms, a linear's kind by its own name
-    (q_proj, ..., down_proj; c_attn for GPT-2), or other."""
+    (q_proj, ..., down_proj; c_attn for GPT-2), or other. A head tied to the embeddings is stored once, with them."""
     if module is embeddings:
-        return "embeddings"
+        tied = head is not None and getattr(head, "weight", None) is getattr(embeddings, "weight", False)
+        return "embeddings + tied head" if tied else "embeddings"
     if module is head:
         return "head"
     if "norm" in type(module).__name__.lower():
