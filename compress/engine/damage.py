@@ -9,7 +9,8 @@ forward the engine runs anyway to propagate the compressed layer's outputs to th
 costs one batch's forward per layer, never a second pass over all the windows. A module's error is taken at its
 output, so it holds what the modules before it in the layer did too (o_proj sees q/k/v's error), and it stays
 right for passes that rescale a module's input and weight together (AWQ, SmoothQuant), where comparing weights
-would not. Only the sampled positions are kept: (positions, features) per module, a few MB for an 8B model.
+would not. Only the sampled positions are kept, in float32 on the compute device: (positions, features) per
+module, 512 x 43,008 features = 88 MB for a Llama-3-8B layer, whatever the number of windows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-MAX_POSITIONS = 512  # token positions kept per module; the relative error of 512 rows is stable to a few percent
+MAX_POSITIONS = 512  # token positions kept per module: bounds the memory above whatever the batch size
 
 
 def sampled_positions(tokens: int, limit: int = MAX_POSITIONS) -> torch.Tensor:

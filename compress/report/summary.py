@@ -16,6 +16,7 @@ from rich.table import Table
 from torch import nn
 
 import compress
+from compress.engine.damage import MAX_POSITIONS
 from compress.engine.digest import shards_digest, weights_digest  # noqa: F401  (re-exported)
 from compress.quant import bnb_layout
 from compress.quant.bnb_layout import split_name
@@ -264,7 +265,7 @@ def damage_section(sweeps: list[tuple[list[str], dict[str, dict[str, Any]]]]) ->
                    if isinstance(entry.get("output_rel_error"), (int, float))]
     ranked.sort(reverse=True)
     return {
-        "measured_on": "the first calibration batch, at up to 512 evenly spaced token positions, against the layer "
+        "measured_on": f"the first calibration batch, at up to {MAX_POSITIONS} evenly spaced token positions, against the layer "
                        "before the sweep's passes; each input is what the compressed layers before it produced",
         "sweeps": entries,
         "worst": [{"module": name, "output_rel_error": error, "passes": labels}
