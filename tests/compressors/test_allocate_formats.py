@@ -45,3 +45,24 @@ def test_awq_cannot_follow_float_candidates():
     with pytest.raises(UserError, match="awq cannot round to"):
         following_quantizer(AWQConfig(), [4, "nvfp4"])
     assert isinstance(following_quantizer(RTNConfig(), [4, "nvfp4"]), RTNConfig)
+
+
+def test_float_candidates_are_weight_only():
+    with pytest.raises(UserError, match="weight-only here"):
+        following_quantizer(RTNConfig(bits=8, activations={"bits": 8}), [8, "fp8"])
+
+
+def test_a_linear_the_fp4_groups_do_not_split_is_refused_by_name():
+    import torch
+
+    from compress.compressors.base import checked_spec
+    from compress.engine.context import RunContext, RunInputs
+
+    run = RunContext(RunInputs(device=torch.device("cpu")))
+    odd = torch.nn.Linear(40, 8, bias=False)
+    with pytest.raises(UserError, match="mxfp4 scales groups of 32 input columns, and m.proj has 40: add it to the "
+                                        "pass's `ignore`, or use fp8 for it"):
+        checked_spec("m.proj", odd, RTNConfig(format="mxfp4"), run)
+    run.handoff.bit_plan["m.proj"] = RTNConfig().spec("nvfp4")
+    with pytest.raises(UserError, match="gives m.proj the element-float format nvfp4, which is weight-only here"):
+        checked_spec("m.proj", torch.nn.Linear(64, 8), RTNConfig(bits=8, activations={"bits": 8}), run)
