@@ -163,3 +163,31 @@ def test_killed_gptq_nvfp4_run_resumes_bit_identically(tiny_llama, text_file, tm
     assert again["passes"][0]["modules"] == reference["passes"][0]["modules"]
     assert "resuming at decoder layer 1 of 2" in (tmp_path / "resumed" / "run.log").read_text()
     assert os.path.isdir(tmp_path / "resumed" / "state")
+
+
+def test_lazy_run_streams_the_same_float_export_as_an_eager_one(text_file, tmp_path):
+    """`lazy: true` packs each layer as it finishes (compress/export/streaming.py): FP8 blocks and NVFP4 in one
+    plan give the eager export's tensors exactly, and the same config."""
+    from safetensors.torch import load_file
+
+    from tests.scale.helpers import run_lazy_and_eager, save_sharded_bf16
+
+    model = save_sharded_bf16(tmp_path / "sharded", layers=2)
+    (tmp_path / "plan.yaml").write_text('"*mlp*": nvfp4\n"*self_attn*": fp8-block\n', encoding="utf-8")
+
+    def recipe(lazy: bool) -> str:
+        return (f"model: {model}\nlazy: {str(lazy).lower()}\npasses:\n  - rtn: {{plan: {tmp_path / 'plan.yaml'}}}\n"
+                f"evaluate:\n  perplexity:\n    - {{dataset: {text_file}, seq_len: 32, max_windows: 2}}\n"
+                "export: {format: compressed-tensors}\n")
+
+    runs = run_lazy_and_eager(tmp_path, recipe)
+    streamed, whole = ({k: v for f in sorted((out / "export-compressed-tensors").glob("*.safetensors"))
+                        for k, v in load_file(str(f)).items()} for out, _ in (runs[True], runs[False]))
+    assert set(streamed) == set(whole) and any(k.endswith("weight_global_scale") for k in whole)
+    for name, tensor in whole.items():
+        assert torch.equal(streamed[name], tensor), name
+    configs = [json.loads((out / "export-compressed-tensors" / "config.json").read_text())["quantization_config"]
+               for out, _ in (runs[True], runs[False])]
+    assert configs[0] == configs[1]
+    assert sorted(g["format"] for g in configs[0]["config_groups"].values()) == ["float-quantized",
+                                                                                 "nvfp4-pack-quantized"]
