@@ -98,7 +98,7 @@ def test_export_parses_reloads_and_inspects_as_stored(tiny_llama, tmp_path, labe
     ("  - rtn: {format: fp8, strategy: block}", "export: {format: gptq}",
      "the rtn pass produces element float codes (FP8/FP4), which only the 'compressed-tensors' or 'dense' format saves"),
     ("  - allocate: {budget: {avg_bits: 4}, candidates: [4, fp9]}\n  - rtn: {}", "",
-     "candidates are integer widths from 2 to 8 or element-float formats"),
+     "got ['fp9'] (or name an element-float format: fp8, fp8-tensor, fp8-block, nvfp4, mxfp4)"),
 ])
 def test_recipe_refuses_bad_combinations_at_their_line(tiny_llama, text_file, passes, export, message):
     text = recipe_text(tiny_llama, text_file, passes, text_file) + export + "\n"
