@@ -2,6 +2,7 @@
 rounded by RTN and by GPTQ, against the fp model; each exported as compressed-tensors and reloaded in transformers.
 
     python bench/serving_weights.py          # writes bench/results/serving_weights.md (and .json)
+    python bench/serving_weights.py --render # rewrite the .md from the .json (no runs)
 
 Every row is `compress run <shipped recipe> [--set ...]` in a subprocess (recipes/fp8-block.yaml, recipes/nvfp4.yaml),
 so a number is what that command prints. The in-memory perplexity is the run report's; the reloaded one scores the
@@ -25,6 +26,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+SAVED = RESULTS / "serving_weights.json"
+# Integer rows of bench/demo_results.py on the same windows, shown beside the float formats they compete with.
+INTEGER_ROWS = {"rtn-w8": "INT8 per channel, RTN", "rtn-w4": "INT4 g128, RTN", "gptq-w4": "INT4 g128, GPTQ"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,11 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
         f"| fp (the checkpoint, float16 on disk) | 16 | {baseline:.3f} | | | | |",
     ]
+    integer = json.loads((RESULTS / "demo_results.json").read_text(encoding="utf-8"))
+    for key, title in INTEGER_ROWS.items():
+        r = integer[key]
+        lines.append(f"| {title} (bench/demo_results.py) | {r['bits_per_weight']:.3f} | {r['compressed']:.3f} | "
+                     f"{(r['compressed'] / baseline - 1) * 100:+.2f}% | | | |")
     for title, r in rows.items():
         reload = r["reloaded"]
         lines.append(f"| {title} | {r['bits_per_weight']:.3f} | {r['in_memory']:.3f} | "
@@ -106,10 +115,18 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    import argparse
+
     import compressed_tensors
     import torch
     import transformers
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render", action="store_true", help="rewrite the .md from the saved .json, run nothing")
+    if parser.parse_args().render:
+        saved = json.loads(SAVED.read_text(encoding="utf-8"))
+        (RESULTS / "serving_weights.md").write_text(markdown(saved["rows"], saved["meta"]), encoding="utf-8")
+        return
     rows = {}
     with tempfile.TemporaryDirectory() as workdir:
         for row in ROWS:
@@ -120,7 +137,7 @@ def main() -> None:
             "load": ", ".join(f"{v:.1f}" for v in os.getloadavg()), "torch": torch.__version__,
             "compressed_tensors": compressed_tensors.__version__, "transformers": transformers.__version__}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving_weights.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    SAVED.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (RESULTS / "serving_weights.md").write_text(markdown(rows, meta), encoding="utf-8")
     print(f"wrote {RESULTS / 'serving_weights.md'}")
 
