@@ -40,7 +40,7 @@ from torch import nn
 from compress.quant.activation import ActivationQuantConfig, install_activation_quant
 from compress.engine.output import replace_atomically
 from compress.recipe.errors import UserError
-from compress.quant.primitives import QuantSpec
+from compress.quant.float_records import format_from_description
 from compress.quant.records import restore_record, saved_form
 
 if TYPE_CHECKING:  # context.py imports this module for `Checkpointer`
@@ -216,7 +216,7 @@ class Checkpointer:
         for fqn in state["masks"]:
             run.handoff.masks[fqn] = tensors[f"mask.{fqn}"]
         for fqn, described in state["bit_plan"].items():
-            run.handoff.bit_plan[fqn] = QuantSpec.from_description(described)
+            run.handoff.bit_plan[fqn] = format_from_description(described)
         self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
         run.results.fallbacks.extend(state["fallbacks"])
         return LayerState(state["modules"], state["seconds"], state.get("damage", {}))  # older checkpoints: none

@@ -171,6 +171,11 @@ class PassDef:
         acts_as = getattr(config, "acts_as", None)
         return acts_as if acts_as is not None else self.kind
 
+    def stores_of(self, config: StrictConfig) -> frozenset[str]:
+        """What the pass stores with this config: its declared parts plus any the config adds (`stores`, e.g. rtn
+        with format fp8 stores element floats)."""
+        return self.stores | frozenset(getattr(config, "stores", frozenset()))
+
     @property
     def summary(self) -> str:
         doc = (self.apply.__doc__ or self.config.__doc__ or "").strip()
