@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress.engine.settings import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB
-from compress.quant.config import DEFAULT_IGNORE, ActivationQuantConfig
+from compress.quant.config import DEFAULT_IGNORE, ActivationQuantConfig, ObserverOptions
 from compress.recipe.errors import UserError
 from compress.recipe.registry import ModulePatterns, PassKind, StrictConfig, module_pattern_problem
 
@@ -85,6 +85,11 @@ class WeightQuantConfig(StrictConfig):
         if value < 1:
             raise ValueError("group_size must be a positive number of columns, or null / -1 for per-channel")
         return value
+
+    @property
+    def calibrates(self) -> bool:
+        """Calibration windows are needed for activation scales (static, or NVFP4's global scale) even by rtn."""
+        return self.activations is not None and self.activations.calibrated
 
     def spec(self, bits: int | None = None) -> QuantSpec:
         from compress.quant.primitives import PerChannel, PerGroup, QuantSpec  # torch: only when a pass runs
@@ -199,6 +204,30 @@ class AWQConfig(WeightQuantConfig):
             raise ValueError("activations are quantized by the pass that rounds the weights; "
                              "move `activations:` to it or set quantize: true")
         return self
+
+
+# -- kv_cache.py
+
+class KVCacheConfig(ObserverOptions):
+    """A quantized KV cache: the key and value states attention reads (after RoPE, as the cache stores them) are
+    fake-quantized to `format` with static scales calibrated on the calibration windows, in every forward after
+    this pass (so perplexity and zero-shot include it); exported as compressed-tensors' `kv_cache_scheme` with
+    the per-layer `self_attn.k_scale` / `v_scale` vLLM reads.
+
+    strategy: `tensor` (one key and one value scale per layer: what vLLM's FP8 KV cache uses) or `head` (one per KV
+    head, compressed-tensors' `attn_head`). observer: how each scale is chosen (see ObserverOptions; minmax is
+    llm-compressor's default). It comes after the quantizer, so the scales see the keys and values of the
+    quantized weights.
+
+    Recipe example:
+
+        passes:
+          - rtn: {format: fp8, group_size: null, activations: {format: fp8, per: token}}
+          - kv_cache: {format: fp8, strategy: tensor}
+    """
+
+    format: Literal["fp8"] = "fp8"
+    strategy: Literal["tensor", "head"] = "tensor"
 
 
 # -- smoothquant.py

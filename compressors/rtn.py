@@ -7,7 +7,7 @@ from typing import Any
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
 from compress.quant.records import quantize_rtn
-from compress.quant.activation import install_activation_quant
+from compress.compressors.activation_scales import install_activations
 from compress.compressors.base import keep_pruned_zeros, spec_for, write_back
 from compress.compressors.configs import RTNConfig  # noqa: F401  (re-exported; defined without torch)
 
@@ -15,9 +15,10 @@ from compress.compressors.configs import RTNConfig  # noqa: F401  (re-exported; 
 def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, Any]:
     """Round each weight to the nearest point of a uniform integer grid (per channel or per group)."""
     results = {}
-    for fqn, module in layer.linears(cfg.ignore).items():
+    modules = layer.linears(cfg.ignore)
+    for fqn, module in modules.items():
         qweight = quantize_rtn(weight_matrix(module), spec_for(fqn, cfg, layer.run))
         qweight = keep_pruned_zeros(qweight, layer.run.handoff.masks.get(fqn))
         results[fqn] = write_back(fqn, module, qweight, layer.run)
-        install_activation_quant(fqn, module, cfg.activations, layer.run.results.activation_quant)
+    install_activations(layer, modules, cfg.activations)  # after the rounding: a static scale sees rounded weights' outputs
     return results

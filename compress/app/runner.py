@@ -76,7 +76,7 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
             continue
         sweep = run_sweep(
             handle,
-            [SweepStep(s.label, s.definition.apply, s.config, s.definition.needs_calibration) for s in stage],
+            [SweepStep(s.label, s.definition.apply, s.config, s.needs_calibration) for s in stage],
             run,
         )
         propagation += sweep.propagation_seconds
@@ -164,7 +164,7 @@ def _log_to(path: Path) -> Iterator[None]:
 
 def _check_data_parallel(recipe: Recipe) -> None:
     """Under torchrun every rank calibrates on its own share of the windows; only some passes sum across ranks."""
-    alone = [step.label for step in recipe.passes if step.definition.needs_calibration and not step.definition.data_parallel]
+    alone = [step.label for step in recipe.passes if step.needs_calibration and not step.definition.data_parallel]
     if alone:
         from compress.engine import distributed
         from compress.recipe.registry import available_passes
