@@ -210,7 +210,8 @@ def input_activations_args(activations: dict[str, Any] | None) -> Any:
                                 dynamic=True, scale_dtype=torch.uint8, zp_dtype=torch.uint8)
     return QuantizationArgs(num_bits=8 if fmt == "fp8" else int(activations.get("bits") or 8),
                             type="float" if fmt == "fp8" else "int", symmetric=True,
-                            dynamic=not activations.get("static", False), strategy=per or "token")
+                            dynamic=not activations.get("static", False), strategy=per or "token",
+                            group_size=128 if per == "group" else None)  # FP8_BLOCK's per-token groups
 
 
 def activation_tensors(fqn: str, activations: dict[str, Any] | None) -> dict[str, torch.Tensor]:

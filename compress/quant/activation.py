@@ -20,6 +20,7 @@ from compress.quant.element_float import (
     fake_quantize_mxfp4,
     fake_quantize_nvfp4,
     fp8_scale,
+    grouped,
     nvfp4_global_scale,
 )
 from compress.quant.primitives import fake_quantize_per_tensor, fake_quantize_per_token
@@ -39,6 +40,12 @@ def fake_quantize_int_static(x: torch.Tensor, scale: float, bits: int) -> torch.
 def fake_quantize_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     """Dynamic FP8 (E4M3): one scale per row of the last dim, amax / 448 (llm-compressor's FP8_DYNAMIC)."""
     return fake_quantize_fp8(x, fp8_scale(x.detach().abs().amax(dim=-1, keepdim=True)))
+
+
+def fake_quantize_fp8_per_group(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Dynamic FP8 (E4M3) with a scale per `group` consecutive features of each token (FP8_BLOCK's activations)."""
+    blocks = grouped(x, group)  # (..., groups, group)
+    return fake_quantize_fp8(blocks, fp8_scale(blocks.detach().abs().amax(dim=-1, keepdim=True))).flatten(-2)
 
 
 def fake_quantize_fp8_per_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +90,9 @@ def activation_quantizer(cfg: ActivationQuantConfig, calibrated: dict[str, float
         if cfg.format == "fp8":
             return lambda x: fake_quantize_fp8(x, torch.tensor(scale, device=x.device))
         return lambda x: fake_quantize_int_static(x, scale, cfg.width)
+    if cfg.format == "fp8" and cfg.group_size is not None:
+        group = cfg.group_size
+        return lambda x: fake_quantize_fp8_per_group(x, group)
     if cfg.format == "fp8":
         return fake_quantize_fp8_per_token if cfg.granularity == "token" else fake_quantize_fp8_per_tensor
     bits = cfg.width
@@ -103,12 +113,12 @@ def config_of(settings: dict[str, Any]) -> tuple[ActivationQuantConfig, dict[str
 
 
 def check_groups_fit(fqn: str, module: nn.Module, cfg: ActivationQuantConfig) -> None:
-    """FP4 activations are scaled in groups along the input features; refuse a width the group does not divide."""
-    group = FP4_GROUPS.get(cfg.format)
+    """Activations scaled per group along the input features: refuse a width the group does not divide."""
+    group = cfg.group_size
     width = getattr(module, "in_features", None) or module.weight.shape[-1]
     if group and width % group:
         raise UserError(f"{fqn}: {cfg.format} activations are scaled in groups of {group} input features, and this "
-                        f"module has {width}; leave it out with `ignore`, or use format fp8")
+                        f"module has {width}; leave it out with `ignore`, or use fp8 per token")
 
 
 def install_activation_quant(fqn: str, module: nn.Module, cfg: ActivationQuantConfig | None,

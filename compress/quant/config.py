@@ -15,6 +15,8 @@ ActivationFormat = Literal["int", "fp8", "nvfp4", "mxfp4"]
 Observer = Literal["minmax", "percentile", "mse"]
 # The group each FP4 activation format scales by, along the input features (compressed-tensors' NVFP4 / MXFP4 presets).
 FP4_GROUPS = {"nvfp4": 16, "mxfp4": 32}
+# FP8 per group: dynamic per-token groups of 128, as compressed-tensors' FP8_BLOCK preset (DeepSeek-V3 style)
+FP8_GROUP = 128
 DEFAULT_PERCENTILE = 99.99
 
 
@@ -46,8 +48,8 @@ class ActivationQuantConfig(ObserverOptions):
     format: `int` (symmetric integers of `bits`: W8A8 int8), `fp8` (E4M3), `nvfp4` (E2M1 in groups of 16 with FP8
     scales under a per-tensor FP32 global scale calibrated on the calibration windows, as compressed-tensors' NVFP4
     preset), `mxfp4` (E2M1 in groups of 32 with power-of-two E8M0 scales, no calibration).
-    per: `token` (a scale per token, computed on the fly), `tensor` (one scale for the whole input), `group` (the
-    FP4 formats, which allow nothing else). static: int or fp8 per tensor only; the scale is calibrated once on
+    per: `token` (a scale per token, computed on the fly), `tensor` (one scale for the whole input), `group` (a
+    scale per 128 input features of each token for fp8, as FP8_BLOCK; the only choice of the FP4 formats). static: int or fp8 per tensor only; the scale is calibrated once on
     the calibration windows with `observer` (see ObserverOptions) instead of computed from each batch, as a
     runtime with static input scales does. nvfp4 calibrates its global scale with `observer` too.
 
@@ -72,8 +74,8 @@ class ActivationQuantConfig(ObserverOptions):
         if fp4 and self.per not in (None, "group"):
             raise ValueError(f"{self.format} activations are scaled per group of {FP4_GROUPS[self.format]}; "
                              f"leave `per` out (got {self.per!r})")
-        if not fp4 and self.per == "group":
-            raise ValueError(f"per: group is for nvfp4/mxfp4 activations; {self.format} takes token or tensor")
+        if self.format == "int" and self.per == "group":
+            raise ValueError("per: group is for float activations (fp8, nvfp4, mxfp4); int takes token or tensor")
         if self.static and (fp4 or self.granularity != "tensor"):
             raise ValueError("static: true is one calibrated scale per tensor: it needs format int or fp8 with "
                              "per: tensor (nvfp4 calibrates its global scale anyway; mxfp4 has no static form)")
@@ -91,6 +93,11 @@ class ActivationQuantConfig(ObserverOptions):
     def granularity(self) -> str:
         """token, tensor or group: what one scale covers."""
         return self.per or ("group" if self.format in FP4_GROUPS else "token")
+
+    @property
+    def group_size(self) -> int | None:
+        """Input features per scale when scaled per group."""
+        return FP4_GROUPS.get(self.format, FP8_GROUP) if self.granularity == "group" else None
 
     @property
     def calibrated(self) -> bool:

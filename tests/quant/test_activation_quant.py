@@ -81,6 +81,13 @@ def test_fp8_per_token_equals_a_naive_loop():
     assert not torch.equal(out, x)  # it did quantize
 
 
+def test_fp8_per_group_scales_each_128_features_of_each_token():
+    x = heavy_tailed(4, 2 * 256).reshape(2, 256)
+    cfg = ActivationQuantConfig(format="fp8", per="group")
+    expected = torch.cat([fake_quantize_fp8_per_token(part) for part in x.split(128, dim=-1)], dim=-1)
+    assert torch.equal(activation_quantizer(cfg, {})(x), expected)
+
+
 def test_static_fp8_saturates_beyond_its_scale():
     cfg = ActivationQuantConfig(format="fp8", per="tensor", static=True)
     quantize = activation_quantizer(cfg, {"input_scale": 0.01})
