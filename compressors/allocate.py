@@ -6,9 +6,12 @@ cheapest plan within the budget (compressors/bit_allocation.py), and writes `run
 the report's "allocation" section (plan, costs, budget vs. used, Pareto frontier). `quantize_plan` reads a
 hand-edited plan file instead.
 
-Size accounting is `UniformAffine.planned_bits` (compress/quant/records.py), the bits the report's `size` counts
-for the records the quantizer will store: codes plus 16-bit scales (and zero points when asymmetric) per group. The budget covers the weights the following quantizer stores; the
-rest of the model (embeddings, norms, lm_head) is unchanged and counted in `size` as before.
+Size accounting is `planned_bits` (compress/quant/float_records.py), the bits the report's `size` counts for the
+records the quantizer will store: codes plus 16-bit scales (and zero points when asymmetric) per group for integer
+widths; for element-float candidates (fp8, fp8-block, nvfp4, mxfp4) their codes plus their scales at the width
+they are stored at (8-bit FP8 / E8M0 block scales, 32-bit float scales). The budget covers the weights the
+following quantizer stores; the rest of the model (embeddings, norms, lm_head) is unchanged and counted in `size`
+as before. Bit operations (`max_bops`) count a candidate's element width: 8 for FP8, 4 for NVFP4 / MXFP4.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
 from compress.engine.threads import thread_independent_sum
+from compress.quant.config import label_bits
+from compress.quant.float_records import FloatSpec, WeightFormat, planned_bits
 from compress.quant.modules import find_linears, matches, select, weight_matrix
-from compress.quant.primitives import QuantSpec
-from compress.quant.records import UniformAffine
 from compress.recipe.registry import StrictConfig
 from compress.compressors import sensitivity as sens
 from compress.compressors.base import WeightQuantConfig
 from compress.compressors.bit_allocation import (
     Allocation,
+    Candidate,
     FrontierPoint,
     InfeasibleBudget,
     Problem,
@@ -50,6 +54,7 @@ from compress.compressors.configs import (  # noqa: F401  (re-exported; defined 
     BudgetConfig,
     ConstraintsConfig,
     AllocateConfig,
+    AWQConfig,
     QuantizePlanConfig,
 )
 
@@ -76,13 +81,36 @@ def group_units(layer_modules: list[dict[str, nn.Module]], granularity: str, pre
     return {f"{prefix}.{i}": list(modules) for i, modules in enumerate(layer_modules) if modules}
 
 
-def following_quantizer(next_quantizer: StrictConfig | None) -> WeightQuantConfig:
-    """The weight quantizer a bit plan must fit: the model pass's `next_quantizer` (see PassDef)."""
+def following_quantizer(next_quantizer: StrictConfig | None,
+                        candidates: list[Candidate] | tuple[Candidate, ...] = ()) -> WeightQuantConfig:
+    """The weight quantizer a bit plan must fit: the model pass's `next_quantizer` (see PassDef); element-float
+    `candidates` need one that rounds onto their grids (rtn or gptq)."""
     quantizer = next_quantizer
     if not isinstance(quantizer, WeightQuantConfig):
         raise UserError("a bit plan needs a following weight quantizer (rtn, gptq or awq) to take group size and "
                         "symmetry from")
+    floats = [c for c in candidates if isinstance(c, str)]
+    if floats and isinstance(quantizer, AWQConfig):
+        raise UserError(f"allocate: candidates {floats} are element-float formats, which awq cannot round to; "
+                        "follow the allocation with rtn or gptq")
     return quantizer
+
+
+def candidate_bits(candidate: Candidate) -> int:
+    """Bits per element code: the integer width, or 8 / 4 for the FP8 / FP4 formats (floors and bit operations)."""
+    return label_bits(candidate) if isinstance(candidate, str) else candidate
+
+
+def check_float_shapes(shapes: dict[str, tuple[int, int]], specs: dict[Candidate, WeightFormat]) -> None:
+    """NVFP4 / MXFP4 candidates need every allocated module's in_features to split into their groups."""
+    for candidate, spec in specs.items():
+        if not isinstance(spec, FloatSpec) or not spec.group_size:
+            continue
+        bad = [name for name, (_, columns) in shapes.items() if columns % spec.group_size]
+        if bad:
+            raise UserError(f"allocate: candidate {candidate} scales groups of {spec.group_size} input columns, which "
+                            f"{bad[0]} ({shapes[bad[0]][1]} columns) does not split into; drop the candidate or add "
+                            "such modules to the quantizer's `ignore`")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,6 +126,8 @@ def compute_sensitivities(handle: ModelHandle, cfg: AllocateConfig, quantizer: W
     modules = {name: m for layer in layer_modules for name, m in layer.items()}
     units = group_units(layer_modules, cfg.granularity, handle.layers_prefix)
     specs = {bits: quantizer.spec(bits) for bits in cfg.candidates}
+    check_float_shapes({name: (weight_matrix(m).shape[0], weight_matrix(m).shape[1]) for name, m in modules.items()},
+                       specs)
     windows = run.inputs.calibration[: cfg.samples] if cfg.samples else run.inputs.calibration
     started = time.perf_counter()
     with model_on_device(handle, run.inputs.device):
@@ -130,10 +160,10 @@ def _estimate(
     handle: ModelHandle,
     cfg: AllocateConfig,
     layer_modules: list[dict[str, nn.Module]],
-    specs: dict[int, QuantSpec],
+    specs: dict[Candidate, WeightFormat],
     batches: list[torch.Tensor],
     units: dict[str, list[str]],
-) -> tuple[dict[str, float], dict[str, dict[int, float]] | None, dict[str, Any]]:
+) -> tuple[dict[str, float], dict[str, dict[Candidate, float]] | None, dict[str, Any]]:
     """(per-module score, per-module cost per width or None when costs are per unit, details)."""
     model = handle.model
     modules = {name: m for layer in layer_modules for name, m in layer.items()}
@@ -168,8 +198,8 @@ def _estimate(
     return scores, costs, {"layer_dissimilarity": dissimilarity}
 
 
-def error_costs(modules: dict[str, nn.Module], specs: dict[int, QuantSpec],
-                cost_of: Callable[[str, torch.Tensor], float]) -> dict[str, dict[int, float]]:
+def error_costs(modules: dict[str, nn.Module], specs: dict[Candidate, WeightFormat],
+                cost_of: Callable[[str, torch.Tensor], float]) -> dict[str, dict[Candidate, float]]:
     """cost_of(module name, Q_b(W) - W) for every module and width, one float32 error matrix alive at a time
     (all of them at once would be len(candidates) float32 copies of the quantized weights)."""
     return {name: {bits: cost_of(name, sens.quantization_error(module, spec)) for bits, spec in specs.items()}
@@ -209,13 +239,12 @@ def build_problem(sensitivities: dict[str, Any], cfg: AllocateConfig, quantizer:
         floor = max([bits for pattern, bits in cfg.constraints.min_bits.items()
                      if any(matches(m, pattern) for m in unit["modules"])],
                     default=0)
-        allowed = [b for b in cfg.candidates if b >= floor]
+        allowed = [b for b in cfg.candidates if candidate_bits(b) >= floor]
         if not allowed:
             raise UserError(f"allocate: {name} has a floor of {floor} bits, above every candidate {cfg.candidates}")
-        sizes = tuple(sum(UniformAffine.planned_bits(*shapes[m], quantizer.spec(b)).total for m in unit["modules"])
-                      for b in allowed)
-        bops = tuple(sum(shapes[m][0] * shapes[m][1] * b * cfg.constraints.activation_bits for m in unit["modules"])
-                     for b in allowed)
+        sizes = tuple(sum(planned_bits(*shapes[m], quantizer.spec(b)).total for m in unit["modules"]) for b in allowed)
+        bops = tuple(sum(shapes[m][0] * shapes[m][1] * candidate_bits(b) * cfg.constraints.activation_bits
+                         for m in unit["modules"]) for b in allowed)
         units.append(UnitOptions(name, tuple(allowed), tuple(unit["cost"][str(b)] for b in allowed), sizes, bops))
     return Problem(tuple(units), budget_bits, cfg.constraints.max_bops)
 
@@ -236,7 +265,7 @@ def solve(problem: Problem, solver: str) -> tuple[Allocation, list[FrontierPoint
 def run_allocate(handle: ModelHandle, cfg: AllocateConfig, run: RunContext,
                  next_quantizer: StrictConfig | None = None) -> dict[str, Any]:
     """Pick per-module bit widths from second-order sensitivities under an exact size budget (HAWQ-V2 / ILP)."""
-    quantizer = following_quantizer(next_quantizer)
+    quantizer = following_quantizer(next_quantizer, cfg.candidates)
     layer_modules = quantizable_modules(handle, quantizer.ignore)
     modules = {name: m for layer in layer_modules for name, m in layer.items()}
     units = group_units(layer_modules, cfg.granularity, handle.layers_prefix)

@@ -28,7 +28,7 @@ from compress.quant.modules import matches, weight_matrix
 from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
 from compress.quant.records import quantize_rtn
 from compress.compressors.activation_scales import install_activations
-from compress.compressors.base import keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import integer_spec_for, keep_pruned_zeros, write_back
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
 from compress.compressors.configs import AWQConfig  # noqa: F401  (re-exported; defined without torch)
 
@@ -153,7 +153,7 @@ def _search_and_fold(layer: LayerContext, cfg: AWQConfig, group: ScaleGroup, sta
                      quantized: dict[str, nn.Module]) -> dict[str, Any]:
     """Find this group's scales, fold them in, and return the search's report entry."""
     consumers = [module_at(layer.layer, layer.prefix, name) for name in group.linears]
-    specs = [spec_for(name, cfg, layer.run) if name in quantized else None for name in group.linears]
+    specs = [integer_spec_for(name, cfg, layer.run, "awq") if name in quantized else None for name in group.linears]
     search = awq_search_scales(stats.gram, stats.mean_abs, [weight_matrix(m) for m in consumers], specs, cfg.grid)
     fold_scales(module_at(layer.layer, layer.prefix, group.previous), consumers, search.scales)
     # The consumers now read X / s.
@@ -163,7 +163,7 @@ def _search_and_fold(layer: LayerContext, cfg: AWQConfig, group: ScaleGroup, sta
 
 def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, gram: torch.Tensor | None) -> dict[str, Any]:
     """Clip (where the input is known and the module is not q/k), round to nearest, write back."""
-    spec = spec_for(fqn, cfg, layer.run)
+    spec = integer_spec_for(fqn, cfg, layer.run, "awq")
     w = weight_matrix(module).float()
     entry: dict[str, Any] = {}
     if cfg.clip and gram is not None and not any(matches(fqn, p) for p in CLIP_SKIP):

@@ -10,17 +10,37 @@ from torch import nn
 from compress.quant.bit_plan import bits_for
 from compress.engine.context import RunContext
 from compress.engine.threads import single_threaded
+from compress.quant.float_records import FloatSpec, WeightFormat
 from compress.quant.modules import set_weight_matrix, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import WeightRecord
+from compress.recipe.errors import UserError
 from compress.compressors.configs import WeightQuantConfig  # noqa: F401  (re-exported; defined without torch)
 
 
-def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> QuantSpec:
+def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> WeightFormat:
     """The pass's own `plan` file, else the bit plan written by an allocation pass, else the pass's defaults."""
     if cfg.plan is not None:
         return cfg.spec(bits_for(fqn, run.cache.bit_plan_file(cfg.plan)))
     return run.handoff.bit_plan.get(fqn, cfg.spec())
+
+
+def integer_spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext, pass_name: str) -> QuantSpec:
+    """`spec_for` for a pass that rounds to integers only (awq): a plan naming a float format for `fqn` is refused."""
+    spec = spec_for(fqn, cfg, run)
+    if not isinstance(spec, QuantSpec):
+        raise UserError(f"{pass_name}: the bit plan gives {fqn} the element-float format {spec.label}, and {pass_name} "
+                        "rounds to integer codes only; use rtn or gptq after the plan")
+    return spec
+
+
+def checked_spec(fqn: str, module: torch.nn.Module, spec: WeightFormat) -> WeightFormat:
+    """`spec`, after checking `fqn`'s weight fits it: NVFP4 / MXFP4 scale whole groups of 16 / 32 input columns."""
+    columns = weight_matrix(module).shape[1]
+    if isinstance(spec, FloatSpec) and spec.group_size and columns % spec.group_size:
+        raise UserError(f"{spec.format} scales groups of {spec.group_size} input columns, and {fqn} has {columns}: "
+                        "add it to the pass's `ignore`, or use fp8 for it")
+    return spec
 
 
 Record = TypeVar("Record", bound=WeightRecord)

@@ -21,15 +21,19 @@ import numpy as np
 MAX_FRONTIER_POINTS = 5_000
 
 
+Candidate = int | str
+"""A unit's option: an integer bit width, or an element-float format by name (fp8, nvfp4, ...)."""
+
+
 @dataclass(frozen=True)
 class UnitOptions:
-    """The candidate widths of one unit, each with its cost and exact storage size in bits.
+    """The candidate widths (or formats) of one unit, each with its cost and exact storage size in bits.
 
     extra: optional second resource per width (e.g. bit operations per token), limited by `Problem.extra_limit`.
     """
 
     name: str
-    bits: tuple[int, ...]
+    bits: tuple[Candidate, ...]
     costs: tuple[float, ...]
     sizes: tuple[int, ...]
     extra: tuple[int, ...] | None = None
@@ -59,7 +63,7 @@ class Allocation:
     solver: str = ""
     notes: dict[str, object] = field(default_factory=dict)
 
-    def bits(self, problem: Problem) -> dict[str, int]:
+    def bits(self, problem: Problem) -> dict[str, Candidate]:
         return {u.name: u.bits[c] for u, c in zip(problem.units, self.choice)}
 
 

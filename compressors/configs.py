@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress.engine.settings import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB
-from compress.quant.config import DEFAULT_IGNORE, ActivationQuantConfig, ObserverOptions
+from compress.quant.config import DEFAULT_IGNORE, FLOAT_LABELS, ActivationQuantConfig, ObserverOptions, label_bits
 from compress.recipe.errors import UserError
 from compress.recipe.registry import ModulePatterns, PassKind, StrictConfig, module_pattern_problem
+from compress.recipe.storage import BLOCK_SCALES, ELEMENT_FLOATS, SCALES
 
 if TYPE_CHECKING:
     import torch
 
     from compress.engine.layer_sweep import LayerContext
-    from compress.quant.primitives import QuantSpec
+    from compress.quant.float_records import WeightFormat
 
 
 # -- sparsity.py
@@ -60,16 +61,27 @@ def parse_pattern(pattern: str) -> NM | None:
 
 # -- base.py
 
-class WeightQuantConfig(StrictConfig):
-    """Uniform integer weight quantization settings shared by rtn, gptq and awq.
+WeightFormatName = Literal["int", "fp8", "nvfp4", "mxfp4"]
+INTEGER_ONLY_KEYS = ("bits", "group_size", "symmetric")  # the element-float formats fix these themselves
 
+
+class WeightQuantConfig(StrictConfig):
+    """Weight quantization settings shared by rtn, gptq and awq.
+
+    format: `int` (uniform integer codes, the default), or an element-float format (`activations` adds FP8 or
+    FP4 activation quantization to any of them: FP8 W8A8, NVFP4 W4A4):
+    `fp8` (E4M3 elements, float32 scales per `strategy`: tensor, channel (default) or block, i.e. 128x128 tiles),
+    `nvfp4` (E2M1 elements, an FP8 scale per 16 and an FP32 global scale) or `mxfp4` (E2M1, an E8M0 scale per 32).
+    The float formats fix their element width and scales, so `bits`, `group_size` and `symmetric` are for `int`.
     group_size: input columns per scale; `null` or -1 means one scale per output channel. A width the group
     size does not divide gets a shorter last group. plan: a bit plan file (see compress/quant/bit_plan.py) whose
-    entries override `bits` per module; it wins over a plan from an earlier `allocate` pass.
+    entries override `bits` (or the format) per module; it wins over a plan from an earlier `allocate` pass.
     """
 
     path_fields: ClassVar[tuple[str, ...]] = ("plan",)  # resolved against the recipe's folder at load
 
+    format: WeightFormatName = "int"
+    strategy: Literal["tensor", "channel", "block"] | None = None
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, le=1_048_576)
     symmetric: bool = True
@@ -91,11 +103,55 @@ class WeightQuantConfig(StrictConfig):
         """Calibration windows are needed for activation scales (static, or NVFP4's global scale) even by rtn."""
         return self.activations is not None and self.activations.calibrated
 
-    def spec(self, bits: int | None = None) -> QuantSpec:
-        from compress.quant.primitives import PerChannel, PerGroup, QuantSpec  # torch: only when a pass runs
+    @model_validator(mode="after")
+    def _format_settings(self) -> "WeightQuantConfig":
+        if self.format == "int":
+            if self.strategy is not None:
+                raise ValueError("strategy chooses fp8's scale layout (tensor, channel, block); integer formats take "
+                                 "group_size (null for per channel)")
+            return self
+        given = [key for key in INTEGER_ONLY_KEYS if key in self.model_fields_set]
+        if given:
+            raise ValueError(f"format {self.format} fixes its element width and scales; {', '.join(given)} "
+                             "apply to format int: drop them")
+        if self.strategy is not None and self.format != "fp8":
+            raise ValueError(f"{self.format} has a fixed scale per {16 if self.format == 'nvfp4' else 32} columns; "
+                             "strategy (tensor, channel, block) is for fp8")
+        return self
 
+    @property
+    def float_label(self) -> str | None:
+        """The element-float format as a bit plan names it (fp8, fp8-block, nvfp4, ...); None for integers."""
+        if self.format == "int":
+            return None
+        if self.format == "fp8" and self.strategy not in (None, "channel"):
+            return f"fp8-{self.strategy}"
+        return self.format
+
+    @property
+    def stores(self) -> frozenset[str]:
+        """What an element-float config stores, for the recipe's export check (integer codes every format holds)."""
+        return frozenset() if self.float_label is None else label_stores(self.float_label)
+
+    def spec(self, candidate: int | str | None = None) -> WeightFormat:
+        """The format one module gets: this config's own (no candidate), `bits` wide integers with this config's
+        group size and symmetry, or the element-float format a plan label names."""
+        from compress.quant.float_records import FloatSpec  # torch: only when a pass runs
+        from compress.quant.primitives import PerChannel, PerGroup, QuantSpec
+
+        if candidate is None and self.float_label is not None:
+            candidate = self.float_label
+        if isinstance(candidate, str):
+            return FloatSpec.from_label(candidate)
         granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
-        return QuantSpec(self.bits if bits is None else bits, self.symmetric, granularity)
+        return QuantSpec(self.bits if candidate is None else candidate, self.symmetric, granularity)
+
+
+def label_stores(label: str) -> frozenset[str]:
+    """The storage parts of an element-float label (the words of compress/recipe/storage.py)."""
+    if label in ("fp8", "fp8-tensor"):
+        return frozenset({ELEMENT_FLOATS, SCALES})
+    return frozenset({ELEMENT_FLOATS, BLOCK_SCALES})
 
 
 # -- rtn.py
@@ -106,6 +162,8 @@ class RTNConfig(WeightQuantConfig):
         passes:
           - rtn: {bits: 4, group_size: 128, symmetric: true}
           - rtn: {bits: 8, group_size: null, activations: {bits: 8, per: token}}   # W8A8
+          - rtn: {format: fp8, strategy: block}                                 # FP8 E4M3, 128x128 block scales
+          - rtn: {format: nvfp4}                                                # NVFP4 W4A16
     """
 
 
@@ -143,6 +201,7 @@ class GPTQConfig(WeightQuantConfig, HessianOptions):
         passes:
           - gptq: {bits: 4, group_size: 128, symmetric: true}
           - gptq: {bits: 3, group_size: 128, act_order: true, damp: 0.01, block_size: 128}
+          - gptq: {format: nvfp4}      # GPTQ rounding onto the FP4 grid, scales fixed before the column loop
     """
 
     damp: float = Field(0.01, gt=0, lt=1)
@@ -199,6 +258,12 @@ class AWQConfig(WeightQuantConfig):
         return None if self.quantize else "transform"
 
     @model_validator(mode="after")
+    def _integer_format(self) -> "AWQConfig":
+        if self.format != "int":
+            raise ValueError(f"awq rounds to integer codes; for format {self.format} use rtn or gptq")
+        return self
+
+    @model_validator(mode="after")
     def _activations_need_quantize(self) -> "AWQConfig":
         if not self.quantize and self.activations is not None:
             raise ValueError("activations are quantized by the pass that rounds the weights; "
@@ -222,7 +287,7 @@ class KVCacheConfig(ObserverOptions):
     Recipe example:
 
         passes:
-          - rtn: {format: fp8, group_size: null, activations: {format: fp8, per: token}}
+          - rtn: {format: fp8, activations: {format: fp8, per: token}}
           - kv_cache: {format: fp8, strategy: tensor}
     """
 
@@ -528,7 +593,8 @@ class AllocateConfig(StrictConfig):
         passes:
           - allocate:
               granularity: module          # module (each linear) | layer (each decoder layer)
-              candidates: [2, 3, 4, 8]     # group size and symmetry come from the quantizer below
+              candidates: [2, 3, 4, 8]     # group size and symmetry come from the quantizer below; element-float
+                                           # formats by name: [4, nvfp4, fp8, fp8-block, mxfp4]
               sensitivity: hessian_trace   # hessian_trace | delta_loss | fisher | io_similarity
               solver: ilp                  # ilp | pareto | greedy
               budget: {avg_bits: 3.0}      # or {bytes: N} or {ratio: 0.25}; counts scales and zero points
@@ -539,7 +605,7 @@ class AllocateConfig(StrictConfig):
     path_fields: ClassVar[tuple[str, ...]] = ("sensitivity_file",)
 
     granularity: Literal["module", "layer"] = "module"
-    candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], min_length=1)
+    candidates: list[int | str] = Field(default_factory=lambda: list[int | str]([2, 3, 4, 8]), min_length=1)
     sensitivity: Estimator = "hessian_trace"
     solver: Literal["ilp", "pareto", "greedy"] = "ilp"
     budget: BudgetConfig
@@ -554,11 +620,18 @@ class AllocateConfig(StrictConfig):
 
     @field_validator("candidates")
     @classmethod
-    def _widths(cls, value: list[int]) -> list[int]:
-        bad = [b for b in value if not 2 <= b <= 8]
+    def _widths(cls, value: list[int | str]) -> list[int | str]:
+        bad = [b for b in value if (b not in FLOAT_LABELS if isinstance(b, str) else not 2 <= b <= 8)]
         if bad:
-            raise ValueError(f"candidate widths must be from 2 to 8, got {bad}")
-        return sorted(set(value))
+            raise ValueError(f"candidates are integer widths from 2 to 8 or element-float formats "
+                             f"({', '.join(FLOAT_LABELS)}), got {bad}")
+        # integer widths first, narrowest first, then the float formats in FLOAT_LABELS order
+        return sorted(set(value), key=lambda b: (1, FLOAT_LABELS.index(b)) if isinstance(b, str) else (0, b))
+
+    @property
+    def stores(self) -> frozenset[str]:
+        """Float candidates make the plan store element floats, whatever the following quantizer's own format."""
+        return frozenset().union(*(label_stores(b) for b in self.candidates if isinstance(b, str)))
 
 
 class QuantizePlanConfig(StrictConfig):

@@ -15,6 +15,10 @@ Group quantization parameters, two honest choices:
   column order. With `act_order` this is the only mode we allow with groups: the reference's act-order groups
   are contiguous in the *permuted* order, which `UniformAffine` (contiguous groups in the original order,
   no g_idx) cannot store, and which fast inference kernels do not like either.
+
+Element-float formats (FP8, NVFP4, MXFP4; `gptq: {format: nvfp4}`): `gptq_quantize_float` fixes the format's own
+scales from the original weights before the column loop, as llm-compressor does (NVFP4's global scale from the
+whole tensor), then rounds column by column onto the FP8 / FP4 grid with the same error feedback.
 """
 
 from __future__ import annotations
@@ -31,9 +35,18 @@ from compress.engine.threads import thread_independent_sum
 from compress.recipe.errors import UserError
 from compress.quant.modules import weight_matrix
 from compress.quant.primitives import QuantSpec, codes_dtype, compute_qparams, dequantize_codes, group_bounds, quantize_codes
-from compress.quant.records import UniformAffine, quantize_rtn
+from compress.quant.float_records import (
+    FloatSpec,
+    check_columns,
+    element_scales,
+    float_scales,
+    quantize_weight_rtn,
+    record_from_values,
+    round_to_grid,
+)
+from compress.quant.records import UniformAffine, WeightRecord
 from compress.compressors.activation_scales import install_activations
-from compress.compressors.base import keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import checked_spec, keep_pruned_zeros, spec_for, write_back
 from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
     HessianAccumulator,
     HessianNotPositiveDefinite,
@@ -55,7 +68,7 @@ class GPTQResult:
     dead_columns: input features that were zero on every calibration token; their weights were set to 0.
     """
 
-    qweight: UniformAffine
+    qweight: WeightRecord  # UniformAffine from gptq_quantize, ElementFloat from gptq_quantize_float
     loss: float
     dampening_frac_used: float
     dead_columns: int
@@ -165,6 +178,75 @@ def _quantize_columns(
     return Q, scale, zero, thread_independent_sum(row_loss)
 
 
+def gptq_quantize_float(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: FloatSpec,
+    *,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    mask: torch.Tensor | None = None,
+) -> GPTQResult:
+    """GPTQ onto an element-float grid: `gptq_quantize` with the format's scales fixed before the column loop.
+
+    The scales (and NVFP4's global scale) come from the original weights, pruned ones zeroed, exactly as RTN would
+    choose them; the loop then only decides each weight's grid point. Arguments as `gptq_quantize`.
+    """
+    W = weight.detach().float().clone()
+    H = hessian.detach().to(W.device, torch.float32, copy=True)
+    keep = None if mask is None else mask.to(W.device, torch.bool)
+    if keep is not None:
+        W[~keep] = 0
+    check_columns(W.shape[1], spec)
+    dead = mark_dead_columns(W, H)
+    scale, global_scale = float_scales(W, spec)
+    per_element = element_scales(spec, scale, global_scale, (W.shape[0], W.shape[1])).expand_as(W)  # (rows, columns)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H, per_element = W[:, perm], H[perm][:, perm], per_element[:, perm]
+        keep = None if keep is None else keep[:, perm]
+    Hinv, damp_used = inverse_hessian_factor(H, dampening_frac)
+    values, loss = _round_columns_to_grid(W, Hinv, per_element, spec, block_size, keep)
+    if perm is not None:
+        values = values[:, torch.argsort(perm)]
+    return GPTQResult(record_from_values(values, scale, global_scale, spec), loss, damp_used, dead)
+
+
+def _round_columns_to_grid(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    per_element: torch.Tensor,
+    spec: FloatSpec,
+    block_size: int,
+    keep: torch.Tensor | None,
+) -> tuple[torch.Tensor, float]:
+    """`_quantize_columns` for fixed element-float scales: grid values (rows, columns) in loop order, and the loss.
+
+    The same lazy-batch loop; kept apart because with every scale known up front there is no group state to track.
+    """
+    # see GPTQ Alg. 1 (lazy batch updates, Cholesky of H^-1); Frantar et al. 2022
+    rows, columns = W.shape
+    V = torch.empty_like(W)  # grid values, before scaling
+    row_loss = torch.zeros(rows, device=W.device)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            w = W1[:, i : i + 1] if keep is None else W1[:, i : i + 1] * keep[:, j : j + 1]  # (rows, 1)
+            s = per_element[:, j : j + 1]
+            V[:, j : j + 1] = round_to_grid(spec, w / s)
+            err = (w - V[:, j : j + 1] * s) / Hinv1[i, i]
+            W1[:, i:].addmm_(err, Hinv1[i : i + 1, i:], alpha=-1)
+            Err1[:, i : i + 1] = err
+        row_loss += Err1.pow(2).sum(dim=1) / 2
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    return V, thread_independent_sum(row_loss)
+
+
 def _group_of_column(columns: int, spec: QuantSpec, perm: torch.Tensor | None) -> list[int]:
     """The group (in the original column order) of each loop position; a plain list, read once per column."""
     original = perm.tolist() if perm is not None else range(columns)
@@ -227,28 +309,33 @@ def quantize_module(
     fqn: str, module: nn.Module, hessian: HessianAccumulator, cfg: GPTQConfig, run: RunContext
 ) -> dict[str, Any]:
     """GPTQ one module, write its weights back, and return its report entry (RTN fallback recorded)."""
-    spec = spec_for(fqn, cfg, run)
+    spec = checked_spec(fqn, module, spec_for(fqn, cfg, run))
     mask = run.handoff.masks.get(fqn)
     weight = weight_matrix(module)
-    if cfg.act_order and spec.group_size is not None and not cfg.use_static_groups:
+    if isinstance(spec, QuantSpec) and cfg.act_order and spec.group_size is not None and not cfg.use_static_groups:
         raise UserError(
             f"gptq: {fqn} gets group_size {spec.group_size} from the bit plan; act_order then needs static_groups: true"
         )
     extra: dict[str, Any] = {"hessian_samples": hessian.samples}
     if hessian.samples == 0 and not hessian.hessian.any():  # no input reached it (an MoE expert nobody was routed to)
-        qweight = keep_pruned_zeros(quantize_rtn(weight if mask is None else weight * mask.to(weight.device), spec), mask)
+        qweight = keep_pruned_zeros(quantize_weight_rtn(weight if mask is None else weight * mask.to(weight.device), spec),
+                                    mask)
         run.results.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
         return {**write_back(fqn, module, qweight, run), **extra, "fallback": "rtn"}
     try:
-        result = gptq_quantize(
-            weight, hessian.hessian, spec, block_size=cfg.block_size, dampening_frac=cfg.damp,
-            act_order=cfg.act_order, static_groups=cfg.use_static_groups, mask=mask,
-        )
+        if isinstance(spec, FloatSpec):
+            result = gptq_quantize_float(weight, hessian.hessian, spec, block_size=cfg.block_size,
+                                         dampening_frac=cfg.damp, act_order=cfg.act_order, mask=mask)
+        else:
+            result = gptq_quantize(
+                weight, hessian.hessian, spec, block_size=cfg.block_size, dampening_frac=cfg.damp,
+                act_order=cfg.act_order, static_groups=cfg.use_static_groups, mask=mask,
+            )
         qweight = result.qweight
         extra.update(gptq_loss=round(result.loss, 6), damp_used=result.dampening_frac_used,
                      dead_columns=result.dead_columns)
     except HessianNotPositiveDefinite as exc:
-        qweight = quantize_rtn(weight if mask is None else weight * mask.to(weight.device), spec)
+        qweight = quantize_weight_rtn(weight if mask is None else weight * mask.to(weight.device), spec)
         run.results.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": str(exc)})
         extra["fallback"] = "rtn"
     qweight = keep_pruned_zeros(qweight, mask)

@@ -1,4 +1,5 @@
-"""Round-to-nearest (RTN) weight quantization: the data-free baseline every calibrated method must beat."""
+"""Round-to-nearest (RTN) weight quantization: the data-free baseline every calibrated method must beat, onto a
+uniform integer grid or an element-float one (FP8, NVFP4, MXFP4: compress/quant/float_records.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,19 @@ from typing import Any
 
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
-from compress.quant.records import quantize_rtn
+from compress.quant.float_records import quantize_weight_rtn
 from compress.compressors.activation_scales import install_activations
-from compress.compressors.base import keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import checked_spec, keep_pruned_zeros, spec_for, write_back
 from compress.compressors.configs import RTNConfig  # noqa: F401  (re-exported; defined without torch)
 
 
 def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, Any]:
-    """Round each weight to the nearest point of a uniform integer grid (per channel or per group)."""
+    """Round each weight to the nearest point of its grid: integers per channel or group, or an element-float format."""
     results = {}
     modules = layer.linears(cfg.ignore)
     for fqn, module in modules.items():
-        qweight = quantize_rtn(weight_matrix(module), spec_for(fqn, cfg, layer.run))
+        spec = checked_spec(fqn, module, spec_for(fqn, cfg, layer.run))
+        qweight = quantize_weight_rtn(weight_matrix(module), spec)
         qweight = keep_pruned_zeros(qweight, layer.run.handoff.masks.get(fqn))
         results[fqn] = write_back(fqn, module, qweight, layer.run)
     install_activations(layer, modules, cfg.activations)  # after the rounding: a static scale sees rounded weights' outputs

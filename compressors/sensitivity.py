@@ -37,8 +37,7 @@ from compress.engine.vocab_head import (
     target_nll,
 )
 from compress.quant.modules import set_weight_matrix, weight_matrix
-from compress.quant.primitives import QuantSpec
-from compress.quant.records import quantize_rtn
+from compress.quant.float_records import WeightFormat, quantize_weight_rtn
 
 HVP = Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]]  # probes -> H v per probe, block by block
 
@@ -250,17 +249,17 @@ def io_dissimilarity(model: nn.Module, layers: Sequence[nn.Module], batches: Seq
     return [1.0 - s / tokens for s in sums]
 
 
-def quantization_error(module: nn.Module, spec: QuantSpec) -> torch.Tensor:
-    """(Q_b(W) - W) for round-to-nearest at `spec`, in (out, in) layout, float32."""
+def quantization_error(module: nn.Module, spec: WeightFormat) -> torch.Tensor:
+    """(Q_b(W) - W) for round-to-nearest at `spec` (integer or element-float), in (out, in) layout, float32."""
     weight = weight_matrix(module).float()
-    return quantize_rtn(weight, spec).dequantize().to(weight.device) - weight
+    return quantize_weight_rtn(weight, spec).dequantize().to(weight.device) - weight
 
 
 @torch.no_grad()
 def loss_increases(
     model: nn.Module,
     units: dict[str, list[tuple[str, nn.Module]]],
-    specs: Sequence[QuantSpec],
+    specs: Sequence[WeightFormat],
     batches: Sequence[torch.Tensor],
     logit_chunk_mb: int = DEFAULT_LOGIT_CHUNK_MB,
 ) -> dict[str, list[float]]:
@@ -272,7 +271,7 @@ def loss_increases(
         row = []
         for spec in specs:
             for (_, module), original in zip(modules, originals):
-                set_weight_matrix(module, quantize_rtn(original.float(), spec).dequantize().to(original.dtype))
+                set_weight_matrix(module, quantize_weight_rtn(original.float(), spec).dequantize().to(original.dtype))
             row.append(_mean_loss(model, batches, logit_chunk_mb) - baseline)
         for (_, module), original in zip(modules, originals):
             set_weight_matrix(module, original)

@@ -41,7 +41,7 @@ from compress.quant.activation import config_of, install_activation_quant
 from compress.quant.kv_cache import install_kv_cache
 from compress.engine.output import replace_atomically
 from compress.recipe.errors import UserError
-from compress.quant.primitives import QuantSpec
+from compress.quant.float_records import format_from_description
 from compress.quant.records import restore_record, saved_form
 
 if TYPE_CHECKING:  # context.py imports this module for `Checkpointer`
@@ -216,7 +216,7 @@ class Checkpointer:
         for fqn in state["masks"]:
             run.handoff.masks[fqn] = tensors[f"mask.{fqn}"]
         for fqn, described in state["bit_plan"].items():
-            run.handoff.bit_plan[fqn] = QuantSpec.from_description(described)
+            run.handoff.bit_plan[fqn] = format_from_description(described)
         self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
         self._reinstall_kv_cache(layer, prefix, state.get("kv_cache", {}), run)
         run.results.fallbacks.extend(state["fallbacks"])

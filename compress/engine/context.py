@@ -19,8 +19,8 @@ import torch
 from compress.engine.activations import OffloadSettings
 from compress.engine.checkpoint import Checkpointer
 from compress.engine.progress import SILENT, Reporter
-from compress.quant.bit_plan import read_plan
-from compress.quant.primitives import QuantSpec
+from compress.quant.bit_plan import PlanEntry, read_plan
+from compress.quant.float_records import WeightFormat
 from compress.quant.records import WeightRecord
 
 T = TypeVar("T")
@@ -53,15 +53,15 @@ class RunInputs:
 class Handoff:
     """What a pass hands the passes after it; each channel has one kind of writer and one kind of reader.
 
-    - `bit_plan`: module fqn -> QuantSpec, written by allocation passes (allocate, quantize_plan) and read by
-      the quantizers.
+    - `bit_plan`: module fqn -> QuantSpec or FloatSpec (compress/quant/float_records.py), written by allocation
+      passes (allocate, quantize_plan) and read by the quantizers.
     - `masks`: module fqn -> bool tensor (out, in), True where a weight survived pruning; written by pruning
       passes, read by quantizers (which keep pruned weights at exactly zero) and by the export.
     - `layer_sparsity`: decoder-layer prefix -> sparsity, written by a sparsity allocation pass (OWL) and read
       by the pruning passes, as `bit_plan` is by the quantizers.
     """
 
-    bit_plan: dict[str, QuantSpec] = field(default_factory=dict)
+    bit_plan: dict[str, WeightFormat] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_sparsity: dict[str, float] = field(default_factory=dict)
 
@@ -96,7 +96,7 @@ class RunCache:
 
     def __init__(self) -> None:
         self._token_ids: dict[str, torch.Tensor] = {}
-        self._plans: dict[str, dict[str, int]] = {}
+        self._plans: dict[str, dict[str, PlanEntry]] = {}
         self._task_docs: dict[tuple[str, str, int | None], Any] = {}
 
     def token_ids(self, dataset: str, tokenize: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -105,7 +105,7 @@ class RunCache:
             self._token_ids[dataset] = tokenize()
         return self._token_ids[dataset]
 
-    def bit_plan_file(self, path: str | Path) -> dict[str, int]:
+    def bit_plan_file(self, path: str | Path) -> dict[str, PlanEntry]:
         """The bit plan file at `path` (module name or pattern -> bits), read once."""
         key = str(path)
         if key not in self._plans:

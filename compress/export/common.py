@@ -22,7 +22,10 @@ WEIGHTS_FILE = "model.safetensors"
 Held = TypeVar("Held", bound=WeightRecord)
 
 
-def unheld_reason(record: WeightRecord, fmt: str, writes: type[WeightRecord]) -> str | None:
+Layouts = type[WeightRecord] | tuple[type[WeightRecord], ...]
+
+
+def unheld_reason(record: WeightRecord, fmt: str, writes: Layouts) -> str | None:
     """Why the `fmt` writer, which lays out `writes` records, cannot hold `record`; None when it can.
 
     The parts the record stores decide first (compress/recipe/storage.py), so the refusal names what would be lost
@@ -35,7 +38,7 @@ def unheld_reason(record: WeightRecord, fmt: str, writes: type[WeightRecord]) ->
     return None if isinstance(record, writes) else f"a {record.kind!r} record"
 
 
-def writable_records(records: dict[str, WeightRecord], fmt: str, writes: type[Held],
+def writable_records(records: dict[str, WeightRecord], fmt: str, writes: type[Held] | tuple[type[Held], ...],
                      layout: Callable[[str, WeightRecord], str]) -> dict[str, Held]:
     """`records`, every one checked to be a `writes` the format holds; raises UserError naming the first module
     refused and why, before the writer has written anything. `layout(fqn, record)` names the format's layout."""

@@ -7,8 +7,15 @@ distinct scheme, so a mixed-precision plan gets one group per bit width. Pruning
 `sparsity_config` (format dense, `sparsity_structure: "2:4"` when every masked matrix is 2:4) so runtimes
 can pick sparse kernels.
 
-It holds uniform-affine records only (integer codes, scales, integer zero points); any other record is refused
-before anything is written, naming the module and the part it cannot hold (`holdable`), never rounded into shape.
+Element-float records (compress/quant/float_records.py) are laid out by compressed-tensors' own compressors:
+FP8 as `float-quantized` (float8_e4m3fn weights, float32 scales per tensor, channel or 128x128 block), NVFP4 as
+`nvfp4-pack-quantized` (two E2M1 codes per byte, FP8 scales per 16, FP32 global scale) and MXFP4 as
+`mxfp4-pack-quantized` (E8M0 scale bytes per 32). The compressor quantizes our dequantized weights with our scales;
+the codes it writes are checked against the record's before they are kept, so a disagreement is our bug, not a
+silently different checkpoint. Mixed formats give one config group each, and the config says `mixed-precision`.
+
+It holds uniform-affine and element-float records only; any other record is refused before anything is written,
+naming the module and the part it cannot hold (`holdable`), never rounded into shape.
 
 Conventions: compressed-tensors stores signed codes; our asymmetric codes are unsigned [0, 2^b - 1], so
 codes and zero points shift down by 2^(b-1) together, which leaves (code - zero) * scale unchanged.
@@ -25,11 +32,14 @@ from torch import nn
 from compress.recipe.errors import UserError
 from compress.export.common import export_dtype, plain_tensors, writable_records, write_config, write_weights
 from compress.export.state import CompressedModel
+from compress.quant.float_records import FP8_BLOCK, ElementFloat, grid_values
 from compress.quant.modules import is_linear
 from compress.quant.records import UniformAffine, WeightRecord
 
 PACKED = "pack-quantized"
 INT8 = "int-quantized"
+FLOAT_LAYOUTS = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+Held = UniformAffine | ElementFloat
 
 
 def _signed_offset(record: UniformAffine) -> int:
@@ -56,29 +66,82 @@ def pack_weight(record: UniformAffine, scale_dtype: torch.dtype, fmt: str = PACK
     return out
 
 
-def _scheme_key(record: UniformAffine, activations: dict[str, Any] | None) -> tuple[Any, ...]:
+def pack_float_weight(fqn: str, record: ElementFloat) -> dict[str, torch.Tensor]:
+    """The module-local tensors of an element-float record, written by compressed-tensors' own compressor for its
+    layout from our dequantized weights and scales; the codes it wrote are checked against the record's."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    fmt = FLOAT_LAYOUTS[record.spec.format]
+    # FP8 per tensor: the library's scale is (1,), not our broadcastable (1, 1)
+    scale = record.scale.reshape(1) if record.spec.strategy == "tensor" else record.scale
+    state = {"weight": record.dequantize(), "weight_scale": scale}
+    if record.global_scale is not None:
+        state["weight_global_scale"] = record.global_scale
+    compressor: Any = BaseCompressor.get_value_from_registry(fmt)
+    packed = {name: tensor.detach().contiguous() for name, tensor in
+              compressor.compress(state, build_scheme(record, None, [fqn])).items()}
+    _check_written_codes(fqn, record, packed, fmt)
+    return packed
+
+
+def written_grid_values(packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """The element values (before scaling, float32) a float-quantized / fp4-pack-quantized module stores."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    if "weight_packed" in packed:
+        return unpack_fp4_from_uint8(packed["weight_packed"], *shape, dtype=torch.float32)
+    return packed["weight"].float()
+
+
+def _check_written_codes(fqn: str, record: ElementFloat, packed: dict[str, torch.Tensor], fmt: str) -> None:
+    # compared as values, so +0 and -0 (which the packer may sign differently) count as the same code
+    differ = int((written_grid_values(packed, record.shape) != grid_values(record.spec, record.codes)).sum())
+    if differ:
+        raise RuntimeError(f"compressed-tensors' {fmt} compressor wrote {differ} codes of {fqn} other than its "
+                           "record holds: a bug in compress, please report it")
+
+
+def _scheme_key(record: Held, activations: dict[str, Any] | None) -> tuple[Any, ...]:
     act = activation_scheme_key(activations)
+    if isinstance(record, ElementFloat):
+        return "float", record.spec.format, record.spec.strategy, act
     return record.spec.bits, record.spec.symmetric, record.spec.group_size, act
 
 
 def _module_format(record: WeightRecord, activations: dict[str, Any] | None) -> str:
+    if isinstance(record, ElementFloat):
+        return FLOAT_LAYOUTS[record.spec.format]
     return INT8 if activations and isinstance(record, UniformAffine) and record.spec.bits == 8 else PACKED
 
 
-def holdable(records: dict[str, WeightRecord], activation_quant: dict[str, Any]) -> dict[str, UniformAffine]:
+def holdable(records: dict[str, WeightRecord], activation_quant: dict[str, Any]) -> dict[str, Held]:
     """`records` as this format lays them out; raises UserError for any it cannot hold (before anything is written)."""
-    return writable_records(records, "compressed-tensors", UniformAffine,
+    return writable_records(records, "compressed-tensors", (UniformAffine, ElementFloat),
                             lambda fqn, record: f"compressed-tensors {_module_format(record, activation_quant.get(fqn))}")
 
 
-def build_scheme(record: UniformAffine, activations: dict[str, Any] | None, targets: list[str]) -> Any:
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def weight_args(record: Held) -> Any:
+    """compressed-tensors' QuantizationArgs for the record's weights (the library's presets for NVFP4 / MXFP4)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 
+    if isinstance(record, ElementFloat):
+        if record.spec.format != "fp8":
+            return preset_name_to_scheme(f"{record.spec.format.upper()}A16", ["Linear"]).weights
+        block = [FP8_BLOCK, FP8_BLOCK] if record.spec.strategy == "block" else None
+        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=record.spec.strategy,
+                                block_structure=block)
     spec = record.spec
-    weights = QuantizationArgs(
+    return QuantizationArgs(
         num_bits=spec.bits, type="int", symmetric=spec.symmetric,
         strategy="group" if spec.group_size else "channel", group_size=spec.group_size,
     )
+
+
+def build_scheme(record: Held, activations: dict[str, Any] | None, targets: list[str]) -> Any:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    weights = weight_args(record)
     inputs = input_activations_args(activations)
     return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs,
                               format=_module_format(record, activations))
@@ -152,13 +215,16 @@ def sparsity_config_of(summaries: dict[str, tuple[int, int, bool]]) -> dict[str,
     }
 
 
-def module_tensors(fqn: str, module: nn.Module, record: UniformAffine, dtype: torch.dtype,
+def module_tensors(fqn: str, module: nn.Module, record: Held, dtype: torch.dtype,
                    activations: dict[str, Any] | None) -> dict[str, torch.Tensor]:
     """The stored tensors that replace `fqn.weight`, by full name."""
     if not isinstance(module, nn.Linear):
         raise UserError(f"{fqn} is not an nn.Linear (GPT-2's Conv1D?); compressed-tensors packs Linear weights "
                         "only: export with --format dense")
-    packed = pack_weight(record, dtype, _module_format(record, activations))
+    if isinstance(record, ElementFloat):
+        packed = pack_float_weight(fqn, record)
+    else:
+        packed = pack_weight(record, dtype, _module_format(record, activations))
     return {f"{fqn}.{name}": tensor for name, tensor in packed.items()} | activation_tensors(fqn, activations)
 
 

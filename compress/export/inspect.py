@@ -5,8 +5,11 @@ only the small `weight_shape` tensors and bitsandbytes' JSON quant states and, f
 Totals itemise the bytes a format adds beyond what the run report counts (codes + 16-bit scales (+ zero points),
 bitsandbytes' stored tensors, everything else at the checkpoint's precision): the safetensors header, shape/index
 tensors (`weight_shape`, `g_idx`), zero points the GPTQ layout stores even for symmetric codes, packing padding,
-and scales stored wider than 16 bits. So `bytes` (on disk minus that overhead) is the report's `size.bytes` for an
-export in the run's own layout, and `bits_per_weight` / `quantized_bits_per_weight` are the report's too.
+and integer layouts' scales stored wider than 16 bits. Element-float layouts (float-quantized FP8, nvfp4- and
+mxfp4-pack-quantized) add nothing: the report counts their scales at the width they are stored at (float32 FP8
+scales, FP8 / E8M0 block scales, NVFP4's float32 global scale). So `bytes` (on disk minus that overhead) is the
+report's `size.bytes` for an export in the run's own layout, and `bits_per_weight` / `quantized_bits_per_weight`
+are the report's too.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ class _Reader:
 
         scheme = _ct_scheme_of(module, self.qconfig) or {}
         weights = scheme.get("weights") or {}
+        if weights.get("type") == "float":
+            return self._element_float(module, tensors, handle, scheme)
         bits = int(weights.get("num_bits", 8))
         overhead = self._add("scales_beyond_16_bits", _beyond_16_bits(tensors["weight_scale"]))
         if "weight_packed" in tensors:
@@ -148,6 +153,25 @@ class _Reader:
         sparsity = _zero_fraction(codes) if codes is not None and weights.get("symmetric", True) else None
         return ModuleRow(module, fmt, bits, weights.get("group_size"), int(shape[0]) * int(shape[1]),
                          sum(_tensor_bytes(e) for e in tensors.values()), sparsity, overhead)
+
+    def _element_float(self, module: str, tensors: dict[str, Any], handle: Any, scheme: dict[str, Any]) -> ModuleRow:
+        """FP8 (float8_e4m3fn weights) or NVFP4 / MXFP4 (two E2M1 codes per byte): every byte is counted as stored."""
+        from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+        weights = scheme.get("weights") or {}
+        if "weight_packed" in tensors:
+            rows, half = tensors["weight_packed"]["shape"]
+            shape, bits = (int(rows), 2 * int(half)), 4
+            codes = (unpack_fp4_from_uint8(handle.get_tensor(f"{module}.weight_packed"), *shape, dtype=torch.float32)
+                     if self.sparsity else None)
+            fmt = str(scheme.get("format") or "fp4-pack-quantized")
+        else:
+            shape, bits = (int(tensors["weight"]["shape"][0]), int(tensors["weight"]["shape"][1])), 8
+            codes = handle.get_tensor(f"{module}.weight").float() if self.sparsity else None
+            fmt = f"{scheme.get('format') or 'float-quantized'} ({weights.get('strategy')})"
+        sparsity = _zero_fraction(codes) if codes is not None else None
+        return ModuleRow(module, fmt, bits, weights.get("group_size"), shape[0] * shape[1],
+                         sum(_tensor_bytes(e) for e in tensors.values()), sparsity)
 
     def _gptq(self, module: str, tensors: dict[str, Any]) -> ModuleRow:
         bits = int(self.qconfig["bits"])

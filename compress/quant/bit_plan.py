@@ -3,9 +3,11 @@
     # comments are free
     model.layers.0.self_attn.q_proj: 4       # an exact module name
     "*.down_proj": 3                           # a glob on the name (or its last parts), or "re:<regex>"
+    model.layers.1.mlp.up_proj: nvfp4          # an element-float format: fp8, fp8-tensor, fp8-block, nvfp4, mxfp4
 
 Precedence: an exact module name wins; otherwise the first pattern in file order that matches. Modules that no
-entry names keep the quantizer's own `bits`. Group size and symmetry always come from the quantizer's config.
+entry names keep the quantizer's own format. Group size and symmetry of integer widths always come from the
+quantizer's config; an element-float format brings its own scales.
 """
 
 from __future__ import annotations
@@ -16,14 +18,24 @@ from typing import Iterable
 import yaml
 
 from compress.recipe.errors import UserError
+from compress.quant.config import FLOAT_LABELS
 from compress.quant.modules import matches
 from compress.recipe.registry import did_you_mean
 
 MIN_BITS, MAX_BITS = 2, 8
 
+PlanEntry = int | str
+"""What a plan gives a module: an integer width, or an element-float format by name (FLOAT_LABELS)."""
 
-def read_plan(path: str | Path) -> dict[str, int]:
-    """Module name or pattern -> bits, in file order. Raises UserError naming the file and the bad entry."""
+
+def valid_entry(value: object) -> bool:
+    if isinstance(value, str):
+        return value in FLOAT_LABELS
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_BITS <= value <= MAX_BITS
+
+
+def read_plan(path: str | Path) -> dict[str, PlanEntry]:
+    """Module name or pattern -> bits (or float format), in file order. Raises UserError naming the file and entry."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -34,15 +46,16 @@ def read_plan(path: str | Path) -> dict[str, int]:
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path}: a bit plan is a mapping of module name (or pattern) to bits, e.g. "
                         "`model.layers.0.mlp.down_proj: 4`")
-    plan: dict[str, int] = {}
+    plan: dict[str, PlanEntry] = {}
     for name, bits in data.items():
-        if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-            raise UserError(f"{path}: {name}: bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        if not valid_entry(bits):
+            raise UserError(f"{path}: {name}: bits must be an integer from {MIN_BITS} to {MAX_BITS} or one of "
+                            f"{', '.join(FLOAT_LABELS)}, got {bits!r}")
         plan[str(name)] = bits
     return plan
 
 
-def bits_for(fqn: str, plan: dict[str, int]) -> int | None:
+def bits_for(fqn: str, plan: dict[str, PlanEntry]) -> PlanEntry | None:
     if fqn in plan:
         return plan[fqn]
     return next((bits for pattern, bits in plan.items() if _is_pattern(pattern) and matches(fqn, pattern)), None)
@@ -52,7 +65,7 @@ def _is_pattern(name: str) -> bool:
     return name.startswith("re:") or any(ch in name for ch in "*?[")
 
 
-def check_plan_names(plan: dict[str, int], modules: Iterable[str], source: str) -> None:
+def check_plan_names(plan: dict[str, PlanEntry], modules: Iterable[str], source: str) -> None:
     """Every exact name in the plan must be a quantizable module: a typo would otherwise be silently ignored."""
     known = list(modules)
     known_set = set(known)
@@ -63,7 +76,7 @@ def check_plan_names(plan: dict[str, int], modules: Iterable[str], source: str) 
             raise UserError(f"{source}: '{name}' names no quantizable module.{did_you_mean(name, known)[:400]}")
 
 
-def dump_plan(bits: dict[str, int], header: Iterable[str] = ()) -> str:
+def dump_plan(bits: dict[str, PlanEntry], header: Iterable[str] = ()) -> str:
     """The plan as YAML, module order kept, with `# ` header lines (budget, estimator) on top."""
     lines = [f"# {line}" for line in header]
     lines += [f"{name}: {value}" for name, value in bits.items()]

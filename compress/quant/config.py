@@ -103,3 +103,15 @@ class ActivationQuantConfig(ObserverOptions):
     def calibrated(self) -> bool:
         """Whether a scale comes from the calibration windows (static scales, NVFP4's global scale)."""
         return self.static or self.format == "nvfp4"
+
+
+# Element-float weight formats (compress/quant/float_records.py), named here without torch so recipes validate first.
+FLOAT_FORMATS = ("fp8", "nvfp4", "mxfp4")
+FP8_STRATEGIES = ("tensor", "channel", "block")
+# The names a bit plan and the allocator's candidates use for them: fp8 is per channel.
+FLOAT_LABELS = ("fp8", "fp8-tensor", "fp8-block", "nvfp4", "mxfp4")
+
+
+def label_bits(label: str) -> int:
+    """Bits per element code of a float label: 8 for the FP8 ones, 4 for NVFP4 / MXFP4."""
+    return 8 if label.startswith("fp8") else 4

@@ -254,3 +254,8 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> UniformAffine:
         zero=torch.cat(zeros, dim=1),
         spec=spec,
     )
+
+
+# The element-float records (FP8, NVFP4, MXFP4) register on import; importing them here makes every built-in record
+# kind restorable wherever records are (checkpoints, run state). Last, because that module builds on the above.
+from compress.quant import float_records as _float_records  # noqa: E402,F401

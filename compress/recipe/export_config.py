@@ -46,8 +46,9 @@ def _is_structured_pruning(params: dict[str, Any]) -> bool:
 
 def format_problems(fmt: str, steps: Sequence[Any]) -> list[str]:
     """Why `fmt` cannot hold what the passes `steps` (recipe PassSteps) produce; empty when it can."""
-    problems = [_unheld_problem(step.name, part, fmt) for step in steps for part in unheld(step.definition.stores, fmt)]
-    if fmt == "bitsandbytes" and not any(BITSANDBYTES_MODULES in step.definition.stores for step in steps):
+    stores = {id(step): step.definition.stores_of(step.config) for step in steps}
+    problems = [_unheld_problem(step.name, part, fmt) for step in steps for part in unheld(stores[id(step)], fmt)]
+    if fmt == "bitsandbytes" and not any(BITSANDBYTES_MODULES in stores[id(step)] for step in steps):
         problems.append("format 'bitsandbytes' saves a model quantized by the bnb pass; add `- bnb: {mode: nf4}` or choose compressed-tensors")
     if fmt == "gptq":
         problems.extend(_gptq_problems(steps))

@@ -180,6 +180,11 @@ class PassDef:
         the config says so (`calibrates`: rtn with static activation scales)."""
         return self.needs_calibration or bool(getattr(config, "calibrates", False))
 
+    def stores_of(self, config: StrictConfig) -> frozenset[str]:
+        """What the pass stores with this config: its declared parts plus any the config adds (`stores`, e.g. rtn
+        with format fp8 stores element floats)."""
+        return self.stores | frozenset(getattr(config, "stores", frozenset()))
+
     @property
     def summary(self) -> str:
         doc = (self.apply.__doc__ or self.config.__doc__ or "").strip()

@@ -29,8 +29,10 @@ INTEGER_AFFINE = frozenset({INTEGER_CODES, SCALES, INTEGER_ZERO_POINTS})
 # What each export format can hold; None: any record part. `dense` writes every record dequantized, so whatever a
 # record stores (this vocabulary's words or a new record's own) it holds, but not bitsandbytes modules, which only
 # transformers' bitsandbytes serialization saves.
+# compressed-tensors also lays out element floats: float-quantized (FP8, per tensor / channel / 128x128 block) and
+# nvfp4- / mxfp4-pack-quantized (FP4 codes with FP8 or E8M0 block scales); the GPTQ layout has integer codes only.
 FORMAT_HOLDS: dict[str, frozenset[str] | None] = {
-    "compressed-tensors": INTEGER_AFFINE,
+    "compressed-tensors": INTEGER_AFFINE | {ELEMENT_FLOATS, BLOCK_SCALES},
     "gptq": INTEGER_AFFINE,
     "dense": None,
     "bitsandbytes": frozenset({BITSANDBYTES_MODULES}),
