@@ -128,6 +128,7 @@ def main(
     max_windows: Annotated[Optional[int], typer.Option(help="evaluation windows (default: all)")] = None,
     output: Annotated[Path, typer.Option(help="the Markdown section to write")] = REPO / "bench" / "results" / "serving_formats.md",
     peer: Annotated[bool, typer.Option(help="also run llm-compressor's presets")] = True,
+    only: Annotated[str, typer.Option(help="run only the rows whose title contains this")] = "",
 ) -> None:
     load_before = os.getloadavg()
     handle = load_model(str(DEMO / "model"), dtype="float32", device="cpu")
@@ -140,7 +141,7 @@ def main(
     del handle
     print(f"fp32 baseline {baseline:.4f}", file=sys.stderr)
     results: list[tuple[Row, Outcome, Outcome | None]] = []
-    for row in ROWS:
+    for row in (r for r in ROWS if only in r.title):
         ours = run_our_row(row, setup)
         kv = row.title.endswith("KV cache")
         theirs = None
