@@ -9,7 +9,6 @@ the inputs the earlier (already quantized) layers hand on, as a runtime with sta
 
 from __future__ import annotations
 
-from typing import Any
 
 from torch import nn
 

@@ -23,6 +23,7 @@ from compress.quant.element_float import (
     grouped,
     nvfp4_global_scale,
 )
+from compress.quant.modules import weight_matrix
 from compress.quant.primitives import fake_quantize_per_tensor, fake_quantize_per_token
 from compress.recipe.errors import UserError
 
@@ -115,7 +116,7 @@ def config_of(settings: dict[str, Any]) -> tuple[ActivationQuantConfig, dict[str
 def check_groups_fit(fqn: str, module: nn.Module, cfg: ActivationQuantConfig) -> None:
     """Activations scaled per group along the input features: refuse a width the group does not divide."""
     group = cfg.group_size
-    width = getattr(module, "in_features", None) or module.weight.shape[-1]
+    width = weight_matrix(module).shape[1]  # (out, in) for Linear and GPT-2's Conv1D alike
     if group and width % group:
         raise UserError(f"{fqn}: {cfg.format} activations are scaled in groups of {group} input features, and this "
                         f"module has {width}; leave it out with `ignore`, or use fp8 per token")
