@@ -18,6 +18,7 @@ from compress.quant.element_float import fake_quantize_fp8
 from compress.quant.kv_cache import install_kv_cache
 from compress.recipe.errors import UserError
 from tests.conftest import recipe_text
+from tests.tiny_models import FAMILIES, save_tiny_model
 
 
 def tiny_attention():
@@ -112,7 +113,9 @@ def test_a_family_whose_attention_bypasses_the_interface_is_refused_by_name():
         run_kv_cache(ctx, KVCacheConfig())
 
 
-PASSES = """  - rtn: {bits: 8, group_size: null, activations: {format: fp8, per: tensor, static: true, observer: mse}}
+# SmoothQuant in front of FP8 W8A8 with a static (MSE) input scale, then a per-head KV cache (percentile).
+PASSES = """  - smoothquant: {alpha: 0.5}
+  - rtn: {format: fp8, activations: {format: fp8, per: tensor, static: true, observer: mse}}
   - kv_cache: {strategy: head, observer: percentile}"""
 
 
@@ -156,6 +159,26 @@ def test_static_and_kv_scales_survive_a_resume_and_reach_the_export(recipe, monk
         assert stored.get_tensor("model.layers.1.self_attn.k_scale").flatten().tolist() == pytest.approx(kv["k_scale"])
         assert stored.get_tensor("model.layers.1.self_attn.k_scale").shape == (2, 1, 1)
         assert stored.get_tensor("model.layers.0.self_attn.o_proj.input_scale").item() == pytest.approx(static["input_scale"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_tiny_family_routes_its_cache_through_the_hook(tmp_path, family):
+    from compress.app.runner import run_passes
+    from compress.engine.model_io import load_model
+    from compress.recipe.schema import parse_recipe
+
+    handle = load_model(str(save_tiny_model(tmp_path / family, family)), dtype="float32", device="cpu")
+    probe = torch.randint(5, 300, (1, 16))
+    with torch.no_grad():
+        before = handle.model(probe, use_cache=False).logits
+    (tmp_path / "calib.txt").write_text("the windows come from RunInputs below")
+    recipe = parse_recipe("calibration: {dataset: calib.txt, samples: 2, seq_len: 32}\npasses: [kv_cache]\n",
+                          base_dir=tmp_path)
+    run = RunContext(RunInputs(torch.device("cpu"), calibration=torch.randint(5, 300, (2, 32)), calibration_batch_size=2))
+    run_passes(handle, recipe.passes, run)
+    assert len(run.results.kv_cache) == 2  # both decoder layers
+    with torch.no_grad():
+        assert not torch.equal(handle.model(probe, use_cache=False).logits, before)
 
 
 def test_bad_kv_cache_values_exit_2_naming_the_file_and_line(write_recipe, tiny_llama, text_file):
