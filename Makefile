@@ -78,6 +78,7 @@ bench:
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/eval_memory.py
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/cli_startup.py
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/demo_results.py
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/serving_weights.py
 	HF_HUB_OFFLINE=1 MKL_DYNAMIC=FALSE PYTHONPATH=. $(BENCH_PY) bench/threads.py
 	$(BENCH_PY) bench/assemble.py --output BENCHMARKS.md
 

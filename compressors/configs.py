@@ -623,8 +623,8 @@ class AllocateConfig(StrictConfig):
     def _widths(cls, value: list[int | str]) -> list[int | str]:
         bad = [b for b in value if (b not in FLOAT_LABELS if isinstance(b, str) else not 2 <= b <= 8)]
         if bad:
-            raise ValueError(f"candidates are integer widths from 2 to 8 or element-float formats "
-                             f"({', '.join(FLOAT_LABELS)}), got {bad}")
+            raise ValueError(f"candidate widths must be from 2 to 8, got {bad} (or name an element-float format: "
+                             f"{', '.join(FLOAT_LABELS)})")
         # integer widths first, narrowest first, then the float formats in FLOAT_LABELS order
         return sorted(set(value), key=lambda b: (1, FLOAT_LABELS.index(b)) if isinstance(b, str) else (0, b))
 

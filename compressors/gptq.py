@@ -46,7 +46,7 @@ from compress.quant.float_records import (
 )
 from compress.quant.records import UniformAffine, WeightRecord
 from compress.compressors.activation_scales import install_activations
-from compress.compressors.base import checked_spec, keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import checked_spec, keep_pruned_zeros, write_back
 from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
     HessianAccumulator,
     HessianNotPositiveDefinite,
@@ -309,7 +309,7 @@ def quantize_module(
     fqn: str, module: nn.Module, hessian: HessianAccumulator, cfg: GPTQConfig, run: RunContext
 ) -> dict[str, Any]:
     """GPTQ one module, write its weights back, and return its report entry (RTN fallback recorded)."""
-    spec = checked_spec(fqn, module, spec_for(fqn, cfg, run))
+    spec = checked_spec(fqn, module, cfg, run)
     mask = run.handoff.masks.get(fqn)
     weight = weight_matrix(module)
     if isinstance(spec, QuantSpec) and cfg.act_order and spec.group_size is not None and not cfg.use_static_groups:

@@ -9,7 +9,7 @@ from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import weight_matrix
 from compress.quant.float_records import quantize_weight_rtn
 from compress.compressors.activation_scales import install_activations
-from compress.compressors.base import checked_spec, keep_pruned_zeros, spec_for, write_back
+from compress.compressors.base import checked_spec, keep_pruned_zeros, write_back
 from compress.compressors.configs import RTNConfig  # noqa: F401  (re-exported; defined without torch)
 
 
@@ -18,7 +18,7 @@ def run_rtn(layer: LayerContext, cfg: RTNConfig) -> dict[str, Any]:
     results = {}
     modules = layer.linears(cfg.ignore)
     for fqn, module in modules.items():
-        spec = checked_spec(fqn, module, spec_for(fqn, cfg, layer.run))
+        spec = checked_spec(fqn, module, cfg, layer.run)
         qweight = quantize_weight_rtn(weight_matrix(module), spec)
         qweight = keep_pruned_zeros(qweight, layer.run.handoff.masks.get(fqn))
         results[fqn] = write_back(fqn, module, qweight, layer.run)

@@ -49,8 +49,8 @@ def read_plan(path: str | Path) -> dict[str, PlanEntry]:
     plan: dict[str, PlanEntry] = {}
     for name, bits in data.items():
         if not valid_entry(bits):
-            raise UserError(f"{path}: {name}: bits must be an integer from {MIN_BITS} to {MAX_BITS} or one of "
-                            f"{', '.join(FLOAT_LABELS)}, got {bits!r}")
+            raise UserError(f"{path}: {name}: bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r} (or "
+                            f"name an element-float format: {', '.join(FLOAT_LABELS)})")
         plan[str(name)] = bits
     return plan
 

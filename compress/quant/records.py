@@ -27,9 +27,10 @@ How other storage formats fit, each one new record class plus the pass producing
 - per-row lookup tables (SqueezeLLM, k-means): index codes (out, in) plus a (out, 2^b) float16 codebook;
   `dequantize` gathers; bits = codes + `codebooks`; CODEBOOK in `stores`; `keep_zeros` reserves entry 0 as 0.0.
 - element float formats with block scales (FP8 E4M3, MXFP4 with E8M0 scales per 32, NVFP4 with FP8 scales
-  per 16 and one FP32 global scale): element codes as uint8, block scales (+ the global one) as tensors; bits
-  = 4 or 8 per element + `scales`; ELEMENT_FLOATS and BLOCK_SCALES in `stores`; floats hold 0 exactly, so
-  `keep_zeros` sets those codes to the zero code.
+  per 16 and one FP32 global scale): built, as `ElementFloat` in compress/quant/float_records.py. Element codes as
+  uint8, block scales (+ the global one) as tensors; bits = 4 or 8 per element + `scales` at their stored width;
+  ELEMENT_FLOATS and BLOCK_SCALES (or SCALES) in `stores`; floats hold 0 exactly, so `keep_zeros` sets those codes
+  to the zero code.
 - dense plus sparse outliers (SpQR, LLM.int8-style): an inner record plus outlier (index, value) tensors;
   `dequantize` = inner's + scatter; bits = inner's + `outliers`; tensors are the inner's under a prefix
   ("dense_codes", ...) plus "outlier_index"/"outlier_value", metadata nests the inner's kind and metadata;

@@ -312,10 +312,13 @@ def render_markdown(report: dict[str, Any]) -> str:
 def allocation_lines(allocation: dict[str, Any]) -> list[str]:
     """Budget against what the plan used (codes + scales + zero points), and how many weights got each width."""
     budget, used = allocation["budget"], allocation["used"]
-    per_width: dict[int, int] = {}
+    per_width: dict[int | str, int] = {}
     for unit in allocation["units"].values():
         per_width[unit["bits"]] = per_width.get(unit["bits"], 0) + unit["parameters"]
-    widths = ", ".join(f"{bits} bits: {count / allocation['parameters']:.1%}" for bits, count in sorted(per_width.items()))
+    # integer widths in order, then element-float formats (fp8, nvfp4, ...) by name
+    ordered = sorted(per_width.items(), key=lambda item: (isinstance(item[0], str), str(item[0]).zfill(2)))
+    widths = ", ".join(f"{bits if isinstance(bits, str) else f'{bits} bits'}: {count / allocation['parameters']:.1%}"
+                       for bits, count in ordered)
     return [
         "", "## Bit allocation", "",
         f"- {allocation['estimator']} + {allocation['solver']}, per {allocation['granularity']}, "
