@@ -192,3 +192,13 @@ def test_bad_kv_cache_values_exit_2_naming_the_file_and_line(write_recipe, tiny_
     before = write_recipe(recipe_text(tiny_llama, text_file, "  - kv_cache: {}\n  - rtn: {bits: 8}", text_file), "order.yaml")
     result = CliRunner().invoke(app, ["validate", str(before)])
     assert result.exit_code == 2 and "'rtn' must come before 'kv_cache'" in result.output
+
+
+def test_rtn_with_static_activation_scales_needs_calibration(tiny_llama):
+    from compress.recipe.errors import RecipeError
+    from compress.recipe.schema import parse_recipe
+
+    text = f"model: {tiny_llama}\npasses:\n  - rtn: {{format: fp8, activations: {{format: fp8, per: tensor, static: true}}}}\n"
+    with pytest.raises(RecipeError, match=r"<recipe>:3 passes\[0\].rtn: pass 'rtn' needs calibration data"):
+        parse_recipe(text)
+    assert not parse_recipe(text.replace(", per: tensor, static: true", "")).needs_calibration  # dynamic: data-free
