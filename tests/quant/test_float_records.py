@@ -143,3 +143,14 @@ def test_gptq_on_the_grid_keeps_rtns_scales_and_lowers_the_layer_loss(label):
     assert proxy_loss(w, record.dequantize(), hessian) < 0.95 * rtn_loss
     ordered = gptq_quantize_float(w, hessian, spec, block_size=32, act_order=True).qweight
     assert proxy_loss(w, ordered.dequantize(), hessian) < 0.7 * rtn_loss
+
+
+def test_a_packer_writing_other_codes_stops_the_export(monkeypatch):
+    import compress.export.compressed_tensors_format as ct
+
+    record = quantize_float_rtn(weight(), FloatSpec("nvfp4"))
+    written = ct.written_grid_values
+    monkeypatch.setattr(ct, "written_grid_values", lambda packed, shape: written(packed, shape).roll(1, dims=1))
+    with pytest.raises(RuntimeError, match=r"nvfp4-pack-quantized compressor wrote \d+ codes of m other than its "
+                                           "record holds: a bug in compress"):
+        pack_float_weight("m", record)
