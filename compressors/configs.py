@@ -117,6 +117,10 @@ class WeightQuantConfig(StrictConfig):
         if self.strategy is not None and self.format != "fp8":
             raise ValueError(f"{self.format} has a fixed scale per {16 if self.format == 'nvfp4' else 32} columns; "
                              "strategy (tensor, channel, block) is for fp8")
+        if self.activations is not None and self.activations.format == "int":
+            raise ValueError(f"format {self.format} is weight-only here (W8A16 / W4A16) for integer activations, "
+                             "which pair with format int; float ones pair with it: activations: {format: fp8 | "
+                             "nvfp4 | mxfp4}")
         return self
 
     @property
