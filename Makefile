@@ -73,6 +73,7 @@ bench:
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/zero_shot.py
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/robust.py
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/offload.py
+	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/serving_formats.py
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/real_shapes.py
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/eval_memory.py
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/cli_startup.py

@@ -12,7 +12,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Reading order; sections not listed here follow alphabetically, so a new bench needs no edit to appear.
-ORDER = ["quantization", "serving_weights", "pruning", "allocation", "zero_shot", "export", "scale", "offload"]
+ORDER = ["quantization", "serving_weights", "serving_formats", "pruning", "allocation", "zero_shot", "export", "scale",
+         "offload"]
 
 HEADER = """# Benchmarks
 

@@ -93,7 +93,7 @@ def following_quantizer(next_quantizer: StrictConfig | None,
     if floats and isinstance(quantizer, AWQConfig):
         raise UserError(f"allocate: candidates {floats} are element-float formats, which awq cannot round to; "
                         "follow the allocation with rtn or gptq")
-    if floats and quantizer.activations is not None:
+    if floats and quantizer.activations is not None and quantizer.activations.format == "int":
         raise UserError(f"allocate: candidates {floats} are element-float formats, weight-only here; the following "
                         "quantizer's `activations` pairs with integer widths only")
     return quantizer

@@ -27,7 +27,7 @@ from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import matches, weight_matrix
 from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
 from compress.quant.records import quantize_rtn
-from compress.quant.activation import install_activation_quant
+from compress.compressors.activation_scales import install_activations
 from compress.compressors.base import integer_spec_for, keep_pruned_zeros, write_back
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
 from compress.compressors.configs import AWQConfig  # noqa: F401  (re-exported; defined without torch)
@@ -172,7 +172,6 @@ def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, 
         w = clamp_groups(w, limits, spec)
     qweight = keep_pruned_zeros(quantize_rtn(w, spec), layer.run.handoff.masks.get(fqn))
     entry.update(write_back(fqn, module, qweight, layer.run))
-    install_activation_quant(fqn, module, cfg.activations, layer.run.results.activation_quant)
     return entry
 
 
@@ -204,4 +203,5 @@ def run_awq(layer: LayerContext, cfg: AWQConfig) -> dict[str, Any]:
     gram_of.update({fqn: stats[fqn].gram for fqn in readers if fqn not in grouped})
     for fqn, module in quantized.items():
         results.setdefault(fqn, {}).update(_quantize(layer, cfg, fqn, module, gram_of.get(fqn)))
+    install_activations(layer, quantized, cfg.activations)  # after every module is rounded (one calibration forward)
     return results

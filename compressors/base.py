@@ -36,7 +36,7 @@ def integer_spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext, pass_nam
 
 def checked_spec(fqn: str, module: torch.nn.Module, cfg: WeightQuantConfig, run: RunContext) -> WeightFormat:
     """`spec_for`, after checking that `fqn` can take it: NVFP4 / MXFP4 scale whole groups of 16 / 32 input columns,
-    and an element-float format (from a plan too) is weight-only here."""
+    and an element-float format (from a plan too) takes no integer activations (float ones: FP8 W8A8, NVFP4 W4A4)."""
     spec = spec_for(fqn, cfg, run)
     if not isinstance(spec, FloatSpec):
         return spec
@@ -44,7 +44,7 @@ def checked_spec(fqn: str, module: torch.nn.Module, cfg: WeightQuantConfig, run:
     if spec.group_size and columns % spec.group_size:
         raise UserError(f"{spec.format} scales groups of {spec.group_size} input columns, and {fqn} has {columns}: "
                         "add it to the pass's `ignore`, or use fp8 for it")
-    if cfg.activations is not None:
+    if cfg.activations is not None and cfg.activations.format == "int":
         raise UserError(f"the bit plan gives {fqn} the element-float format {spec.label}, which is weight-only here; "
                         "`activations` (integer fake quantization) pairs with integer widths: drop it or the format")
     return spec

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress.engine.settings import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB
-from compress.quant.config import DEFAULT_IGNORE, FLOAT_LABELS, ActivationQuantConfig, label_bits
+from compress.quant.config import DEFAULT_IGNORE, FLOAT_LABELS, ActivationQuantConfig, ObserverOptions, label_bits
 from compress.recipe.errors import UserError
 from compress.recipe.registry import ModulePatterns, PassKind, StrictConfig, module_pattern_problem
 from compress.recipe.storage import BLOCK_SCALES, ELEMENT_FLOATS, SCALES
@@ -68,7 +68,8 @@ INTEGER_ONLY_KEYS = ("bits", "group_size", "symmetric")  # the element-float for
 class WeightQuantConfig(StrictConfig):
     """Weight quantization settings shared by rtn, gptq and awq.
 
-    format: `int` (uniform integer codes, the default), or an element-float format (weight-only):
+    format: `int` (uniform integer codes, the default), or an element-float format (`activations` adds FP8 or
+    FP4 activation quantization to any of them: FP8 W8A8, NVFP4 W4A4):
     `fp8` (E4M3 elements, float32 scales per `strategy`: tensor, channel (default) or block, i.e. 128x128 tiles),
     `nvfp4` (E2M1 elements, an FP8 scale per 16 and an FP32 global scale) or `mxfp4` (E2M1, an E8M0 scale per 32).
     The float formats fix their element width and scales, so `bits`, `group_size` and `symmetric` are for `int`.
@@ -97,6 +98,11 @@ class WeightQuantConfig(StrictConfig):
             raise ValueError("group_size must be a positive number of columns, or null / -1 for per-channel")
         return value
 
+    @property
+    def calibrates(self) -> bool:
+        """Calibration windows are needed for activation scales (static, or NVFP4's global scale) even by rtn."""
+        return self.activations is not None and self.activations.calibrated
+
     @model_validator(mode="after")
     def _format_settings(self) -> "WeightQuantConfig":
         if self.format == "int":
@@ -111,9 +117,10 @@ class WeightQuantConfig(StrictConfig):
         if self.strategy is not None and self.format != "fp8":
             raise ValueError(f"{self.format} has a fixed scale per {16 if self.format == 'nvfp4' else 32} columns; "
                              "strategy (tensor, channel, block) is for fp8")
-        if self.activations is not None:
-            raise ValueError(f"format {self.format} is weight-only here (W8A16 / W4A16); `activations` quantizes "
-                             "inputs to integers, which pairs with format int")
+        if self.activations is not None and self.activations.format == "int":
+            raise ValueError(f"format {self.format} is weight-only here (W8A16 / W4A16) for integer activations, "
+                             "which pair with format int; float ones pair with it: activations: {format: fp8 | "
+                             "nvfp4 | mxfp4}")
         return self
 
     @property
@@ -266,6 +273,30 @@ class AWQConfig(WeightQuantConfig):
             raise ValueError("activations are quantized by the pass that rounds the weights; "
                              "move `activations:` to it or set quantize: true")
         return self
+
+
+# -- kv_cache.py
+
+class KVCacheConfig(ObserverOptions):
+    """A quantized KV cache: the key and value states attention reads (after RoPE, as the cache stores them) are
+    fake-quantized to `format` with static scales calibrated on the calibration windows, in every forward after
+    this pass (so perplexity and zero-shot include it); exported as compressed-tensors' `kv_cache_scheme` with
+    the per-layer `self_attn.k_scale` / `v_scale` vLLM reads.
+
+    strategy: `tensor` (one key and one value scale per layer: what vLLM's FP8 KV cache uses) or `head` (one per KV
+    head, compressed-tensors' `attn_head`). observer: how each scale is chosen (see ObserverOptions; minmax is
+    llm-compressor's default). It comes after the quantizer, so the scales see the keys and values of the
+    quantized weights.
+
+    Recipe example:
+
+        passes:
+          - rtn: {format: fp8, activations: {format: fp8, per: token}}
+          - kv_cache: {format: fp8, strategy: tensor}
+    """
+
+    format: Literal["fp8"] = "fp8"
+    strategy: Literal["tensor", "head"] = "tensor"
 
 
 # -- smoothquant.py

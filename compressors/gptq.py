@@ -45,7 +45,7 @@ from compress.quant.float_records import (
     round_to_grid,
 )
 from compress.quant.records import UniformAffine, WeightRecord
-from compress.quant.activation import install_activation_quant
+from compress.compressors.activation_scales import install_activations
 from compress.compressors.base import checked_spec, keep_pruned_zeros, write_back
 from compress.compressors.hessian import (  # noqa: F401  (HessianAccumulator is re-exported: tests and the bench import it here)
     HessianAccumulator,
@@ -285,9 +285,8 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     """GPTQ: quantize with second-order error compensation from calibration inputs (Frantar et al. 2022)."""
     modules = layer.linears(cfg.ignore)
     groups = input_groups(layer, modules)  # before the activation hooks, which give each module its own input copy
-    for fqn, module in modules.items():
-        # Installed first so the Hessians are built from the (fake-quantized) inputs the model will really see.
-        install_activation_quant(fqn, module, cfg.activations, layer.run.results.activation_quant)
+    # Installed first so the Hessians are built from the (fake-quantized) inputs the model will really see.
+    install_activations(layer, modules, cfg.activations)
     # true_sequential re-captures inputs per group so each sees the quantized sublayers before it.
     stages = [[g] for g in groups] if cfg.true_sequential else [groups]
     # Modules the probe batch never reached (MoE experts no token was routed to) are still quantized, each

@@ -13,6 +13,7 @@ from compress.compressors.configs import (
     AWQConfig,
     BnbConfig,
     GPTQConfig,
+    KVCacheConfig,
     LayerDropConfig,
     MagnitudeConfig,
     OWLConfig,
@@ -38,6 +39,8 @@ declare_pass("awq", AWQConfig, f"{PASSES}.awq:run_awq", scope="layer", kind="qua
 declare_pass("bnb", BnbConfig, f"{PASSES}.bnb:run_bnb", scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
 declare_pass("smoothquant", SmoothQuantConfig, f"{PASSES}.smoothquant:run_smoothquant", scope="layer",
              kind="transform", needs_calibration=True)
+declare_pass("kv_cache", KVCacheConfig, f"{PASSES}.kv_cache:run_kv_cache", scope="layer", kind="quantize_cache",
+             needs_calibration=True)
 # pruning
 declare_pass("magnitude", MagnitudeConfig, f"{PASSES}.magnitude:run_magnitude", scope="layer", kind="prune")
 declare_pass("wanda", WandaConfig, f"{PASSES}.wanda:run_wanda", scope="layer", kind="prune", needs_calibration=True,

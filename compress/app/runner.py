@@ -89,7 +89,7 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
             continue
         sweep = run_sweep(
             handle,
-            [SweepStep(s.label, s.definition.apply, s.config, s.definition.needs_calibration) for s in stage],
+            [SweepStep(s.label, s.definition.apply, s.config, s.needs_calibration) for s in stage],
             run,
         )
         propagation += sweep.propagation_seconds
@@ -228,7 +228,7 @@ def _log_to(path: Path) -> Iterator[None]:
 
 def _check_data_parallel(recipe: Recipe) -> None:
     """Under torchrun every rank calibrates on its own share of the windows; only some passes sum across ranks."""
-    alone = [step.label for step in recipe.passes if step.definition.needs_calibration and not step.definition.data_parallel]
+    alone = [step.label for step in recipe.passes if step.needs_calibration and not step.definition.data_parallel]
     if alone:
         from compress.engine import distributed
         from compress.recipe.registry import available_passes
@@ -521,6 +521,7 @@ def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, 
         "weights_sha256": handle.weights_digest(),
         **results.report_sections,
         "activation_quantization": results.activation_quant,
+        "kv_cache": results.kv_cache,
         "fallbacks": results.fallbacks,
         "timings": clock.rounded(),
         "peak_memory_bytes": memory.get("cuda_allocated_bytes", memory["cpu_rss_bytes"]),

@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compress.quant.activation import ActivationQuantConfig, install_activation_quant
+from compress.quant.activation import config_of, install_activation_quant
+from compress.quant.kv_cache import install_kv_cache
 from compress.engine.output import replace_atomically
 from compress.recipe.errors import UserError
 from compress.quant.float_records import format_from_description
@@ -218,6 +219,7 @@ class Checkpointer:
         for fqn, described in state["bit_plan"].items():
             run.handoff.bit_plan[fqn] = format_from_description(described)
         self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
+        self._reinstall_kv_cache(layer, prefix, state.get("kv_cache", {}), run)
         run.results.fallbacks.extend(state["fallbacks"])
         return LayerState(state["modules"], state["seconds"], state.get("damage", {}))  # older checkpoints: none
 
@@ -225,8 +227,17 @@ class Checkpointer:
     def _reinstall_activation_quant(layer: nn.Module, prefix: str, settings: dict[str, Any], run: RunContext) -> None:
         # Activation quantization lives in forward hooks, which a state dict does not carry.
         modules = dict(layer.named_modules(prefix=prefix))
-        for fqn, cfg in settings.items():
-            install_activation_quant(fqn, modules[fqn], ActivationQuantConfig(**cfg), run.results.activation_quant)
+        for fqn, saved in settings.items():  # the calibrated scales too: a resumed run does not re-calibrate
+            cfg, calibrated = config_of(saved)
+            install_activation_quant(fqn, modules[fqn], cfg, run.results.activation_quant, calibrated)
+
+    @staticmethod
+    def _reinstall_kv_cache(layer: nn.Module, prefix: str, settings: dict[str, Any], run: RunContext) -> None:
+        if not settings:
+            return
+        modules = dict(layer.named_modules(prefix=prefix))
+        for fqn, saved in settings.items():
+            install_kv_cache(fqn, modules[fqn], saved, run.results.kv_cache)
 
     def save(
         self,
@@ -270,6 +281,7 @@ class Checkpointer:
             "masks": masks,
             "bit_plan": {fqn: s.describe() for fqn, s in run.handoff.bit_plan.items() if fqn.startswith(owned)},
             "activation_quant": {fqn: c for fqn, c in run.results.activation_quant.items() if fqn.startswith(owned)},
+            "kv_cache": {fqn: c for fqn, c in run.results.kv_cache.items() if fqn.startswith(owned)},
             "fallbacks": fallbacks,
         }
         (staging / "state.json").write_text(json.dumps(state), encoding="utf-8")

@@ -72,7 +72,9 @@ class RunResults:
 
     - `records`: module fqn -> the weight record of a quantized linear (compress/quant/records.py), kept for export
       (a lazy run keeps only their shapes once a layer is written).
-    - `activation_quant`: module fqn -> activation quantization settings installed as forward hooks.
+    - `activation_quant`: module fqn -> activation quantization settings installed as forward hooks (with the
+      calibrated scales of static formats, compress/quant/activation.py).
+    - `kv_cache`: attention module fqn -> its quantized KV cache's settings and scales (compressors/kv_cache.py).
     - `fallbacks`: every place a pass degraded (e.g. a Cholesky failure), reported, never silent.
     - `report_sections`: whole-run results a pass adds to report.json under its own key (e.g. "allocation":
       the bit plan, sensitivities and Pareto frontier), beyond the per-module entries every pass returns.
@@ -82,6 +84,7 @@ class RunResults:
 
     records: dict[str, WeightRecord] = field(default_factory=dict)
     activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kv_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     report_sections: dict[str, Any] = field(default_factory=dict)
     run_files: dict[str, str] = field(default_factory=dict)

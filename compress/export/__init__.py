@@ -111,7 +111,8 @@ def save_run_outputs(handle: Any, run: Any, export: ExportConfig | None, report:
     follows the run's `overwrite` and never replaces one of the run's `inputs` (`label` names it in messages).
     """
     compressed = CompressedModel(handle.model, handle.tokenizer, handle.checkpoint_dtype, run.results.records, run.handoff.masks,
-                                 run.results.activation_quant, bitsandbytes=holds_bitsandbytes(handle.model))
+                                 run.results.activation_quant, run.results.kv_cache,
+                                 bitsandbytes=holds_bitsandbytes(handle.model))
     save_state(compressed, staging / STATE_DIR)
     if export is None:
         return None

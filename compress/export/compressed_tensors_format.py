@@ -102,7 +102,7 @@ def _check_written_codes(fqn: str, record: ElementFloat, packed: dict[str, torch
 
 
 def _scheme_key(record: Held, activations: dict[str, Any] | None) -> tuple[Any, ...]:
-    act = (activations or {}).get("bits"), (activations or {}).get("per")
+    act = activation_scheme_key(activations)
     if isinstance(record, ElementFloat):
         return "float", record.spec.format, record.spec.strategy, act
     return record.spec.bits, record.spec.symmetric, record.spec.group_size, act
@@ -139,13 +139,10 @@ def weight_args(record: Held) -> Any:
 
 
 def build_scheme(record: Held, activations: dict[str, Any] | None, targets: list[str]) -> Any:
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationScheme
 
     weights = weight_args(record)
-    inputs = None
-    if activations:
-        inputs = QuantizationArgs(num_bits=int(activations["bits"]), type="int", symmetric=True, dynamic=True,
-                                  strategy="token" if activations.get("per", "token") == "token" else "tensor")
+    inputs = input_activations_args(activations)
     return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs,
                               format=_module_format(record, activations))
 
@@ -173,6 +170,7 @@ def quantization_config(compressed: CompressedModel, sparsity: dict[str, Any] | 
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=[name for name in linears if name not in compressed.quantized],
+        kv_cache_scheme=kv_cache_scheme(compressed.kv_cache),
     )
     return {
         "version": compressed_tensors.__version__,  # the usual reason a runtime refuses a checkpoint is version skew
@@ -227,7 +225,7 @@ def module_tensors(fqn: str, module: nn.Module, record: Held, dtype: torch.dtype
         packed = pack_float_weight(fqn, record)
     else:
         packed = pack_weight(record, dtype, _module_format(record, activations))
-    return {f"{fqn}.{name}": tensor for name, tensor in packed.items()}
+    return {f"{fqn}.{name}": tensor for name, tensor in packed.items()} | activation_tensors(fqn, activations)
 
 
 def write_compressed_tensors(compressed: CompressedModel, folder: Path, dtype_name: str) -> dict[str, Any]:
@@ -237,6 +235,7 @@ def write_compressed_tensors(compressed: CompressedModel, folder: Path, dtype_na
     for fqn, record in records.items():
         tensors.update(module_tensors(fqn, compressed.model.get_submodule(fqn), record, dtype,
                                       compressed.activation_quant.get(fqn)))
+    tensors.update(kv_cache_tensors(compressed.kv_cache))
     config = quantization_config(compressed)
     write_weights(tensors, folder)
     write_config(compressed, folder, dtype, {"quantization_config": config})
@@ -248,3 +247,63 @@ def config_details(config: dict[str, Any]) -> dict[str, Any]:
     return {"compressed_tensors_version": config["version"], "format": config["format"],
             "config_groups": len(config["config_groups"]),
             "sparsity_structure": config["sparsity_config"].get("sparsity_structure")}
+
+
+# -- activations and the KV cache (input_activations, kv_cache_scheme and their calibrated scales)
+
+def activation_scheme_key(activations: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What makes two modules' activation quantization one scheme (their calibrated scales may differ)."""
+    if not activations:
+        return ()
+    return (activations.get("format", "int"), activations.get("bits"), activations.get("per"), activations.get("static"))
+
+
+def input_activations_args(activations: dict[str, Any] | None) -> Any:
+    """compressed-tensors' `input_activations` for a module's activation settings (compress/quant/activation.py):
+    int or float, dynamic or static (`input_scale` stored), per token, tensor or group (nvfp4: `tensor_group` with
+    dynamic "local" scales under the stored `input_global_scale`, as compressed-tensors' NVFP4 preset)."""
+    if not activations:
+        return None
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+
+    fmt, per = activations.get("format", "int"), activations.get("per")
+    if fmt == "nvfp4":
+        return QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
+                                dynamic="local", scale_dtype=torch.float8_e4m3fn, zp_dtype=torch.float8_e4m3fn)
+    if fmt == "mxfp4":
+        return QuantizationArgs(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True,
+                                dynamic=True, scale_dtype=torch.uint8, zp_dtype=torch.uint8)
+    return QuantizationArgs(num_bits=8 if fmt == "fp8" else int(activations.get("bits") or 8),
+                            type="float" if fmt == "fp8" else "int", symmetric=True,
+                            dynamic=not activations.get("static", False), strategy=per or "token",
+                            group_size=128 if per == "group" else None)  # FP8_BLOCK's per-token groups
+
+
+def activation_tensors(fqn: str, activations: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The calibrated activation scales stored beside a module's weight (float32, shape (1,), as the library makes them)."""
+    return {f"{fqn}.{key}": torch.tensor([float(value)], dtype=torch.float32)
+            for key, value in (activations or {}).items() if key in ("input_scale", "input_global_scale")}
+
+
+def kv_cache_scheme(kv_cache: dict[str, dict[str, Any]]) -> Any:
+    """`kv_cache_scheme`: static FP8 per tensor or per KV head (`attn_head`); one scheme for the whole model."""
+    if not kv_cache:
+        return None
+    from compressed_tensors.quantization import QuantizationArgs
+
+    strategies = {settings["strategy"] for settings in kv_cache.values()}
+    if len(strategies) != 1:
+        raise UserError(f"compressed-tensors holds one kv_cache_scheme per model; this one mixes {sorted(strategies)}")
+    strategy = "attn_head" if strategies.pop() == "head" else "tensor"
+    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, dynamic=False, symmetric=True)
+
+
+def kv_cache_tensors(kv_cache: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """`<attention>.k_scale` / `v_scale` (float32; (1,) per tensor, (kv_heads, 1, 1) per head): the names vLLM reads."""
+    tensors: dict[str, torch.Tensor] = {}
+    for fqn, settings in kv_cache.items():
+        for key in ("k_scale", "v_scale"):
+            scale = torch.tensor(settings[key], dtype=torch.float32)
+            tensors[f"{fqn}.{key}"] = scale.reshape(-1, 1, 1) if settings["strategy"] == "head" else scale.reshape(1)
+    return tensors

@@ -15,5 +15,8 @@ def write_dense(compressed: CompressedModel, folder: Path, dtype_name: str) -> d
     write_weights(plain_tensors(compressed, dtype, skip_weights_of=set()), folder)
     write_config(compressed, folder, dtype, {})
     dropped = sorted(compressed.activation_quant)
-    return {"notes": [f"activation quantization of {len(dropped)} modules is a runtime setting and is not stored"]
-            if dropped else []}
+    notes = [f"activation quantization of {len(dropped)} modules is a runtime setting and is not stored"] if dropped else []
+    if compressed.kv_cache:
+        notes.append(f"the KV-cache quantization of {len(compressed.kv_cache)} attention modules is a runtime setting "
+                     "and is not stored")
+    return {"notes": notes}

@@ -82,8 +82,9 @@ def _uniform_spec(records: dict[str, UniformAffine]) -> QuantSpec:
 def write_gptq(compressed: CompressedModel, folder: Path, dtype_name: str) -> dict[str, Any]:
     if not compressed.quantized:
         raise UserError("nothing was quantized, so there is nothing to write in the GPTQ layout; use --format dense")
-    if compressed.activation_quant:
-        raise UserError("the GPTQ layout holds weight-only quantization; this model also quantizes activations")
+    if compressed.activation_quant or compressed.kv_cache:
+        raise UserError("the GPTQ layout holds weight-only quantization; this model also quantizes activations"
+                        f"{' or its KV cache' if compressed.kv_cache else ''}: use compressed-tensors")
     records = writable_records(compressed.quantized, "gptq", UniformAffine, lambda fqn, record: "the GPTQ layout")
     spec = _uniform_spec(records)
     dtype = export_dtype(dtype_name, compressed)

@@ -8,7 +8,7 @@ Layout of `RUN_DIR/state/` (written by `save_state`, read back by `load_state`):
                           (a uniform-affine record: `<fqn>.codes` int8/uint8, `<fqn>.scale`, `<fqn>.zero`
                           (rows, groups)); for each pruning mask `<fqn>.mask` (uint8, out x in)
     safetensors metadata  `records` (fqn -> {kind, tensors, metadata}: what rebuilds each record, see
-                          compress/quant/records.py), `activation_quant`, `tied` (names that share a tensor with an
+                          compress/quant/records.py), `activation_quant` (with calibrated scales), `kv_cache`, `tied` (names that share a tensor with an
                           earlier one), `checkpoint_dtype`. States written before records had kinds have `specs`
                           (fqn -> bits/symmetric/group_size) instead; they load as uniform-affine records.
 
@@ -47,6 +47,7 @@ class CompressedModel:
     quantized: dict[str, WeightRecord] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     activation_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kv_cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # attention fqn -> KV-cache settings and scales
     bitsandbytes: bool = False  # the model holds bitsandbytes modules (the `bnb` pass ran)
 
 
@@ -92,6 +93,7 @@ def save_state(compressed: CompressedModel, folder: Path) -> None:
     metadata = {
         "records": json.dumps(records),
         "activation_quant": json.dumps(compressed.activation_quant),
+        "kv_cache": json.dumps(compressed.kv_cache),
         "tied": json.dumps(tied),
         "checkpoint_dtype": str(compressed.checkpoint_dtype).replace("torch.", ""),
     }
@@ -132,7 +134,7 @@ def load_state(folder: Path) -> CompressedModel:
     model.eval()
     checkpoint_dtype = DTYPES.get(metadata.get("checkpoint_dtype", ""), dtype)
     return CompressedModel(model, tokenizer, checkpoint_dtype, quantized, masks,
-                           json.loads(metadata.get("activation_quant", "{}")))
+                           json.loads(metadata.get("activation_quant", "{}")), json.loads(metadata.get("kv_cache", "{}")))
 
 
 def _module_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:

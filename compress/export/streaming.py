@@ -20,6 +20,7 @@ from compress.engine.context import RunContext
 from compress.export.compressed_tensors_format import (
     config_details,
     holdable,
+    kv_cache_tensors,
     mask_summary,
     module_tensors,
     quantization_config,
@@ -53,6 +54,7 @@ class StreamingCompressedTensors:
         for fqn, record in records.items():
             module = layer.get_submodule(fqn.removeprefix(prefix + "."))
             tensors.update(module_tensors(fqn, module, record, self.dtype, self.run.results.activation_quant.get(fqn)))
+        tensors.update(kv_cache_tensors({f: s for f, s in self.run.results.kv_cache.items() if f.startswith(prefix + ".")}))
         for fqn in [f for f in self.run.handoff.masks if f.startswith(prefix + ".")]:
             self.masks[fqn] = mask_summary(self.run.handoff.masks.pop(fqn))  # a byte per weight: not kept past its layer
         self.writer.write(f"model-layer-{index:05d}.safetensors", tensors)
@@ -63,7 +65,7 @@ class StreamingCompressedTensors:
             stored = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
             self.writer.write(f"model-outside-{number:03d}.safetensors", {name: stored})
         shapes = CompressedModel(handle.model, handle.tokenizer, self.dtype, self.run.results.records, {},
-                                 self.run.results.activation_quant)
+                                 self.run.results.activation_quant, self.run.results.kv_cache)
         config = quantization_config(shapes, sparsity=sparsity_config_of(self.masks))
         write_config(shapes, self.writer.folder, self.dtype, {"quantization_config": config})
         self.writer.finish()

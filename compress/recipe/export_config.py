@@ -52,6 +52,9 @@ def format_problems(fmt: str, steps: Sequence[Any]) -> list[str]:
         problems.append("format 'bitsandbytes' saves a model quantized by the bnb pass; add `- bnb: {mode: nf4}` or choose compressed-tensors")
     if fmt == "gptq":
         problems.extend(_gptq_problems(steps))
+    if fmt in ("gptq", "bitsandbytes"):
+        problems.extend(f"the {fmt} format has no KV-cache scales ('{step.name}'): use format compressed-tensors"
+                        for step in steps if step.kind == "quantize_cache")
     return problems
 
 

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 
 Scope = Literal["layer", "model"]
 
-PassKind = Literal["restructure", "quantize", "prune", "allocate", "allocate_sparsity", "transform"]
+PassKind = Literal["restructure", "quantize", "prune", "allocate", "allocate_sparsity", "transform", "quantize_cache"]
 """What a pass does, which recipe checks and the runner read (compress/recipe/schema.py, export_config.py):
 
 - "restructure": removes whole decoder layers, heads or channels, so module names or shapes change (layer_drop,
@@ -42,6 +42,8 @@ PassKind = Literal["restructure", "quantize", "prune", "allocate", "allocate_spa
 - "allocate_sparsity": writes the per-layer sparsity later pruning follows (owl); needs a prune pass after it.
 - "transform": rescales weights, leaving what the model computes unchanged (smoothquant, awq with quantize: false);
   must come before any quantizer.
+- "quantize_cache": calibrates the scales of a quantized KV cache (kv_cache) on the keys and values of the finished
+  weights, so it comes after everything that changes them.
 
 A config may say it acts as another kind than its pass's usual one (`acts_as`, e.g. AWQ that only folds scales).
 """
@@ -50,6 +52,7 @@ PASS_ORDER: tuple[tuple[PassKind, ...], ...] = (
     ("restructure",),
     ("allocate_sparsity", "prune", "transform", "allocate"),
     ("quantize",),
+    ("quantize_cache",),
 )
 """The phases a recipe's passes go through, in this order (any order within a phase). Anything else is refused at load,
 because it would export something other than what was evaluated:
@@ -60,8 +63,9 @@ because it would export something other than what was evaluated:
   A pass after it would change the weights that are evaluated but not the codes that are exported (`[rtn, magnitude]`
   reported a 50%-sparse model and saved ~15% zeros); a second quantizer re-rounds rounded weights and replaces the
   first one's records. Per-module bit widths come from one quantizer's bit plan (`allocate`, `plan:`).
+- the KV cache after the weights: its scales are calibrated on the keys and values the final weights produce.
 """
-MAX_PER_PHASE: dict[PassKind, int] = {"quantize": 1}
+MAX_PER_PHASE: dict[PassKind, int] = {"quantize": 1, "quantize_cache": 1}
 
 INT_CEILING = 2**31 - 1
 """The largest integer a config field without its own upper bound accepts: far above any count, size or length
@@ -170,6 +174,11 @@ class PassDef:
         """What the pass does with this config: its kind, unless the config says it acts as another (`acts_as`)."""
         acts_as = getattr(config, "acts_as", None)
         return acts_as if acts_as is not None else self.kind
+
+    def calibrates(self, config: StrictConfig) -> bool:
+        """Whether the pass needs calibration windows with this config: always when `needs_calibration`, else when
+        the config says so (`calibrates`: rtn with static activation scales)."""
+        return self.needs_calibration or bool(getattr(config, "calibrates", False))
 
     def stores_of(self, config: StrictConfig) -> frozenset[str]:
         """What the pass stores with this config: its declared parts plus any the config adds (`stores`, e.g. rtn

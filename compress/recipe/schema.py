@@ -127,6 +127,11 @@ class PassStep:
         """What this step does (its pass's kind, or what its config says it acts as)."""
         return self.definition.kind_of(self.config)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this step needs calibration windows (its pass's, or its config's: see PassDef.calibrates)."""
+        return self.definition.calibrates(self.config)
+
 
 @dataclass(frozen=True)
 class EvalStep:
@@ -164,7 +169,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(step.definition.needs_calibration for step in self.passes)
+        return any(step.needs_calibration for step in self.passes)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe with defaults filled in and paths resolved: what actually ran."""
@@ -561,7 +566,7 @@ class _Checker:
             later.add(step.kind)
         for step, after in zip(steps, reversed(kinds_after)):
             loc = ("passes", step.index, step.name)
-            if step.definition.needs_calibration and calibration is None:
+            if step.needs_calibration and calibration is None:
                 self.add(loc, f"pass '{step.name}' needs calibration data: add a `calibration:` section")
             if step.kind == "allocate" and "quantize" not in after:
                 self.add(loc, f"'{step.name}' writes a bit plan, so a quantization pass must follow it")
@@ -622,7 +627,7 @@ def order_problems(steps: Sequence[PassStep]) -> list[tuple[PassStep, str]]:
             problems.append((step, f"'{step.name}' would be a second quantizer after '{first.name}' "
                                    f"(passes[{first.index}]): {_WHY['second quantizer']}. {order_hint()}"))
         elif latest is not None and _phase(step.kind) < _phase(latest.kind):
-            reason = _WHY["after quantizer"] if latest.kind == "quantize" else _WHY[step.kind]
+            reason = _WHY["after quantizer"] if latest.kind == "quantize" else _WHY.get(latest.kind) or _WHY[step.kind]
             problems.append((step, f"'{step.name}' must come before '{latest.name}' (passes[{latest.index}]): "
                                    f"{reason}. {order_hint()}"))
         if latest is None or _phase(step.kind) >= _phase(latest.kind):
@@ -636,6 +641,8 @@ _WHY: dict[str, str] = {
     "second quantizer": "it would re-round rounded weights and the export keeps one set of codes; use one quantizer "
                         "(per-module bit widths: an `allocate` pass or `plan:`; AWQ scales with GPTQ rounding: "
                         "`awq: {quantize: false}`, then gptq)",
+    "quantize_cache": "the KV-cache scales are calibrated on the keys and values of the final weights, so whatever "
+                      "changes the weights comes first",
     "restructure": "it removes layers or channels, so masks, sparsities and bit plans made before it would name the "
                    "wrong modules",
 }
