@@ -80,11 +80,11 @@ class WeightQuantConfig(StrictConfig):
 
     path_fields: ClassVar[tuple[str, ...]] = ("plan",)  # resolved against the recipe's folder at load
 
-    format: WeightFormatName = "int"
-    strategy: Literal["tensor", "channel", "block"] | None = None
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, le=1_048_576)
     symmetric: bool = True
+    format: WeightFormatName = "int"
+    strategy: Literal["tensor", "channel", "block"] | None = None
     ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     activations: ActivationQuantConfig | None = None
     plan: str | None = None
@@ -97,6 +97,14 @@ class WeightQuantConfig(StrictConfig):
         if value < 1:
             raise ValueError("group_size must be a positive number of columns, or null / -1 for per-channel")
         return value
+
+    def settings_as_run(self) -> dict[str, Any]:
+        # An element-float format fixes its element width and scales, and `strategy` is fp8's alone: showing
+        # "bits: 4" beside nvfp4, or "strategy: null" beside int, would report settings that did nothing.
+        settings = super().settings_as_run()
+        unused: tuple[str, ...] = ("bits", "group_size", "symmetric") if self.format != "int" else ()
+        unused += ("strategy",) if self.strategy is None else ()
+        return {name: value for name, value in settings.items() if name not in unused}
 
     @property
     def calibrates(self) -> bool:

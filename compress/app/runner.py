@@ -107,7 +107,7 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
 def _pass_entry(step: PassStep, seconds: float, modules: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": step.name,
-        "params": step.config.model_dump(mode="json"),
+        "params": step.config.settings_as_run(),
         "seconds": round(seconds, 4),
         "summary": summarize_modules(modules),
         "modules": modules,

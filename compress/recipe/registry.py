@@ -101,6 +101,10 @@ class StrictConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
+    def settings_as_run(self) -> dict[str, Any]:
+        """The settings the report shows for this step (JSON): all of them, unless a config knows some do not apply."""
+        return self.model_dump(mode="json")
+
     @field_validator("*")
     @classmethod
     def _bounded_integers(cls, value: Any, info: ValidationInfo) -> Any:
