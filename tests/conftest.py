@@ -22,6 +22,15 @@ DEMO_DIR = REPO / "recipes" / "demo"
 DEMO_MODEL = DEMO_DIR / "model"
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """A cache folder of the test's own (COMPRESS_CACHE_DIR, inherited by the CLI processes it starts): a test never
+    reads another's cached baselines, whatever the order, and never writes the user's ~/.cache/compress."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")

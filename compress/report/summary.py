@@ -298,6 +298,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(row)} |" for row in metric_rows(report)]
+    cached = [f"{metric}[{label}]" for metric, per_label in report["metrics"].items()
+              for label, values in per_label.items() if values.get("baseline_from_cache")]
+    if cached:
+        lines += ["", f"Baseline of {', '.join(cached)} read from the cache: an earlier run scored the same model files "
+                  "the same way (`--no-cache` computes it afresh)."]
     lines += ["", "## Passes", "", "| pass | params | seconds | summary |", "|---|---|---|---|"]
     for entry in report["passes"]:
         summary = ", ".join(f"{k}={value_text(v)}" for k, v in entry["summary"].items())
