@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from compress.engine.output import replace_atomically
 
@@ -87,7 +87,11 @@ class Cache:
         try:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             lock = FileLock(lock_path)
-            lock.acquire()
+            try:
+                lock.acquire(blocking=False)
+            except Timeout:  # said in run.log, so a trial that seems stalled is explained
+                log.info("waiting for another process computing the same %s entry (%s)", kind, lock_path)
+                lock.acquire()
         except OSError as exc:
             self._warn_unwritable(lock_path, exc)
             yield

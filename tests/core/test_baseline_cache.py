@@ -284,3 +284,27 @@ def test_eval_command_reuses_its_scores(model, text, tmp_path, counted):
     values = [json.loads(r.stdout)["perplexity"]["eval"] for r in (first, second, fresh)]
     assert [v["from_cache"] for v in values] == [False, True, False]
     assert values[0]["value"] == values[1]["value"] == values[2]["value"] and counted["score"] == 2
+
+
+def test_a_second_writer_waits_for_the_entry_being_computed(cache_dir):
+    """Two processes (here: threads, each with its own flock) asking for one entry: the second reads the first's."""
+    import threading
+
+    cache, material = Cache(cache_dir), {"what": "a baseline"}
+    key, holding, order = key_of(material), threading.Event(), []
+
+    def first() -> None:
+        with cache.locked("baseline-eval", key):
+            holding.set()
+            threading.Event().wait(0.3)  # computing
+            cache.write_json("baseline-eval", key, material, {"results": [1.5]})
+            order.append("written")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    holding.wait()
+    with cache.locked("baseline-eval", key):
+        order.append("read")
+        assert cache.read_json("baseline-eval", key, material) == {"results": [1.5]}
+    thread.join()
+    assert order == ["written", "read"]
