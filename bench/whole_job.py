@@ -185,9 +185,11 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a line added under the tables (e.g. the machine's state)")
     parser.add_argument("--output", type=Path, default=RESULTS / "whole_job.md")
     args = parser.parse_args()
+    results: dict[str, dict[str, list[Measured]]] = {}
     with tempfile.TemporaryDirectory(prefix="whole-job-") as folder:
-        results = {key: run_row(key, args, Path(folder)) for key in args.rows}
-    args.output.write_text(markdown(results, args), encoding="utf-8")
+        for key in args.rows:  # written after every row, so a stopped bench keeps the rows it finished
+            results[key] = run_row(key, args, Path(folder))
+            args.output.write_text(markdown(results, args), encoding="utf-8")
     print(f"wrote {args.output}")
 
 

@@ -110,18 +110,24 @@ def _log_results(results: list[EvalResult], source: str = "") -> None:
         log.info("%s[%s] = %.4f%s", result.metric, result.label, result.value, source)
 
 
-def merge_metrics(baseline: list[Scored], compressed: list[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
-    """`{"perplexity": {"eval": {"baseline": x, "compressed": y, "baseline_from_cache": false, "protocol": {...}}}}`."""
+def result_labels(results: list[EvalResult]) -> list[tuple[str, str]]:
+    """(metric, label) of each result as report.json keys it: a second file with the same stem gets `_2`."""
+    keys: list[tuple[str, str]] = []
+    for result in results:
+        label, suffix = result.label, 2
+        while (result.metric, label) in keys:
+            label, suffix = f"{result.label}_{suffix}", suffix + 1
+        keys.append((result.metric, label))
+    return keys
+
+
+def merge_metrics(baseline: list[EvalResult], compressed: list[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
+    """`{"perplexity": {"eval": {"baseline": x, "compressed": y, "protocol": {...}}}}`; the same whether the
+    baseline was computed or read from the cache (report.json `cache` says which)."""
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    before_each = [(result, scored.from_cache) for scored in baseline for result in scored.results]
-    for (before, cached), after in zip(before_each, compressed):
-        label = before.label
-        per_metric = metrics.setdefault(before.metric, {})
-        suffix = 2
-        while label in per_metric:  # two files with the same stem
-            label, suffix = f"{before.label}_{suffix}", suffix + 1
-        per_metric[label] = {"baseline": before.value, "compressed": after.value, "baseline_from_cache": cached,
-                             "protocol": after.details}
+    for (metric, label), before, after in zip(result_labels(baseline), baseline, compressed):
+        metrics.setdefault(metric, {})[label] = {"baseline": before.value, "compressed": after.value,
+                                                 "protocol": after.details}
     return metrics
 
 
@@ -140,12 +146,17 @@ def _baseline(handle: ModelHandle, recipe: Recipe, run: RunContext, allow_pickle
 
 
 def _cache_section(run: RunContext, baseline: list[Scored]) -> dict[str, Any]:
-    """report.json `cache`: where the cache is, and what this run took from it."""
+    """report.json `cache`: where the cache is, what this run took from it, and per metric whether its baseline did."""
     store = run.cache.store
+    flags = [scored.from_cache for scored in baseline for _ in scored.results]
+    per_metric: dict[str, dict[str, bool]] = {}
+    for (metric, label), cached in zip(result_labels([r for s in baseline for r in s.results]), flags):
+        per_metric.setdefault(metric, {})[label] = cached
     return {"dir": str(store.folder) if store is not None else None,
             "baseline_steps_from_cache": sum(s.from_cache for s in baseline),
             "baseline_steps_computed": sum(not s.from_cache for s in baseline),
-            "token_ids_from_cache": run.cache.token_ids_from_store}
+            "token_ids_from_cache": run.cache.token_ids_from_store,
+            "baseline_from_cache": per_metric}
 
 
 def calibration_windows(handle: ModelHandle, recipe: Recipe, cache: RunCache | None = None) -> torch.Tensor | None:
@@ -267,7 +278,7 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
             compressed = evaluate_all(handle, recipe.evaluations, run)
         clock.stop()
         report = _report(recipe, output, handle, run, seed=seed, resume=resume, passes=passes,
-                         metrics=merge_metrics(baseline, compressed), clock=clock, passes_cuda_peak=passes_cuda_peak,
+                         metrics=merge_metrics([r for scored in baseline for r in scored.results], compressed), clock=clock, passes_cuda_peak=passes_cuda_peak,
                          loaded=loaded, cache=_cache_section(run, baseline))
         with clock.phase("export"):  # the run state and the export, which carries the report written so far
             export = outputs.save(handle, run, recipe, report, staging, places)

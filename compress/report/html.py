@@ -262,7 +262,8 @@ def protocol_row(metric: str, label: str, protocol: dict[str, Any], from_cache: 
 
 
 def protocol_section(report: dict[str, Any]) -> str | None:
-    rows = [protocol_row(metric, label, values.get("protocol") or {}, values.get("baseline_from_cache"))
+    cached = (report.get("cache") or {}).get("baseline_from_cache") or {}
+    rows = [protocol_row(metric, label, values.get("protocol") or {}, cached.get(metric, {}).get(label))
             for metric, per_dataset in report.get("metrics", {}).items() for label, values in per_dataset.items()]
     if not rows:
         return None

@@ -298,8 +298,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(row)} |" for row in metric_rows(report)]
-    cached = [f"{metric}[{label}]" for metric, per_label in report["metrics"].items()
-              for label, values in per_label.items() if values.get("baseline_from_cache")]
+    from_cache = (report.get("cache") or {}).get("baseline_from_cache") or {}
+    cached = [f"{metric}[{label}]" for metric, per_label in from_cache.items() for label, hit in per_label.items() if hit]
     if cached:
         lines += ["", f"Baseline of {', '.join(cached)} read from the cache: an earlier run scored the same model files "
                   "the same way (`--no-cache` computes it afresh)."]
