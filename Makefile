@@ -81,6 +81,8 @@ bench:
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/report_page.py
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/serving_weights.py
 	HF_HUB_OFFLINE=1 MKL_DYNAMIC=FALSE PYTHONPATH=. $(BENCH_PY) bench/threads.py
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/whole_job.py --rounds 3
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/tokenize_once.py
 	$(BENCH_PY) bench/assemble.py --output BENCHMARKS.md
 
 # Hours on a 2-core CPU: writes a random 8B-parameter checkpoint under /tmp and compresses it lazily.

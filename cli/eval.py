@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -48,12 +49,16 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Score afresh; neither read nor write the cache of earlier scores and token ids ($COMPRESS_CACHE_DIR, default ~/.cache/compress).")] = False,
 ) -> None:
     """Score a model: perplexity (GPTQ protocol) and zero-shot accuracy (lm-evaluation-harness semantics)."""
     with exit_codes(verbose, as_json, on_interrupt=INTERRUPTED), sigterm_as_interrupt():
         from pydantic import ValidationError
 
-        from compress.engine.context import RunContext, RunInputs
+        from compress.app.baseline import baseline_step, model_material
+        from compress.app.runner import cache_for
+        from compress.engine.context import RunCache, RunContext, RunInputs
+        from compress.recipe.schema import EvalStep
         from compress.recipe.errors import UserError
         from compress.engine.model_io import DTYPES, PositionsNeeded, load_model
         from compress.engine.progress import Reporter
@@ -98,17 +103,24 @@ def evaluate(
             handle = load_model(ref, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                 strict_weights=strict_weights,
                                 positions=[PositionsNeeded(seq_len, "--seq-len")] if perplexity else [])
-        run = RunContext(RunInputs(device=handle.device, reporter=reporter))
+        cache = cache_for(not no_cache, reporter)
+        run = RunContext(RunInputs(device=handle.device, reporter=reporter), cache=RunCache(cache))
+        # the same key as a run's baseline, so `compress eval` of a model and a recipe's baseline share entries
+        load_settings = {"dtype": dtype, "lazy": False, "strict_weights": strict_weights,
+                         "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+        model_key = model_material(handle, cache, load_settings) if cache is not None else None
         results: list[Any] = []
         for index, (name, config) in enumerate(steps):
-            returned = registry[name].apply(handle, config, run)
-            finished = returned if isinstance(returned, list) else [returned]
+            scored = baseline_step(handle, EvalStep(name, registry[name], config), run, cache, model_key)
+            finished = [dataclasses.replace(r, details={**r.details, "from_cache": scored.from_cache})
+                        for r in scored.results]
             results.extend(finished)
             if saved is not None:
                 saved.write(results, pending=len(steps) - index - 1)
             if not quiet and not as_json:
                 for result in finished:  # shown as it finishes: an eval stopped later keeps it on screen
-                    err_console.print(f"done: {result.metric} {result.label} = {result.value:.4f}")
+                    source = " (from the cache)" if scored.from_cache else ""
+                    err_console.print(f"done: {result.metric} {result.label} = {result.value:.4f}{source}")
         if as_json:
             from compress.report.summary import finite_or_null
 
@@ -118,12 +130,14 @@ def evaluate(
 
 
 def results_payload(model: str, results: list[Any]) -> dict[str, Any]:
-    """`{"model": ..., "<metric>": {"<dataset or task>": {"value", "stderr"?, "protocol"}}}`."""
+    """`{"model": ..., "<metric>": {"<dataset or task>": {"value", "stderr"?, "from_cache"?, "protocol"}}}`."""
     payload: dict[str, Any] = {"model": model}
     for r in results:
-        entry = {"value": r.value, "protocol": r.details}
+        entry = {"value": r.value, "protocol": {k: v for k, v in r.details.items() if k != "from_cache"}}
         if "stderr" in r.details:
             entry["stderr"] = r.details["stderr"]
+        if "from_cache" in r.details:  # read from the cache of earlier scores, not computed now
+            entry["from_cache"] = r.details["from_cache"]
         payload.setdefault(r.metric, {})[r.label] = entry
     return payload
 

@@ -83,6 +83,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run with the same recipe and --output from its last finished decoder layer.")] = False,
     checkpoints: Annotated[bool, typer.Option("--checkpoints/--no-checkpoints", help="Save each finished decoder layer beside the output so an interrupted run can --resume.")] = True,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute the baseline metrics and token ids afresh; neither read nor write the cache ($COMPRESS_CACHE_DIR, default ~/.cache/compress).")] = False,
 ) -> None:
     """Run a compression recipe: baseline, passes, evaluation, report."""
     with exit_codes(verbose, as_json):
@@ -107,7 +108,7 @@ def run(
         try:
             with sigterm_as_interrupt():
                 report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter,
-                                    resume=resume, checkpoints=checkpoints)
+                                    resume=resume, checkpoints=checkpoints, use_cache=not no_cache)
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(recipe, target, set_ or [], model)) from None
         except DiskFull as exc:

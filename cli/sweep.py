@@ -42,12 +42,13 @@ def sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the trials with their state; run nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (comparison rows, plan, job).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Trials compute their baselines and token ids afresh; neither read nor write the cache ($COMPRESS_CACHE_DIR, default ~/.cache/compress).")] = False,
 ) -> None:
     """Run a sweep of recipe variants and compare them (size vs. metrics, Pareto plot)."""
     from compress.app import sweep as sweeps
 
     with exit_codes(verbose, as_json, on_interrupt=INTERRUPTED), sigterm_as_interrupt():
-        spec = sweeps.load_sweep(sweep_file, output=output)
+        spec = sweeps.load_sweep(sweep_file, output=output, use_cache=not no_cache)
         chosen = backend or spec.config.backend
         if chosen not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {chosen!r}")

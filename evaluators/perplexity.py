@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compress.engine.context import RunContext
-from compress.engine.data import contiguous_windows, dataset_label, load_text, tokenize_text
+from compress.engine.data import contiguous_windows, dataset_label
 from compress.engine.layer_sweep import model_on_device
 from compress.recipe.errors import UserError
 from compress.engine.model_io import ModelHandle
@@ -116,11 +116,8 @@ def sliding_perplexity_of(model: nn.Module, token_ids: torch.Tensor, seq_len: in
 
 def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunContext) -> EvalResult:
     """Token perplexity on a text, non-overlapping windows (GPTQ/SparseGPT/AWQ protocol)."""
-    def tokenize() -> torch.Tensor:
-        return tokenize_text(handle.tokenizer, load_text(cfg.dataset, cfg.data_dir))
-
-    # the baseline and the compressed evaluation read the same text
-    token_ids = run.cache.token_ids(cfg.dataset, tokenize)
+    # the baseline and the compressed evaluation read the same text: tokenized once (RunCache)
+    token_ids = run.cache.token_ids((cfg.dataset, cfg.data_dir), handle.tokenizer)
     with model_on_device(handle, handle.device):
         if cfg.stride is None:
             value, counts = perplexity_of(handle.model, token_ids, cfg.seq_len, cfg.batch_size, handle.device,
@@ -132,3 +129,10 @@ def evaluate_perplexity(handle: ModelHandle, cfg: PerplexityConfig, run: RunCont
     protocol = PROTOCOL if cfg.stride is None else {**SLIDING_PROTOCOL, "stride": cfg.stride}
     details = {**protocol, "seq_len": cfg.seq_len, "dataset": cfg.dataset, **counts}
     return EvalResult("perplexity", dataset_label(cfg.dataset), value, details)
+
+
+def perplexity_cache_inputs(handle: ModelHandle, cfg: PerplexityConfig, run: RunContext) -> dict[str, object]:
+    """What a perplexity depends on besides the model, `cfg` and the code: the text scored (by content, so an
+    edited file is scored afresh) and the protocol."""
+    protocol = PROTOCOL if cfg.stride is None else SLIDING_PROTOCOL
+    return {"text_sha256": run.cache.text_digest((cfg.dataset, cfg.data_dir)), "protocol": protocol}

@@ -37,6 +37,8 @@ Recipe example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -322,14 +324,32 @@ def _read_hub_check_offline(task: TaskDef) -> None:
         _read_hub(task)  # raises the offline error naming the local file to use instead
 
 
+def _task_docs(ref: str, cfg: ZeroShotConfig, run: RunContext) -> TaskDocs:
+    """The documents of task `ref`, read once per run: the baseline and the compressed evaluation score the same."""
+    data_dir = resolve_data_dir(cfg.data_dir)
+    task: TaskDocs = run.cache.task_docs(ref, str(data_dir), cfg.limit, lambda: load_task(ref, data_dir, cfg.limit))
+    return task
+
+
+def docs_sha256(task: TaskDocs) -> str:
+    """SHA-256 of what is scored: every document's requests, gold index and normalisation texts, in order."""
+    described = [[doc.requests, doc.gold, doc.norm_texts] for doc in task.docs]
+    return hashlib.sha256(json.dumps([task.name, task.output, task.version, described]).encode("utf-8")).hexdigest()
+
+
+def zero_shot_cache_inputs(handle: ModelHandle, cfg: ZeroShotConfig, run: RunContext) -> dict[str, object]:
+    """What the scores depend on besides the model, `cfg` and the code: each task's documents (by content, wherever
+    they were read from), the context length and the protocol."""
+    return {"docs_sha256": {ref: docs_sha256(_task_docs(ref, cfg, run)) for ref in cfg.tasks},
+            "max_length": cfg.max_length or model_max_length(handle.model, handle.tokenizer), "protocol": PROTOCOL}
+
+
 def evaluate_zero_shot(handle: ModelHandle, cfg: ZeroShotConfig, run: RunContext) -> list[EvalResult]:
     """Zero-shot accuracy (acc, acc_norm, stderr) with lm-evaluation-harness semantics."""
-    data_dir = resolve_data_dir(cfg.data_dir)
     max_length = cfg.max_length or model_max_length(handle.model, handle.tokenizer)
     results = []
     for ref in cfg.tasks:
-        # the baseline and the compressed evaluation score the same documents
-        task: TaskDocs = run.cache.task_docs(ref, str(data_dir), cfg.limit, lambda: load_task(ref, data_dir, cfg.limit))
+        task = _task_docs(ref, cfg, run)
         with model_on_device(handle, handle.device):
             metrics = score_task(handle.model, handle.tokenizer, task, batch_size=cfg.batch_size,
                                  max_length=max_length, device=handle.device, logit_chunk_mb=cfg.logit_chunk_mb,

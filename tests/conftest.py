@@ -22,6 +22,31 @@ DEMO_DIR = REPO / "recipes" / "demo"
 DEMO_MODEL = DEMO_DIR / "model"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """COMPRESS_CACHE_DIR for session fixtures: the suite never reads or writes the user's ~/.cache/compress."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPRESS_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache_dir(tmp_path_factory, _session_cache_dir):
+    """A cache folder per test module for its module fixtures (a sweep's trials share one baseline in it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPRESS_CACHE_DIR", str(tmp_path_factory.mktemp("module-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch, _module_cache_dir) -> Path:
+    """A cache folder of the test's own (COMPRESS_CACHE_DIR, inherited by the CLI processes it starts): a test never
+    reads a baseline another test cached, whatever the order; the runs inside one test share it."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")

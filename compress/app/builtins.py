@@ -59,6 +59,10 @@ declare_pass("allocate", AllocateConfig, f"{PASSES}.allocate:run_allocate", scop
 declare_pass("quantize_plan", QuantizePlanConfig, f"{PASSES}.allocate:run_quantize_plan", scope="model",
              kind="allocate")
 
-declare_evaluator("perplexity", PerplexityConfig, f"{EVALUATORS}.perplexity:evaluate_perplexity")
-declare_evaluator("zero_shot", ZeroShotConfig, f"{EVALUATORS}.zero_shot:evaluate_zero_shot")
+# cache_inputs: the digest of what they score, so a baseline is reused from the cache (compress/app/baseline.py).
+# lm_eval has none: lm-eval reads its tasks' data itself, so a cached number could not tell that data changed.
+declare_evaluator("perplexity", PerplexityConfig, f"{EVALUATORS}.perplexity:evaluate_perplexity",
+                  cache_inputs=f"{EVALUATORS}.perplexity:perplexity_cache_inputs")
+declare_evaluator("zero_shot", ZeroShotConfig, f"{EVALUATORS}.zero_shot:evaluate_zero_shot",
+                  cache_inputs=f"{EVALUATORS}.zero_shot:zero_shot_cache_inputs")
 declare_evaluator("lm_eval", LmEvalConfig, f"{EVALUATORS}.lm_eval_adapter:evaluate_lm_eval")

@@ -15,7 +15,9 @@ import torch
 import compress.app.builtins  # noqa: F401  (registers the built-in passes and evaluators)
 from compress.engine.activations import OffloadSettings
 from compress.engine.checkpoint import Checkpointer, checkpoint_dir_for, model_files_fingerprint, recipe_fingerprint
-from compress.engine.context import RunContext, RunInputs
+from compress.app.baseline import Scored, evaluate_baseline, evaluate_step
+from compress.engine.cache import Cache, default_cache_dir
+from compress.engine.context import RunCache, RunContext, RunInputs
 from compress.engine.continuations import (
     Continuation,
     continuation_report,
@@ -23,7 +25,7 @@ from compress.engine.continuations import (
     greedy_continuations,
     top1_agreement,
 )
-from compress.engine.data import sample_windows, tokenize_text, load_text
+from compress.engine.data import load_text, sample_windows
 from compress.engine.layer_sweep import SweepStep, run_sweep
 from compress.recipe.errors import UserError
 from compress.export import finish_streamed_export, refuse_unpackable_layers, save_run_outputs
@@ -115,31 +117,40 @@ def _pass_entry(step: PassStep, seconds: float, modules: dict[str, Any]) -> dict
 
 
 def evaluate_all(handle: ModelHandle, steps: tuple[EvalStep, ...], run: RunContext) -> list[EvalResult]:
-    results: list[EvalResult] = []
-    for step in steps:
-        returned = step.definition.apply(handle, step.config, run)
-        settings = step.config.model_dump(mode="json")  # the limits as run (max_windows, limit), beside what they gave
-        for result in returned if isinstance(returned, list) else [returned]:  # a suite returns one per task/metric
-            log.info("%s[%s] = %.4f", result.metric, result.label, result.value)
-            results.append(dataclasses.replace(result, details={**result.details, "settings": settings}))
+    results = [result for step in steps for result in evaluate_step(handle, step, run)]
+    _log_results(results)
     return results
+
+
+def _log_results(results: list[EvalResult], source: str = "") -> None:
+    for result in results:
+        log.info("%s[%s] = %.4f%s", result.metric, result.label, result.value, source)
+
+
+def result_labels(results: list[EvalResult]) -> list[tuple[str, str]]:
+    """(metric, label) of each result as report.json keys it: a second file with the same stem gets `_2`."""
+    keys: list[tuple[str, str]] = []
+    for result in results:
+        label, suffix = result.label, 2
+        while (result.metric, label) in keys:
+            label, suffix = f"{result.label}_{suffix}", suffix + 1
+        keys.append((result.metric, label))
+    return keys
 
 
 def merge_metrics(baseline: list[EvalResult], compressed: list[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
     """`{"perplexity": {"eval": {"baseline": x, "compressed": y, "protocol": {...}}}}`, plus `baseline_stderr` and
-    `compressed_stderr` for a score that has a standard error (zero-shot accuracies)."""
+    `compressed_stderr` for a score that has a standard error (zero-shot accuracies); the same whether the
+    baseline was computed or read from the cache (report.json `cache` says which)."""
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    for before, after in zip(baseline, compressed):
-        label = before.label
-        per_metric = metrics.setdefault(before.metric, {})
-        suffix = 2
-        while label in per_metric:  # two files with the same stem
-            label, suffix = f"{before.label}_{suffix}", suffix + 1
-        per_metric[label] = {"baseline": before.value, "compressed": after.value, "protocol": after.details}
+    for (metric, label), before, after in zip(result_labels(baseline), baseline, compressed):
+        entry = metrics.setdefault(metric, {})[label] = {"baseline": before.value, "compressed": after.value,
+                                                         "protocol": after.details}
         for side, result in (("baseline", before), ("compressed", after)):  # zero-shot scores carry theirs
             if isinstance(result.details.get("stderr"), (int, float)):
-                per_metric[label][f"{side}_stderr"] = result.details["stderr"]
+                entry[f"{side}_stderr"] = result.details["stderr"]
     return metrics
+
 
 
 def report_prompts(recipe: Recipe) -> tuple[list[str], str] | None:
@@ -185,11 +196,40 @@ def _compare_continuations(handle: ModelHandle, said: _Said) -> dict[str, Any]:
     return continuation_report(handle, said.continuations, compressed, agreement, said.source, said.new_tokens)
 
 
-def calibration_windows(handle: ModelHandle, recipe: Recipe) -> torch.Tensor | None:
+def cache_for(use_cache: bool, reporter: Reporter) -> Cache | None:
+    """The user's cache (compress/engine/cache.py), or None with --no-cache."""
+    return Cache(default_cache_dir(), warn=reporter.note) if use_cache else None
+
+
+def _baseline(handle: ModelHandle, recipe: Recipe, run: RunContext, allow_pickle: bool) -> list[Scored]:
+    load_settings = {"dtype": recipe.dtype, "lazy": recipe.lazy, "strict_weights": recipe.strict_weights,
+                     "trust_remote_code": recipe.trust_remote_code, "allow_pickle": allow_pickle}
+    scored = evaluate_baseline(handle, recipe.evaluations, run, run.cache.store, load_settings)
+    for each in scored:
+        _log_results(each.results, " (baseline from the cache)" if each.from_cache else "")
+    return scored
+
+
+def _cache_section(run: RunContext, baseline: list[Scored]) -> dict[str, Any]:
+    """report.json `cache`: where the cache is, what this run took from it, and per metric whether its baseline did."""
+    store = run.cache.store
+    flags = [scored.from_cache for scored in baseline for _ in scored.results]
+    per_metric: dict[str, dict[str, bool]] = {}
+    for (metric, label), cached in zip(result_labels([r for s in baseline for r in s.results]), flags):
+        per_metric.setdefault(metric, {})[label] = cached
+    return {"dir": str(store.folder) if store is not None else None,
+            "baseline_steps_from_cache": sum(s.from_cache for s in baseline),
+            "baseline_steps_computed": sum(not s.from_cache for s in baseline),
+            "token_ids_from_cache": run.cache.token_ids_from_store,
+            "baseline_from_cache": per_metric}
+
+
+def calibration_windows(handle: ModelHandle, recipe: Recipe, cache: RunCache | None = None) -> torch.Tensor | None:
+    """The recipe's calibration windows; with the run's `cache`, an evaluation of the same file reuses the ids."""
     if not recipe.needs_calibration or recipe.calibration is None:
         return None
     cal = recipe.calibration
-    token_ids = tokenize_text(handle.tokenizer, load_text(cal.dataset))
+    token_ids = (cache or RunCache()).token_ids((cal.dataset, None), handle.tokenizer)
     return sample_windows(token_ids, cal.samples, cal.seq_len, cal.seed)
 
 
@@ -249,16 +289,19 @@ def run_recipe(
     reporter: Reporter = SILENT,
     resume: bool = False,
     checkpoints: bool = True,
+    use_cache: bool = True,
     _worker: bool = False,
 ) -> dict[str, Any]:
     """Execute a recipe and write report.json, report.md, report.html, recipe.yaml and run.log into `output`.
 
     `output` appears only when everything succeeded (see `atomic_output`). With `checkpoints`, each finished
     decoder layer is saved beside it (compress/engine/checkpoint.py), so an interrupted run continues with `resume`.
+    With `use_cache`, the baseline metrics and token ids come from the user's cache when an earlier run computed
+    them from the same inputs (compress/app/baseline.py), and go into it otherwise.
     """
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
-    if not _worker and (elsewhere := _run_on_other_rank(recipe, allow_pickle)) is not None:
+    if not _worker and (elsewhere := _run_on_other_rank(recipe, allow_pickle, use_cache)) is not None:
         return elsewhere
     places = OutputPlaces.of(recipe, output, overwrite)
     places.check_nesting()  # before the locks, which create the folders they live in
@@ -267,7 +310,8 @@ def run_recipe(
         checkpointer = None
         try:
             checkpointer = _checkpointer(recipe, output, checkpoints, resume)
-            return _run_held(recipe, places, checkpointer, allow_pickle=allow_pickle, reporter=reporter, resume=resume)
+            return _run_held(recipe, places, checkpointer, allow_pickle=allow_pickle, reporter=reporter, resume=resume,
+                             cache=cache_for(use_cache, reporter))
         except Exception as exc:
             problem = stopped_by_disk(exc)
             if problem is None:
@@ -276,7 +320,7 @@ def run_recipe(
 
 
 def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer | None, *, allow_pickle: bool,
-              reporter: Reporter, resume: bool) -> dict[str, Any]:
+              reporter: Reporter, resume: bool, cache: Cache | None) -> dict[str, Any]:
     """`run_recipe` once its output paths are locked and checked."""
     output = places.output
     clock = _Stopwatch()
@@ -287,12 +331,12 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
             _log_to(staging / "run.log"), contextlib.ExitStack() as export_scope:
         log.info("recipe %s, model %s, seed %d%s", recipe.source, recipe.model, seed, " (resuming)" if resume else "")
         with clock.phase("load"):
-            handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging, clock)
+            handle, run = _load(recipe, allow_pickle, reporter, checkpointer, staging, clock, RunCache(cache))
         loaded = loaded_size(handle.model, handle.checkpoint_dtype, by_part=True)  # the baseline: before any pass changes the model
         refuse_unpackable_layers(handle.layers, handle.layers_prefix, recipe.export)
         outputs = _run_outputs(handle, recipe, run, staging, export_scope, places)
         with clock.phase("baseline_eval"):
-            baseline = evaluate_all(handle, recipe.evaluations, run)
+            baseline = _baseline(handle, recipe, run, allow_pickle)
         with clock.phase("continuations"):  # before the passes: only the token ids are kept
             said = _baseline_continuations(handle, recipe)
         passes, passes_cuda_peak = _apply_passes(handle, recipe, run, clock)
@@ -304,8 +348,8 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
                 run.results.report_sections["continuations"] = _compare_continuations(handle, said)
         clock.stop()
         report = _report(recipe, output, handle, run, seed=seed, resume=resume, passes=passes,
-                         metrics=merge_metrics(baseline, compressed), clock=clock, passes_cuda_peak=passes_cuda_peak,
-                         loaded=loaded)
+                         metrics=merge_metrics([r for scored in baseline for r in scored.results], compressed), clock=clock, passes_cuda_peak=passes_cuda_peak,
+                         loaded=loaded, cache=_cache_section(run, baseline))
         with clock.phase("export"):  # the run state and the export, which carries the report written so far
             export = outputs.save(handle, run, recipe, report, staging, places)
         clock.stop()
@@ -316,7 +360,7 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
     return report
 
 
-def _run_on_other_rank(recipe: Recipe, allow_pickle: bool) -> dict[str, Any] | None:
+def _run_on_other_rank(recipe: Recipe, allow_pickle: bool, use_cache: bool) -> dict[str, Any] | None:
     """Under torchrun, a rank other than 0 runs in a scratch folder it deletes; None on rank 0 or alone.
 
     Every rank calibrates on its share of the windows; only rank 0 keeps a run folder.
@@ -332,7 +376,8 @@ def _run_on_other_rank(recipe: Recipe, allow_pickle: bool) -> dict[str, Any] | N
     # Rank 0 alone exports: two ranks writing (and locking) one export.path would collide.
     alone = dataclasses.replace(recipe, export=None)
     try:
-        return run_recipe(alone, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False)
+        return run_recipe(alone, scratch / "run", allow_pickle=allow_pickle, reporter=SILENT, _worker=True, checkpoints=False,
+                          use_cache=use_cache)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -376,7 +421,7 @@ class _Stopwatch:
 
 
 def _load(recipe: Recipe, allow_pickle: bool, reporter: Reporter, checkpointer: Checkpointer | None,
-          staging: Path, clock: _Stopwatch) -> tuple[ModelHandle, RunContext]:
+          staging: Path, clock: _Stopwatch, cache: RunCache) -> tuple[ModelHandle, RunContext]:
     """The model, and the run that reads its calibration windows (this rank's share of them under torchrun)."""
     from compress.engine import distributed
 
@@ -386,12 +431,12 @@ def _load(recipe: Recipe, allow_pickle: bool, reporter: Reporter, checkpointer: 
         inputs = RunInputs(device=handle.device, reporter=reporter, checkpoint=checkpointer,
                            offload=_offload_settings(recipe, staging))
         with clock.phase("calibration_data"):  # reading, tokenizing and sampling the windows; inside `load`
-            inputs.calibration = calibration_windows(handle, recipe)
+            inputs.calibration = calibration_windows(handle, recipe, cache)
     if recipe.calibration is not None:
         inputs.calibration_batch_size = recipe.calibration.batch_size
     if inputs.calibration is not None:  # all windows when not distributed
         inputs.calibration = distributed.shard_windows(inputs.calibration, inputs.calibration_batch_size)
-    run = RunContext(inputs)
+    run = RunContext(inputs, cache=cache)
     run.results.fallbacks.extend(handle.load_notes)  # tensors `strict_weights: false` let through
     return handle, run
 
@@ -497,7 +542,7 @@ def _run_outputs(handle: ModelHandle, recipe: Recipe, run: RunContext, staging: 
 
 def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, *, seed: int, resume: bool,
             passes: list[dict[str, Any]], metrics: dict[str, Any], clock: _Stopwatch,
-            passes_cuda_peak: int | None, loaded: dict[str, Any]) -> dict[str, Any]:
+            passes_cuda_peak: int | None, loaded: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
     """report.json (compress/report/report.schema.json), less the `export` entry, which comes after saving.
 
     `loaded` is the model's size as loaded (`loaded_size`), the baseline its compressed size is set against.
@@ -528,6 +573,7 @@ def _report(recipe: Recipe, output: Path, handle: ModelHandle, run: RunContext, 
         "peak_memory": memory,
         "versions": versions(),
         "parallelism": parallelism(),
+        "cache": cache,
         "output": str(output.resolve()),
     })
 

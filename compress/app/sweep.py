@@ -107,6 +107,7 @@ class Sweep:
     output: Path
     trials: tuple[Trial, ...]
     fingerprints: tuple[str, ...]  # per trial: fingerprint of its resolved recipe, what a finished run must match
+    use_cache: bool = True  # trials read and write the user's cache (baseline metrics, token ids); --no-cache: not
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.output / "trials" / trial.id
@@ -280,7 +281,7 @@ def _check_trial_recipes(path: Path, root: yaml.Node | None, config: SweepFile, 
     return tuple(fingerprints)
 
 
-def load_sweep(path: Path, *, output: Path | None = None) -> Sweep:
+def load_sweep(path: Path, *, output: Path | None = None, use_cache: bool = True) -> Sweep:
     """Read and validate a sweep file, and every trial's recipe, before anything runs.
 
     Raises RecipeError (a UserError) whose lines point into the sweep file: `sweep.yaml:4 grid.passes[0].rtn.bitz: ...`.
@@ -293,7 +294,8 @@ def load_sweep(path: Path, *, output: Path | None = None) -> Sweep:
     trials = expand_trials(config, path.parent)
     fingerprints = _check_trial_recipes(path, root, config, recipe, trials)
     target = output or (path.parent / config.output if config.output else Path("compress-out") / f"sweep-{path.stem}")
-    return Sweep(path.resolve(), Path(recipe).resolve(), config, target.resolve(), tuple(trials), fingerprints)
+    return Sweep(path.resolve(), Path(recipe).resolve(), config, target.resolve(), tuple(trials), fingerprints,
+                 use_cache)
 
 
 def pending(sweep: Sweep) -> list[Trial]:
@@ -346,14 +348,14 @@ def _run_held_trial(sweep: Sweep, trial: Trial, start: float) -> Status:
 
     recipe = load_recipe(sweep.recipe, overrides=list(trial.overrides), model=trial.model)
     resume = _resume_from_checkpoints(sweep, trial, recipe_fingerprint(recipe.to_dict()), recipe.model)
-    run_recipe(recipe, sweep.trial_dir(trial), overwrite=True, resume=resume)
+    run_recipe(recipe, sweep.trial_dir(trial), overwrite=True, resume=resume, use_cache=sweep.use_cache)
     return {"id": trial.id, "index": trial.index, "status": "ok", "seconds": round(time.perf_counter() - start, 2),
             "resumed": resume}
 
 
-def run_trial(sweep_file: str, output: str, index: int) -> Status:
+def run_trial(sweep_file: str, output: str, index: int, use_cache: bool) -> Status:
     """Trial `index` of the sweep file, run here: what a Ray task and a SLURM array task (`--only`) do."""
-    sweep = load_sweep(Path(sweep_file), output=Path(output))
+    sweep = load_sweep(Path(sweep_file), output=Path(output), use_cache=use_cache)
     return run_loaded_trial(sweep, sweep.trials[index])
 
 
@@ -374,7 +376,7 @@ def parse_status(stdout: str) -> Status | None:
 
 def trial_command(sweep: Sweep, trial: Trial) -> list[str]:
     return [sys.executable, "-m", "compress.cli.main", "sweep", str(sweep.source), "--output", str(sweep.output),
-            "--only", str(trial.index), "--json"]
+            "--only", str(trial.index), "--json", *([] if sweep.use_cache else ["--no-cache"])]
 
 
 def trial_env(threads: int) -> dict[str, str]:
@@ -495,7 +497,7 @@ def run_ray(sweep: Sweep, address: str | None, on_result: OnResult | None = None
                             "(`ray status` on the head node prints it)") from None
     try:
         remote = ray.remote(**ray_request(sweep.config.resources))(run_trial)
-        refs = [remote.remote(str(sweep.source), str(sweep.output), t.index) for t in todo]
+        refs = [remote.remote(str(sweep.source), str(sweep.output), t.index, sweep.use_cache) for t in todo]
         results = []
         for trial, ref in zip(todo, refs):
             try:
@@ -558,7 +560,8 @@ def slurm_script(sweep: Sweep, indices: list[int] | None = None) -> str:
               f"cd {shlex.quote(str(Path.cwd()))}",
               "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}",
               f"{shlex.quote(python)} -m cli.main sweep {shlex.quote(str(sweep.source))} "
-              f"--output {shlex.quote(str(sweep.output))} --only \"$SLURM_ARRAY_TASK_ID\"", ""]
+              f"--output {shlex.quote(str(sweep.output))} --only \"$SLURM_ARRAY_TASK_ID\""
+              + ("" if sweep.use_cache else " --no-cache"), ""]
     return "\n".join(lines)
 
 

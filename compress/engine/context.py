@@ -3,13 +3,15 @@
 - `RunInputs`: what every pass reads and none writes (device, calibration windows, reporter, checkpointing).
 - `Handoff`: what a pass hands the passes after it (bit plan, pruning masks, per-layer sparsity).
 - `RunResults`: what the run collects for report.json, the run folder and the export.
-- `RunCache`: values computed once per run and read again (an evaluation text's token ids, a plan file).
+- `RunCache`: values computed once per run and read again (an evaluation text's token ids, a plan file), and the
+  user's cache of token ids across runs.
 
 `RunContext` holds the four, so every pass still takes one `run: RunContext`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -17,11 +19,14 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from compress.engine.activations import OffloadSettings
+from compress.engine.cache import Cache, canonical_json, key_of
+from compress.engine.data import load_text, text_sha256, tokenize_text, tokenizer_identity
 from compress.engine.checkpoint import Checkpointer
 from compress.engine.progress import SILENT, Reporter
 from compress.quant.bit_plan import PlanEntry, read_plan
 from compress.quant.float_records import WeightFormat
 from compress.quant.records import WeightRecord
+from compress.recipe.errors import UserError
 
 T = TypeVar("T")
 
@@ -90,20 +95,97 @@ class RunResults:
     run_files: dict[str, str] = field(default_factory=dict)
 
 
-class RunCache:
-    """Values computed once per run and read again: the baseline and the compressed evaluation read the same
-    text and score the same documents, and every module of a quantizer reads the same plan file."""
+TextSource = tuple[str, str | None]
+"""An evaluation or calibration text as `load_text` reads it: (dataset reference, data_dir)."""
 
-    def __init__(self) -> None:
-        self._token_ids: dict[str, torch.Tensor] = {}
+TOKEN_IDS_KIND = "token-ids"
+
+
+class RunCache:
+    """Values computed once per run and read again: the baseline and the compressed evaluation (and the calibration,
+    when it reads the same file) tokenize the same text once, and every module of a quantizer reads the same plan
+    file. With a `store` (the user's cache, compress/engine/cache.py), token ids are also kept across runs, keyed by
+    the text's digest and the tokenizer's identity."""
+
+    def __init__(self, store: Cache | None = None) -> None:
+        self.store = store
+        self._text_digests: dict[TextSource, str] = {}
+        self._unread: dict[TextSource, str] = {}  # texts read for their digest and not tokenized yet
+        self._token_ids: dict[tuple[str, str], torch.Tensor] = {}
+        self._tokenizers: dict[int, tuple[Any, str | None]] = {}
         self._plans: dict[str, dict[str, PlanEntry]] = {}
         self._task_docs: dict[tuple[str, str, int | None], Any] = {}
+        self.token_ids_from_store = 0  # how many texts' ids came from `store` (report.json `cache`)
 
-    def token_ids(self, dataset: str, tokenize: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The token ids of evaluation text `dataset`, from `tokenize()` the first time it is asked for."""
-        if dataset not in self._token_ids:
-            self._token_ids[dataset] = tokenize()
-        return self._token_ids[dataset]
+    def text_digest(self, source: TextSource) -> str:
+        """SHA-256 of the text `source` names, read once per run (and kept until it is tokenized)."""
+        if source not in self._text_digests:
+            self._unread[source] = self._read(source)
+        return self._text_digests[source]
+
+    def token_ids(self, source: TextSource, tokenizer: Any) -> torch.Tensor:
+        """The token ids of text `source` (`tokenize_text`), tokenized at most once per run and tokenizer."""
+        digest = self.text_digest(source)
+        identity = self._tokenizer_identity(tokenizer)
+        memo = (digest, identity or f"object-{id(tokenizer)}")  # a tokenizer without an identity: this object only
+        if memo not in self._token_ids:
+            stored = self._stored_token_ids(digest, identity)
+            if stored is None:
+                text = self._unread.pop(source, None)
+                stored = tokenize_text(tokenizer, text if text is not None else self._read(source))
+                self._store_token_ids(digest, identity, stored)
+            self._token_ids[memo] = stored
+        self._unread.pop(source, None)
+        return self._token_ids[memo]
+
+    def _read(self, source: TextSource) -> str:
+        text = load_text(*source)
+        digest = text_sha256(text)
+        if self._text_digests.setdefault(source, digest) != digest:
+            raise UserError(f"dataset {source[0]} changed while this run was reading it; run again once it is written")
+        return text
+
+    def _tokenizer_identity(self, tokenizer: Any) -> str | None:
+        # the tokenizer is kept beside its identity, so its id() cannot be reused by another object meanwhile
+        known = self._tokenizers.get(id(tokenizer))
+        if known is None or known[0] is not tokenizer:
+            known = self._tokenizers[id(tokenizer)] = (tokenizer, tokenizer_identity(tokenizer))
+        return known[1]
+
+    def _token_material(self, digest: str, identity: str) -> dict[str, Any]:
+        return {"entry": "token_ids/1", "text_sha256": digest, "tokenizer": identity}
+
+    def _stored_token_ids(self, digest: str, identity: str | None) -> torch.Tensor | None:
+        if self.store is None or identity is None:
+            return None
+        material = self._token_material(digest, identity)
+        path = self.store.path(TOKEN_IDS_KIND, key_of(material), "safetensors")
+        data = self.store.read_bytes(path)
+        if data is None:
+            return None
+        from safetensors.torch import load
+
+        try:
+            ids = load(data)["token_ids"]
+            stored_for = json.loads(safetensors_metadata(data).get("material", "null"))
+        except Exception as exc:  # truncated or foreign bytes: a miss, whatever safetensors says about them
+            self.store.warn(f"cache entry {path} is not readable ({type(exc).__name__}: {exc}); ignoring it "
+                            "(it is recomputed and rewritten)")
+            return None
+        if stored_for != material or ids.dtype != torch.int64 or ids.dim() != 1:
+            self.store.warn(f"cache entry {path} does not hold these token ids; ignoring it (it is recomputed and rewritten)")
+            return None
+        self.token_ids_from_store += 1
+        return ids
+
+    def _store_token_ids(self, digest: str, identity: str | None, ids: torch.Tensor) -> None:
+        if self.store is None or identity is None:
+            return
+        from safetensors.torch import save
+
+        material = self._token_material(digest, identity)
+        data = save({"token_ids": ids.contiguous()}, metadata={"material": canonical_json(material)})
+        self.store.write_bytes(self.store.path(TOKEN_IDS_KIND, key_of(material), "safetensors"), data)
 
     def bit_plan_file(self, path: str | Path) -> dict[str, PlanEntry]:
         """The bit plan file at `path` (module name or pattern -> bits), read once."""
@@ -119,6 +201,14 @@ class RunCache:
             self._task_docs[key] = load()
         docs: T = self._task_docs[key]
         return docs
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file held in memory (its 8-byte length, then the JSON header)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    metadata: dict[str, str] = header.get("__metadata__") or {}
+    return metadata
 
 
 @dataclass

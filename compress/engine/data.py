@@ -6,6 +6,7 @@ file read as UTF-8 text, or one of the hub names below, read through `datasets` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from compress.recipe.datasets import HUB_DATASETS, is_hub_dataset
 from compress.recipe.errors import UserError
+
 
 def dataset_label(ref: str) -> str:
     """A short name for reports: the hub name, or the file name without extension."""
@@ -129,6 +131,36 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """Token ids (1-D, int64) of the whole text, tokenized once as the GPTQ protocol does."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
     return ids[0].to(torch.int64)
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# Settings a tokenizer keeps outside its backend that do not change `tokenize_text`'s ids: where it was read from
+# (the same tokenizer in two model folders gives the same ids).
+_IDENTITY_IGNORES = ("name_or_path",)
+
+
+def tokenizer_identity(tokenizer: Any) -> str | None:
+    """SHA-256 of everything `tokenize_text` reads from `tokenizer`, or None when that cannot be told.
+
+    A fast tokenizer is its backend (vocabulary, merges, normalizer, pre-tokenizer, the post-processor that adds
+    BOS) plus the Python-side settings; the versions of transformers and tokenizers are in it because their code
+    turns those into ids. A slow (Python) tokenizer has no one serialisable state: None, so its ids are not shared
+    between runs.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    from importlib import metadata
+
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _IDENTITY_IGNORES}
+    # repr() for values without a JSON form (AddedToken); one with a memory address in it only makes a miss
+    described = json.dumps({"class": type(tokenizer).__name__, "settings": settings, "backend": backend.to_str(),
+                            "transformers": metadata.version("transformers"), "tokenizers": metadata.version("tokenizers")},
+                           sort_keys=True, default=repr)
+    return hashlib.sha256(described.encode("utf-8")).hexdigest()
 
 
 def sample_windows(token_ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:

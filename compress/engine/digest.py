@@ -1,4 +1,5 @@
-"""SHA-256 digests of a model's weights, the `weights_sha256` of report.json: equal digests, bit-identical weights."""
+"""SHA-256 digests of a model: of its weights in memory (the `weights_sha256` of report.json: equal digests,
+bit-identical weights), and of the files it is loaded from (what the baseline cache is keyed by)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from compress.engine.cache import Cache
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -35,3 +38,28 @@ def shards_digest(folder: Path) -> str:
         digest.update(name.encode())
         digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_folder(ref: str) -> Path | None:
+    """The folder a model is read from: `ref` itself, or a hub id's snapshot in the local hub cache; None when
+    it has none on disk (nothing is downloaded here)."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # not a valid repo id: nothing on disk to point at
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def model_files_digests(folder: Path, cache: Cache) -> dict[str, str]:
+    """File name -> SHA-256 of every file transformers may read from the model folder (weights, config, tokenizer,
+    remote code). Hidden files are ours (locks, checkpoints); sub-folders (a hub repo's `original/`) are not read.
+
+    Each file is read in full once and its digest remembered by the file's identity (`Cache.file_digest`), so
+    a 16 GB checkpoint costs one read the first time and a `stat` per file afterwards.
+    """
+    return {path.name: cache.file_digest(path) for path in sorted(folder.iterdir())
+            if path.is_file() and not path.name.startswith(".")}

@@ -223,16 +223,27 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class EvaluatorDef:
-    """A registered evaluator: `apply(model_handle, cfg, run_ctx) -> EvalResult`."""
+    """A registered evaluator: `apply(model_handle, cfg, run_ctx) -> EvalResult`.
+
+    `cache_inputs(model_handle, cfg, run_ctx) -> dict | None`, when declared, describes everything besides the model,
+    the config and the code that the result depends on (the digest of the text or documents it scores), so a
+    baseline can be reused from the cache (compress/app/baseline.py); None from it, or no `cache_inputs`, means the
+    result is always computed.
+    """
 
     name: str
     config: type[StrictConfig]
     implementation: Implementation  # the function, or where to import it from ("module:function")
+    cache_inputs: Implementation | None = None
 
     @property
     def apply(self) -> Callable[..., Any]:
         """The evaluator's function, imported on first use when it was declared by name."""
         return _resolved(self.implementation)
+
+    @property
+    def inputs_for_cache(self) -> Callable[..., dict[str, Any] | None] | None:
+        return None if self.cache_inputs is None else _resolved(self.cache_inputs)
 
     @property
     def summary(self) -> str:
@@ -282,11 +293,13 @@ def register_pass(
     return decorate
 
 
-def declare_evaluator(name: str, config: type[StrictConfig], implementation: Implementation) -> None:
-    """Register an evaluator; `implementation` may be "module:function", imported when it first runs."""
+def declare_evaluator(name: str, config: type[StrictConfig], implementation: Implementation, *,
+                      cache_inputs: Implementation | None = None) -> None:
+    """Register an evaluator; `implementation` (and `cache_inputs`, see EvaluatorDef) may be "module:function",
+    imported when it first runs."""
     if name in _EVALUATORS:
         raise ValueError(f"evaluator {name!r} is registered twice")
-    _EVALUATORS[name] = EvaluatorDef(name, config, implementation)
+    _EVALUATORS[name] = EvaluatorDef(name, config, implementation, cache_inputs)
 
 
 def register_evaluator(name: str, config: type[StrictConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

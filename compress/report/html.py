@@ -294,8 +294,9 @@ def _dash(value: Any) -> str:
     return "—" if value is None else value_text(value)
 
 
-def protocol_row(metric: str, label: str, protocol: dict[str, Any]) -> list[str]:
-    """metric, data set or task, protocol and version, seq_len, stride, what was scored, and the limit as run."""
+def protocol_row(metric: str, label: str, protocol: dict[str, Any], from_cache: bool | None = None) -> list[str]:
+    """metric, data set or task, protocol and version, seq_len, stride, what was scored, the limit as run, and
+    whether the baseline was computed by this run or read from the cache (— in reports from before the cache)."""
     settings = protocol.get("settings") or {}
     if "docs" in protocol:
         scored = f"{protocol['docs']:,} documents"
@@ -311,17 +312,19 @@ def protocol_row(metric: str, label: str, protocol: dict[str, Any]) -> list[str]
         limit = "none: all of it" if "max_windows" in settings or "limit" in settings else "—"
     return [metric, str(protocol.get("dataset") or protocol.get("task") or label),
             f"{protocol.get('name', '?')} v{protocol.get('version', '?')}",
-            _dash(protocol.get("seq_len", protocol.get("max_length"))), _dash(protocol.get("stride")), scored, limit]
+            _dash(protocol.get("seq_len", protocol.get("max_length"))), _dash(protocol.get("stride")), scored, limit,
+            "—" if from_cache is None else "from the cache" if from_cache else "computed"]
 
 
 def protocol_section(report: dict[str, Any]) -> str | None:
-    rows = [protocol_row(metric, label, values.get("protocol") or {})
+    cached = (report.get("cache") or {}).get("baseline_from_cache") or {}
+    rows = [protocol_row(metric, label, values.get("protocol") or {}, cached.get(metric, {}).get(label))
             for metric, per_dataset in report.get("metrics", {}).items() for label, values in per_dataset.items()]
     if not rows:
         return None
-    header = ["metric", "data set / task", "protocol", "seq_len", "stride", "scored", "limit"]
-    return _section("Evaluation protocol", _table(header, rows, [["", "text", "text", "", "", "", "text"]] * len(rows)),
-                    "protocol")
+    header = ["metric", "data set / task", "protocol", "seq_len", "stride", "scored", "limit", "baseline"]
+    return _section("Evaluation protocol",
+                    _table(header, rows, [["", "text", "text", "", "", "", "text", "text"]] * len(rows)), "protocol")
 
 
 def passes_section(report: dict[str, Any]) -> str | None:

@@ -389,6 +389,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(row)} |" for row in metric_rows(report)]
+    from_cache = (report.get("cache") or {}).get("baseline_from_cache") or {}
+    cached = [f"{metric}[{label}]" for metric, per_label in from_cache.items() for label, hit in per_label.items() if hit]
+    if cached:
+        lines += ["", f"Baseline of {', '.join(cached)} read from the cache: an earlier run scored the same model files "
+                  "the same way (`--no-cache` computes it afresh)."]
     lines += ["", "## Passes", "", "| pass | params | seconds | summary |", "|---|---|---|---|"]
     for entry in report["passes"]:
         summary = ", ".join(f"{k}={value_text(v)}" for k, v in entry["summary"].items())

@@ -242,8 +242,8 @@ class FakeRay(types.ModuleType):
         fake = self
 
         class Remote:
-            def remote(self, sweep_file, output, index):
-                fake.calls.append((sweep_file, output, index))
+            def remote(self, sweep_file, output, index, use_cache):
+                fake.calls.append((sweep_file, output, index, use_cache))
                 return index
 
         return lambda function: Remote()
@@ -264,7 +264,7 @@ def test_ray_backend_passes_address_and_per_trial_request(tmp_path, monkeypatch)
     assert fake.init_kwargs is not None and fake.init_kwargs["address"] == "ray://head:10001" and fake.shut_down
     assert fake.remote_options == {"num_cpus": 2, "num_gpus": 0.5, "memory": 3 * 2**30}
     spec = sweeps.load_sweep(path)
-    assert fake.calls == [(str(spec.source), str(spec.output), i) for i in range(4)]
+    assert fake.calls == [(str(spec.source), str(spec.output), i, True) for i in range(4)]  # True: the cache is used
     rows = json.loads(result.stdout)
     assert rows[1]["status"] == "failed" and rows[1]["error"] == "RuntimeError: worker died"
     assert f"{spec.trials[1].id}: FAILED" in result.stderr
