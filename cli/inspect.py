@@ -39,16 +39,21 @@ def inspect(
         from rich.table import Table
 
         table = Table(title=f"{checkpoint} ({summary.format})")
-        for column in ("module", "format", "bits", "group", "zeros", "parameters", "bytes"):
-            table.add_column(column, justify="left" if column in ("module", "format") else "right")
+        with_activations = any(row.activations for row in summary.modules)  # the column only where a runtime uses it
+        columns = ("module", "format", "bits", "group", "zeros", "parameters", "bytes") + (
+            ("activations",) if with_activations else ())
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("module", "format", "activations") else "right")
         for row in summary.modules:
-            table.add_row(row.module, row.format, _fmt(row.bits), _fmt(row.group_size), _fmt(row.sparsity),
-                          f"{row.parameters:,}", f"{row.bytes:,}")
+            cells = [row.module, row.format, _fmt(row.bits), _fmt(row.group_size), _fmt(row.sparsity),
+                     f"{row.parameters:,}", f"{row.bytes:,}"]
+            table.add_row(*cells, *([_fmt(row.activations)] if with_activations else []))
         totals = summary.totals
         table.caption = (
             f"{totals['parameters']:,} parameters · {totals['bytes']:,} bytes of tensors: {totals['bits_per_weight']} "
             f"bits/weight whole model, {_fmt(totals['quantized_bits_per_weight'])} in quantized modules · "
             f"{totals['bytes_on_disk']:,} bytes on disk · {totals['compression_ratio']}x vs the original "
             f"({summary.original_dtype}) · overhead {', '.join(f'{k} {v:,}' for k, v in summary.overhead.items())}"
+            + (f" · KV cache {summary.kv_cache} (k_scale/v_scale per attention layer)" if summary.kv_cache else "")
         )
         err_console.print(table)

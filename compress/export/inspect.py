@@ -42,6 +42,7 @@ class ModuleRow:
     bytes: int
     sparsity: float | None
     overhead_bytes: int = 0  # of `bytes`, what the format adds beyond what the run report counts (see the totals)
+    activations: str | None = None  # how a runtime quantizes this linear's input (`input_activations`), if it does
 
 
 @dataclass
@@ -52,6 +53,7 @@ class CheckpointSummary:
     modules: list[ModuleRow]
     totals: dict[str, Any] = field(default_factory=dict)
     overhead: dict[str, int] = field(default_factory=dict)
+    kv_cache: str | None = None  # the config's `kv_cache_scheme`, in words; its k_scale/v_scale rows are in `modules`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +93,22 @@ def _ct_scheme_of(module: str, qconfig: dict[str, Any]) -> dict[str, Any] | None
         if module in group.get("targets", []):
             return dict(group)
     return None
+
+
+def scheme_text(args: dict[str, Any] | None) -> str | None:
+    """A compressed-tensors quantization args entry (input activations, KV cache) in words: "fp8 dynamic per token"."""
+    if not args:
+        return None
+    kind = "fp8" if args.get("type") == "float" and args.get("num_bits") == 8 else (
+        "fp4" if args.get("type") == "float" else f"int{args.get('num_bits')}")
+    timing = {True: "dynamic", "local": "dynamic with a static global scale"}.get(args.get("dynamic"), "static")
+    group = f" of {args['group_size']}" if args.get("group_size") else ""
+    return f"{kind} {timing} per {args.get('strategy')}{group}"
+
+
+def _with_activations(row: ModuleRow, scheme: dict[str, Any]) -> ModuleRow:
+    row.activations = scheme_text(scheme.get("input_activations"))
+    return row
 
 
 def _zero_fraction(values: torch.Tensor, zero: torch.Tensor | int = 0) -> float:
@@ -133,7 +151,7 @@ class _Reader:
         scheme = _ct_scheme_of(module, self.qconfig) or {}
         weights = scheme.get("weights") or {}
         if weights.get("type") == "float":
-            return self._element_float(module, tensors, handle, scheme)
+            return _with_activations(self._element_float(module, tensors, handle, scheme), scheme)
         bits = int(weights.get("num_bits", 8))
         overhead = self._add("scales_beyond_16_bits", _beyond_16_bits(tensors["weight_scale"]))
         if "weight_packed" in tensors:
@@ -151,8 +169,9 @@ class _Reader:
             codes = handle.get_tensor(f"{module}.weight") if self.sparsity else None
             fmt = "int-quantized"
         sparsity = _zero_fraction(codes) if codes is not None and weights.get("symmetric", True) else None
-        return ModuleRow(module, fmt, bits, weights.get("group_size"), int(shape[0]) * int(shape[1]),
-                         sum(_tensor_bytes(e) for e in tensors.values()), sparsity, overhead)
+        row = ModuleRow(module, fmt, bits, weights.get("group_size"), int(shape[0]) * int(shape[1]),
+                        sum(_tensor_bytes(e) for e in tensors.values()), sparsity, overhead)
+        return _with_activations(row, scheme)
 
     def _element_float(self, module: str, tensors: dict[str, Any], handle: Any, scheme: dict[str, Any]) -> ModuleRow:
         """FP8 (float8_e4m3fn weights) or NVFP4 / MXFP4 (two E2M1 codes per byte): every byte is counted as stored."""
@@ -245,7 +264,8 @@ def inspect_checkpoint(folder: Path, *, sparsity: bool = True) -> CheckpointSumm
     overhead = {"safetensors_header": header_bytes, **overhead}
     disk = sum(p.stat().st_size for p in files)
     totals = checkpoint_totals(rows, disk, overhead, CONFIG_DTYPE_BITS.get(original_dtype, 16), original_bytes)
-    return CheckpointSummary(str(folder), fmt, original_dtype, rows, totals, overhead)
+    return CheckpointSummary(str(folder), fmt, original_dtype, rows, totals, overhead,
+                             scheme_text(qconfig.get("kv_cache_scheme")))
 
 
 def checkpoint_totals(rows: list[ModuleRow], disk: int, overhead: dict[str, int], original_bits: int,

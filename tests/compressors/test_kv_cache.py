@@ -160,6 +160,12 @@ def test_static_and_kv_scales_survive_a_resume_and_reach_the_export(recipe, monk
         assert stored.get_tensor("model.layers.1.self_attn.k_scale").shape == (2, 1, 1)
         assert stored.get_tensor("model.layers.0.self_attn.o_proj.input_scale").item() == pytest.approx(static["input_scale"])
 
+    from compress.export.inspect import inspect_checkpoint
+
+    shown = inspect_checkpoint(export, sparsity=False)  # what `compress inspect` prints
+    assert shown.kv_cache == "fp8 static per attn_head"
+    assert {row.activations for row in shown.modules if row.format.startswith("float-quantized")} == {"fp8 static per tensor"}
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_tiny_family_routes_its_cache_through_the_hook(tmp_path, family):
