@@ -29,7 +29,7 @@ def validate(path: Path):
     with mock.patch.object(typer.testing, "_get_command", lambda _app: COMMAND):
         return CliRunner().invoke(app, ["validate", str(path)])
 
-EXAMPLES = 2000
+EXAMPLES = 1000
 NON_NUMERIC = st.text(min_size=1, max_size=30).filter(lambda t: re.search(r"[^\d\s.+\-_eE]", t) is not None)
 NOT_A_BOOL = NON_NUMERIC.filter(lambda t: t.strip().lower() not in {"yes", "no", "on", "off", "t", "f", "y", "n", "true", "false"})
 CONTAINERS = st.one_of(st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))

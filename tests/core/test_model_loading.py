@@ -210,10 +210,16 @@ def test_reports_are_strict_json():
 
 
 def test_a_nan_metric_is_null_in_report_json(tiny_llama, tmp_path, text_file, monkeypatch):
+    import compress.app.baseline as baseline
     import compress.app.runner as runner
     from compress.recipe.registry import EvalResult
 
-    monkeypatch.setattr(runner, "evaluate_all", lambda handle, steps, run: [EvalResult("perplexity", "text", math.nan, {})])
+    def nan_score(handle, step, run):
+        return [EvalResult("perplexity", "text", math.nan, {})]
+
+    # the baseline (compress/app/baseline.py, through the cache) and the final evaluation (runner) both score NaN
+    monkeypatch.setattr(baseline, "evaluate_step", nan_score)
+    monkeypatch.setattr(runner, "evaluate_step", nan_score)
     recipe = parse_recipe(f"model: {tiny_llama}\npasses: [rtn]\n"
                           f"evaluate: {{perplexity: [{{dataset: {text_file}, seq_len: 32, max_windows: 1}}]}}\n")
     runner.run_recipe(recipe, tmp_path / "out")

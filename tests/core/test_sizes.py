@@ -247,7 +247,8 @@ def test_report_html_title_labels_parameters_protocol_and_time(narrowed, tiny_ll
     (protocol,) = page.sections["protocol"][1:]
     assert protocol == ["perplexity", report["metrics"]["perplexity"]["text"]["protocol"]["dataset"], "token_ppl v1",
                         "32", "seq_len", f"4 windows, {report['metrics']['perplexity']['text']['protocol']['scored_tokens']:,} tokens",
-                        "first 4 windows"]
+                        "first 4 windows",
+                        "from the cache" if report["cache"]["baseline_from_cache"]["perplexity"]["text"] else "computed"]
     time = {row[0].strip(): float(row[1]) for row in page.sections["time"][1:]}
     for phase in ("load the model", "baseline evaluation", "passes", "width_prune", "rtn", "final evaluation",
                   "save the run state and the export", "other (setup, report)", "total"):
