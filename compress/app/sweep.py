@@ -56,7 +56,7 @@ TrialState = Literal["finished", "stale", "pending"]
 Status = dict[str, Any]  # one trial's outcome in this launch: {id, index, status: ok|failed|skipped, seconds, error, log}
 OnResult = Callable[[Status], None]
 MAX_TRIALS = 1_000  # each trial's recipe is validated at load; a grid past this is a typo or a job for several files
-REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `cli` and `compress` packages that trial processes import
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `compress` package that trial processes import
 
 
 class Resources(StrictConfig):
@@ -559,7 +559,7 @@ def slurm_script(sweep: Sweep, indices: list[int] | None = None) -> str:
     lines += ["", "set -euo pipefail", *cfg.setup,
               f"cd {shlex.quote(str(Path.cwd()))}",
               "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}",
-              f"{shlex.quote(python)} -m cli.main sweep {shlex.quote(str(sweep.source))} "
+              f"{shlex.quote(python)} -m compress.cli.main sweep {shlex.quote(str(sweep.source))} "
               f"--output {shlex.quote(str(sweep.output))} --only \"$SLURM_ARRAY_TASK_ID\""
               + ("" if sweep.use_cache else " --no-cache"), ""]
     return "\n".join(lines)
