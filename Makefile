@@ -82,6 +82,9 @@ bench:
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/serving_weights.py
 	HF_HUB_OFFLINE=1 MKL_DYNAMIC=FALSE PYTHONPATH=. $(BENCH_PY) bench/threads.py
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/whole_job.py --rounds 3
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/whole_job.py --model random-1024 --rounds 2 --samples 32 --eval-windows 32 --output bench/results/whole_job_1024.md
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/layer_width.py --rounds 2 --samples 32
+	HF_HUB_OFFLINE=1 $(PY) bench/same_weights.py --before d298d0d --before-new b1b3440^1
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/tokenize_once.py
 	$(BENCH_PY) bench/assemble.py --output BENCHMARKS.md
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Reading order; sections not listed here follow alphabetically, so a new bench needs no edit to appear.
-ORDER = ["quantization", "serving_weights", "serving_formats", "pruning", "allocation", "zero_shot", "export", "scale",
-         "offload"]
+ORDER = ["quantization", "whole_job", "whole_job_1024", "layer_width", "same_weights", "serving_weights",
+         "serving_formats", "pruning", "allocation", "zero_shot", "export", "scale", "offload"]
 
 HEADER = """# Benchmarks
 

@@ -55,6 +55,7 @@ def main() -> None:
         rows = [
             measure("`compress validate typo.yaml` (exit 2, the typo named by line)", [*cli, "validate", "typo.yaml"], cwd, env),
             measure("`compress validate mixed-precision` (a valid shipped recipe)", [*cli, "validate", "mixed-precision"], cwd, env),
+            measure("`compress validate recipes/demo.yaml`", [*cli, "validate", str(REPO / "recipes" / "demo.yaml")], cwd, env),
             measure("`compress --help`", [*cli, "--help"], cwd, env),
             measure("`compress recipes list`", [*cli, "recipes", "list"], cwd, env),
             measure("`python -c 'import torch, transformers'` (what each command paid before)",

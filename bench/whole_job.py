@@ -15,6 +15,11 @@ Reported: medians, the ratio of ours to the peer's pair by pair (round i's A ove
 seconds from report.json `timings`.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv-bench/bin/python bench/whole_job.py --rounds 3
+    ... bench/whole_job.py --model random-1024 --output bench/results/whole_job_1024.md   # a wider random Llama
+
+`--model random-WIDTH` builds a random-weight float32 Llama of that hidden width (2 layers, MLP 2.75 x width, GQA
+4:1, the demo model's tokenizer so the same texts tokenize the same) in the scratch folder; its perplexities are
+near the vocabulary size and mean nothing, its seconds are what a wider model costs.
 """
 
 from __future__ import annotations
@@ -71,9 +76,47 @@ def measure(command: list[str], env: dict[str, str]) -> tuple[Measured, str]:
     return Measured(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, load), stdout
 
 
-def recipe_text(passes: str, samples: int, seq_len: int, eval_windows: int | None) -> str:
+RANDOM_LAYERS = 2
+
+
+def mlp_width(width: int) -> int:
+    """2.75 x width (Llama's ratio), rounded up to a multiple of 128 so groups of 128 divide every linear."""
+    return -(-(width * 11 // 4) // 128) * 128
+
+
+def random_llama(folder: Path, width: int, seed: int = 0) -> Path:
+    """A random float32 Llama `width` wide with the demo model's tokenizer files, saved in `folder`."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    demo = json.loads((DEMO / "model" / "config.json").read_text(encoding="utf-8"))
+    config = LlamaConfig(hidden_size=width, intermediate_size=mlp_width(width), num_hidden_layers=RANDOM_LAYERS,
+                         num_attention_heads=width // 64, num_key_value_heads=max(1, width // 256),
+                         vocab_size=demo["vocab_size"], max_position_embeddings=demo["max_position_embeddings"],
+                         bos_token_id=demo.get("bos_token_id"), eos_token_id=demo.get("eos_token_id"),
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (DEMO / "model" / name).exists():
+            shutil.copy(DEMO / "model" / name, folder / name)
+    return folder
+
+
+def model_folder(name: str, scratch: Path) -> Path:
+    if name == "demo":
+        return DEMO / "model"
+    folder = scratch / name
+    if not folder.exists():
+        random_llama(folder, int(name.removeprefix("random-")))
+    return folder
+
+
+def recipe_text(model: Path, passes: str, samples: int, seq_len: int, eval_windows: int | None) -> str:
     limit = f", max_windows: {eval_windows}" if eval_windows else ""
-    return (f"model: {DEMO / 'model'}\n"
+    return (f"model: {model}\n"
             f"calibration: {{dataset: {DEMO / 'calib.txt'}, samples: {samples}, seq_len: {seq_len}, seed: 0}}\n"
             f"passes: {passes}\n"
             f"evaluate:\n  perplexity: [{{dataset: {DEMO / 'eval.txt'}, seq_len: {seq_len}{limit}}}]\n")
@@ -90,8 +133,8 @@ def ours(recipe: Path, output: Path, env: dict[str, str], cold: bool) -> Measure
     return measured
 
 
-def peer(key: str, args: argparse.Namespace, output: Path, env: dict[str, str]) -> Measured:
-    command = [args.peer_python, str(BENCH / "whole_job_peer.py"), key, "--model", str(DEMO / "model"),
+def peer(key: str, args: argparse.Namespace, model: Path, output: Path, env: dict[str, str]) -> Measured:
+    command = [args.peer_python, str(BENCH / "whole_job_peer.py"), key, "--model", str(model),
                "--calibration", str(DEMO / "calib.txt"), "--evaluation", str(DEMO / "eval.txt"),
                "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--output", str(output),
                *(["--eval-windows", str(args.eval_windows)] if args.eval_windows else [])]
@@ -105,12 +148,13 @@ def peer(key: str, args: argparse.Namespace, output: Path, env: dict[str, str]) 
 def run_row(key: str, args: argparse.Namespace, scratch: Path) -> dict[str, list[Measured]]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "COMPRESS_CACHE_DIR": str(scratch / "cache")}
     recipe = scratch / f"{key}.yaml"
-    recipe.write_text(recipe_text(ROWS[key][1], args.samples, args.seq_len, args.eval_windows), encoding="utf-8")
+    model = model_folder(args.model, scratch)
+    recipe.write_text(recipe_text(model, ROWS[key][1], args.samples, args.seq_len, args.eval_windows), encoding="utf-8")
     ours(recipe, scratch / "warmup", env, cold=False)  # fills the cache the warm runs read
     runs: dict[str, list[Measured]] = {"ours cold": [], "peer": [], "ours warm": []}
     for round_ in range(args.rounds):
         runs["ours cold"].append(ours(recipe, scratch / "a", env, cold=True))
-        runs["peer"].append(peer(key, args, scratch / "b", env))
+        runs["peer"].append(peer(key, args, model, scratch / "b", env))
         runs["ours warm"].append(ours(recipe, scratch / "c", env, cold=False))
         print(f"{key} round {round_ + 1}: " + ", ".join(f"{name} {m[-1].cpu:.1f} CPU-s" for name, m in runs.items()),
               flush=True)
@@ -145,15 +189,24 @@ def phase_lines(key: str, runs: dict[str, list[Measured]]) -> list[str]:
     return lines
 
 
+def model_title(name: str) -> str:
+    if name == "demo":
+        return "Demo model (recipes/demo/model, 4 layers, hidden 256)"
+    width = int(name.removeprefix("random-"))
+    return (f"Random-weight float32 Llama, hidden {width}, MLP {mlp_width(width)}, {RANDOM_LAYERS} layers, "
+            f"{width // 64} heads ({max(1, width // 256)} key-value), the demo tokenizer")
+
+
 def markdown(results: dict[str, dict[str, list[Measured]]], args: argparse.Namespace) -> str:
     import platform
 
     lines = [
-        "## Whole job, start to exit (bench/whole_job.py)",
+        "## Whole job, start to exit (bench/whole_job.py)" + ("" if args.model == "demo" else f", {args.model}"),
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; {args.rounds} round(s) of A (ours, `--no-cache`), B (llm-compressor), "
-        "C (ours, baseline and token ids from the cache), alternating. Demo model, "
+        "C (ours, baseline and token ids from the cache), alternating. "
+        f"{model_title(args.model)}, "
         f"{args.samples} calibration windows of {args.seq_len} tokens, perplexity on "
         f"{args.eval_windows or 'all'} windows of eval.txt, baseline and final, in both tools.",
         "",
@@ -177,6 +230,7 @@ def markdown(results: dict[str, dict[str, list[Measured]]], args: argparse.Names
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="demo", help="demo, or random-WIDTH (e.g. random-1024)")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)

@@ -108,7 +108,8 @@ def run(
         try:
             with sigterm_as_interrupt():
                 report = run_recipe(parsed, target, allow_pickle=allow_pickle, overwrite=overwrite, reporter=reporter,
-                                    resume=resume, checkpoints=checkpoints, use_cache=not no_cache)
+                                    resume=resume, checkpoints=checkpoints, use_cache=not no_cache,
+                                    process_started=process_started())
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(recipe, target, set_ or [], model)) from None
         except DiskFull as exc:
@@ -120,3 +121,20 @@ def run(
 
             err_console.print(summary_table(report))
             err_console.print(f"Report: {target / 'report.md'}  (JSON: {target / 'report.json'})", highlight=False)
+
+
+def process_started() -> float | None:
+    """When this process began, as a `time.perf_counter()` reading (from Linux's /proc; None where there is none).
+
+    The report's `startup` phase (interpreter, imports, recipe) is then part of the run's timings.
+    """
+    import os
+
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(after_name[19])  # field 22, starttime: clock ticks after boot (fields 1-2 precede ")")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    age = max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    return time.perf_counter() - age

@@ -299,9 +299,10 @@ def run_gptq(layer: LayerContext, cfg: GPTQConfig) -> dict[str, Any]:
     for stage in stages:
         # Modules of a group read the very same tensor, so they share one Hessian.
         hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in stage}, cfg.hessian_torch_dtype)
-        for names in stage:
-            for fqn in names:
-                results[fqn] = quantize_module(fqn, modules[fqn], hessians[names[0]], cfg, layer.run)
+        with layer.timed("solve"):
+            for names in stage:
+                for fqn in names:
+                    results[fqn] = quantize_module(fqn, modules[fqn], hessians[names[0]], cfg, layer.run)
     return results
 
 

@@ -83,10 +83,11 @@ def collect_hessians(
         name: HessianAccumulator(weight_matrix(m).shape[1], weight_matrix(m).device, dtype)
         for name, m in modules.items()
     }
-    layer.observe(modules, lambda name, inputs: hessians[name].add(inputs), stop_early=True)
-    for accumulator in hessians.values():  # data-parallel calibration: add the ranks' sums (no-op alone)
-        assert accumulator.total is not None
-        accumulator.samples = all_reduce_sum(accumulator.total, accumulator.samples)
+    with layer.timed("statistics"):  # the layer forwards and the accumulation: report.json seconds_by_part
+        layer.observe(modules, lambda name, inputs: hessians[name].add(inputs), stop_early=True)
+        for accumulator in hessians.values():  # data-parallel calibration: add the ranks' sums (no-op alone)
+            assert accumulator.total is not None
+            accumulator.samples = all_reduce_sum(accumulator.total, accumulator.samples)
     return hessians
 
 

@@ -113,8 +113,9 @@ def run_sparsegpt(layer: LayerContext, cfg: SparseGPTConfig) -> dict[str, Any]:
     # Modules of a group ([q, k, v], [gate, up]) read the very same tensor, so they share one Hessian.
     hessians = collect_hessians(layer, {names[0]: modules[names[0]] for names in groups}, cfg.hessian_torch_dtype)
     target = cfg.sparsity_for(layer)
-    return {fqn: prune_module(fqn, modules[fqn], hessians[names[0]], target, cfg, layer.run)
-            for names in groups for fqn in names}
+    with layer.timed("solve"):
+        return {fqn: prune_module(fqn, modules[fqn], hessians[names[0]], target, cfg, layer.run)
+                for names in groups for fqn in names}
 
 
 def prune_module(fqn: str, module: nn.Module, hessian: HessianAccumulator, target: float, cfg: SparseGPTConfig,

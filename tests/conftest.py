@@ -7,6 +7,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`pytest -n 2`) each worker, and every CLI process it starts, computes on one thread: two
+# workers of two threads each on two cores oversubscribe them, and OpenMP's spinning threads then run many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 

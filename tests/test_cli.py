@@ -47,6 +47,9 @@ def test_run_writes_report_and_json_goes_to_stdout(workdir):
     report = json.loads(result.stdout)
     for key in ("recipe", "model", "passes", "metrics", "size", "timings", "peak_memory_bytes", "versions"):
         assert key in report
+    timings = report["timings"]  # from the process's start: interpreter and imports are `startup`
+    assert 0.05 < timings["startup"] < timings["total"] and timings["report"] > 0
+    assert timings["total"] >= sum(timings[p] for p in ("startup", "load", "baseline_eval", "passes", "eval", "report"))
     ppl = report["metrics"]["perplexity"]["text"]
     assert ppl["baseline"] > 1 and ppl["compressed"] > 1
     assert report["passes"][0]["name"] == "rtn" and report["passes"][0]["summary"]["modules"] == 14

@@ -96,7 +96,8 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
         )
         propagation += sweep.propagation_seconds
         for step in stage:
-            entries[step.index] = _pass_entry(step, sweep.seconds[step.label], sweep.modules[step.label])
+            entries[step.index] = _pass_entry(step, sweep.seconds[step.label], sweep.modules[step.label],
+                                              sweep.parts[step.label])
         if sweep.damage:
             sweeps.append(([s.label for s in stage], sweep.damage))
         log.info("sweep %s done in %.2fs (+%.2fs propagation)", [s.label for s in stage],
@@ -106,14 +107,18 @@ def run_passes(handle: ModelHandle, steps: tuple[PassStep, ...], run: RunContext
     return [entries[i] for i in sorted(entries)], propagation
 
 
-def _pass_entry(step: PassStep, seconds: float, modules: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _pass_entry(step: PassStep, seconds: float, modules: dict[str, Any],
+                parts: dict[str, float] | None = None) -> dict[str, Any]:
+    entry = {
         "name": step.name,
         "params": step.config.settings_as_run(),
         "seconds": round(seconds, 4),
         "summary": summarize_modules(modules),
         "modules": modules,
     }
+    if parts:  # e.g. GPTQ: statistics (the Hessians' forwards) and solve; the rest of `seconds` is the pass's own
+        entry["seconds_by_part"] = {part: round(value, 4) for part, value in parts.items()}
+    return entry
 
 
 def evaluate_all(handle: ModelHandle, steps: tuple[EvalStep, ...], run: RunContext) -> list[EvalResult]:
@@ -290,6 +295,7 @@ def run_recipe(
     resume: bool = False,
     checkpoints: bool = True,
     use_cache: bool = True,
+    process_started: float | None = None,
     _worker: bool = False,
 ) -> dict[str, Any]:
     """Execute a recipe and write report.json, report.md, report.html, recipe.yaml and run.log into `output`.
@@ -297,7 +303,9 @@ def run_recipe(
     `output` appears only when everything succeeded (see `atomic_output`). With `checkpoints`, each finished
     decoder layer is saved beside it (compress/engine/checkpoint.py), so an interrupted run continues with `resume`.
     With `use_cache`, the baseline metrics and token ids come from the user's cache when an earlier run computed
-    them from the same inputs (compress/app/baseline.py), and go into it otherwise.
+    them from the same inputs (compress/app/baseline.py), and go into it otherwise. `process_started` (a
+    `time.perf_counter()` reading of when the process began; the CLI passes it) adds a `startup` phase to the
+    report's timings and makes `total` the whole process's.
     """
     if recipe.model is None:
         raise UserError("no model given: set `model:` in the recipe or pass --model")
@@ -311,7 +319,7 @@ def run_recipe(
         try:
             checkpointer = _checkpointer(recipe, output, checkpoints, resume)
             return _run_held(recipe, places, checkpointer, allow_pickle=allow_pickle, reporter=reporter, resume=resume,
-                             cache=cache_for(use_cache, reporter))
+                             cache=cache_for(use_cache, reporter), process_started=process_started)
         except Exception as exc:
             problem = stopped_by_disk(exc)
             if problem is None:
@@ -320,10 +328,10 @@ def run_recipe(
 
 
 def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer | None, *, allow_pickle: bool,
-              reporter: Reporter, resume: bool, cache: Cache | None) -> dict[str, Any]:
+              reporter: Reporter, resume: bool, cache: Cache | None, process_started: float | None) -> dict[str, Any]:
     """`run_recipe` once its output paths are locked and checked."""
     output = places.output
-    clock = _Stopwatch()
+    clock = _Stopwatch(process_started)
     seed = recipe.calibration.seed if recipe.calibration is not None else 0
     torch.manual_seed(seed)  # passes that draw random numbers repeat exactly, which --resume relies on
     with _checkpoint_lifetime(checkpointer), \
@@ -356,7 +364,7 @@ def _run_held(recipe: Recipe, places: OutputPlaces, checkpointer: Checkpointer |
         report["timings"] = clock.rounded()
         if export is not None:
             report["export"] = export
-        _write_run_folder(staging, output, recipe, run, report)
+        _write_run_folder(staging, output, recipe, run, report, clock)
     return report
 
 
@@ -403,9 +411,12 @@ def _checkpointer(recipe: Recipe, output: Path, checkpoints: bool, resume: bool)
 class _Stopwatch:
     """Seconds per phase of a run, in the order they ran (report.json `timings`), and the total since creation."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.seconds: dict[str, float] = {}
+    def __init__(self, process_started: float | None = None) -> None:
+        # With the process's start (a perf_counter reading; the CLI's), `startup` holds what came before the run
+        # (interpreter, imports, recipe, output checks) and `total` counts from the process's start.
+        now = time.perf_counter()
+        self.started = now if process_started is None else min(process_started, now)
+        self.seconds: dict[str, float] = {} if process_started is None else {"startup": now - self.started}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -589,18 +600,27 @@ def _model_section(recipe: Recipe, handle: ModelHandle, size: dict[str, Any]) ->
     }
 
 
-def _write_run_folder(staging: Path, output: Path, recipe: Recipe, run: RunContext, report: dict[str, Any]) -> None:
-    """The passes' run files, then report.json, report.md, recipe.yaml and report.html into the staging folder."""
+def _write_run_folder(staging: Path, output: Path, recipe: Recipe, run: RunContext, report: dict[str, Any],
+                      clock: _Stopwatch) -> None:
+    """The passes' run files, report.md, recipe.yaml, report.html, then report.json into the staging folder.
+
+    report.json goes last so that its `timings` count the writing of the others (`report`); the pages show the
+    timings known when they were drawn.
+    """
     for name, text in run.results.run_files.items():
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_text(text, encoding="utf-8")
+    with clock.phase("report"):
+        (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
+        (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
+        try:
+            write_html_report(report, staging / "report.html")
+        except Exception as exc:  # a plotting problem must not throw away hours of compression
+            log.warning("report.html not written (%s: %s); run `compress report %s` to retry", type(exc).__name__, exc,
+                        output)
+    clock.stop()
+    report["timings"] = clock.rounded()
     (staging / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
-    (staging / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()), encoding="utf-8")
-    try:
-        write_html_report(report, staging / "report.html")
-    except Exception as exc:  # a plotting problem must not throw away hours of compression
-        log.warning("report.html not written (%s: %s); run `compress report %s` to retry", type(exc).__name__, exc, output)
 
 
 @contextlib.contextmanager

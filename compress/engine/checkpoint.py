@@ -146,6 +146,8 @@ class LayerState:
     modules: dict[str, dict[str, Any]]  # step label -> module fqn -> report entry
     seconds: dict[str, float]  # step label -> seconds spent on this layer
     damage: dict[str, dict[str, Any]] = field(default_factory=dict)  # output errors (compress/engine/damage.py)
+    # step label -> part of the pass ("statistics", "solve", ...) -> seconds, for passes that time their parts
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,7 +223,8 @@ class Checkpointer:
         self._reinstall_activation_quant(layer, prefix, state["activation_quant"], run)
         self._reinstall_kv_cache(layer, prefix, state.get("kv_cache", {}), run)
         run.results.fallbacks.extend(state["fallbacks"])
-        return LayerState(state["modules"], state["seconds"], state.get("damage", {}))  # older checkpoints: none
+        # older checkpoints: no damage, no parts
+        return LayerState(state["modules"], state["seconds"], state.get("damage", {}), state.get("parts", {}))
 
     @staticmethod
     def _reinstall_activation_quant(layer: nn.Module, prefix: str, settings: dict[str, Any], run: RunContext) -> None:
@@ -277,6 +280,7 @@ class Checkpointer:
             "modules": layer_state.modules,
             "seconds": layer_state.seconds,
             "damage": layer_state.damage,
+            "parts": layer_state.parts,
             "quantized": records,
             "masks": masks,
             "bit_plan": {fqn: s.describe() for fqn, s in run.handoff.bit_plan.items() if fqn.startswith(owned)},

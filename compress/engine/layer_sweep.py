@@ -56,6 +56,16 @@ class LayerContext:
         self.layer = layer
         self.inputs = inputs
         self.run = run
+        self.part_seconds: dict[str, float] = {}  # the running pass's parts (`timed`), collected after each pass
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Count the seconds inside into `part` of the running pass (report.json `passes[i].seconds_by_part`)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.part_seconds[part] = self.part_seconds.get(part, 0.0) + time.perf_counter() - start
 
     def linears(self, ignore: tuple[str, ...] | list[str] = DEFAULT_IGNORE) -> dict[str, nn.Module]:
         """Linear sublayers by fully qualified name, in definition order, minus the `ignore` patterns."""
@@ -180,6 +190,7 @@ class SweepResult:
     modules: dict[str, dict[str, dict[str, Any]]]  # step label -> module fqn -> result
     seconds: dict[str, float]  # step label -> seconds inside the pass
     propagation_seconds: float
+    parts: dict[str, dict[str, float]]  # step label -> part ("statistics", "solve") -> seconds, where timed
     # layer prefix or module fqn -> output error against the uncompressed layer (compress/engine/damage.py);
     # empty for a sweep without calibration inputs
     damage: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -218,6 +229,7 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
         check_finite_inputs(inputs, f"{handle.layers_prefix}.0")
     modules: dict[str, dict[str, dict[str, Any]]] = {step.label: {} for step in steps}
     seconds = {step.label: 0.0 for step in steps}
+    parts: dict[str, dict[str, float]] = {step.label: {} for step in steps}
     damage: dict[str, dict[str, Any]] = {}
     propagation = 0.0
     layers = handle.layers
@@ -227,7 +239,7 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
         resumed = run.inputs.checkpoint.restore(sweep, layers, handle.layers_prefix, run)
         first = resumed.next_layer
         for state in resumed.layers:
-            _merge_layer_state(modules, seconds, damage, state)
+            _merge_layer_state(modules, seconds, parts, damage, state)
         if inputs is not None and resumed.hidden_files is not None:
             inputs = _restored_inputs(inputs, resumed.hidden_files)
         if first:
@@ -250,7 +262,7 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
             elif reference is not None and _same_first_batch(ctx, reference):
                 first_batch = ctx.calibration_inputs()[0]
                 state.damage.update(measure_once(reference, layer, ctx.linears(()), first_batch.hidden, first_batch.kwargs))
-            _merge_layer_state(modules, seconds, damage, state)
+            _merge_layer_state(modules, seconds, parts, damage, state)
             if sweep is not None and run.inputs.checkpoint is not None:
                 layer.to(OFFLOAD_DEVICE)  # the checkpoint stores CPU tensors; a lazy layer is still in memory here
                 run.inputs.checkpoint.save(sweep, index, layer, ctx.prefix, run, state, run.results.fallbacks[fallbacks_before:],
@@ -258,7 +270,7 @@ def _sweep_layers(handle: ModelHandle, steps: list[SweepStep], run: RunContext,
             if handle.layer_done(index):  # the layer left memory: keep only what the size report needs of it
                 shed_records(run, f"{handle.layers_prefix}.{index}.")
             advance(1)
-    return SweepResult(modules, seconds, propagation, damage)
+    return SweepResult(modules, seconds, propagation, parts, damage)
 
 
 def _reference(ctx: LayerContext) -> LayerReference | None:
@@ -318,10 +330,12 @@ def _restored_inputs(captured: list[LayerInput], hidden_files: list[Path]) -> li
 
 
 def _merge_layer_state(modules: dict[str, dict[str, dict[str, Any]]], seconds: dict[str, float],
-                       damage: dict[str, dict[str, Any]], state: LayerState) -> None:
+                       parts: dict[str, dict[str, float]], damage: dict[str, dict[str, Any]], state: LayerState) -> None:
     for label, results in state.modules.items():
         modules[label].update(results)
         seconds[label] += state.seconds[label]
+        for part, part_seconds in state.parts.get(label, {}).items():
+            parts[label][part] = parts[label].get(part, 0.0) + part_seconds
     damage.update(state.damage)
 
 
@@ -329,8 +343,11 @@ def _apply_steps(ctx: LayerContext, steps: list[SweepStep]) -> LayerState:
     state = LayerState({}, {})
     for step in steps:
         start = time.perf_counter()
+        ctx.part_seconds = {}
         state.modules[step.label] = step.apply(ctx, step.config)
         state.seconds[step.label] = time.perf_counter() - start
+        if ctx.part_seconds:
+            state.parts[step.label] = ctx.part_seconds
     return state
 
 

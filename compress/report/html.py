@@ -338,6 +338,7 @@ def passes_section(report: dict[str, Any]) -> str | None:
 
 # report.json `timings`: top-level phases in run order, each with the phases timed inside it.
 PHASES = {
+    "startup": ("start-up (interpreter, imports, recipe, output checks)", {}),
     "load": ("load the model", {"calibration_data": "of which calibration data (read, tokenize, sample)"}),
     "baseline_eval": ("baseline evaluation", {}),
     "continuations": ("continuations (baseline before the passes, compressed after)", {}),
@@ -345,6 +346,7 @@ PHASES = {
     "save": ("write what is outside the layers (lazy)", {}),
     "eval": ("final evaluation", {}),
     "export": ("save the run state and the export", {}),
+    "report": ("write report.md and report.html", {}),
 }
 
 
@@ -363,12 +365,14 @@ def timing_rows(report: dict[str, Any]) -> list[list[str]]:
             continue
         rows.append(row(label, timings[name]))
         if name == "passes":
-            rows += [row(f"  {p.get('name', '?')}", float(p.get("seconds", 0))) for p in report.get("passes", [])]
+            for entry in report.get("passes", []):
+                rows.append(row(f"  {entry.get('name', '?')}", float(entry.get("seconds", 0))))
+                rows += [row(f"    {part}", float(value)) for part, value in entry.get("seconds_by_part", {}).items()]
         rows += [row(f"  {sub_label}", timings[sub]) for sub, sub_label in subs.items() if sub in timings]
     extra = [name for name in timings if name not in PHASES and name not in inner and name != "total"]
     rows += [row(name.replace("_", " "), timings[name]) for name in extra]
     covered = sum(timings[name] for name in [*PHASES, *extra] if name in timings)
-    rows.append(row("other (setup, report)", max(0.0, timings.get("total", 0) - covered)))
+    rows.append(row("other (report.json, between phases)", max(0.0, timings.get("total", 0) - covered)))
     rows.append(row("total", timings.get("total", 0)))
     return rows
 

@@ -338,6 +338,9 @@ evaluate:
     modules = report["passes"][0]["modules"]
     assert len(modules) == 14 and all(m["hessian_samples"] == 8 for m in modules.values())
     assert report["passes"][0]["summary"]["mean_gptq_loss"] > 0
+    parts = report["passes"][0]["seconds_by_part"]  # the Hessians' forwards, and the solves, inside the pass's time
+    assert set(parts) == {"statistics", "solve"} and min(parts.values()) > 0
+    assert sum(parts.values()) <= report["passes"][0]["seconds"]
     assert len(report["activation_quantization"]) == 14 and report["fallbacks"] == []
     ppl = report["metrics"]["perplexity"][text_file.stem]
     assert math.isfinite(ppl["compressed"]) and ppl["compressed"] < 1.5 * ppl["baseline"]
