@@ -217,7 +217,8 @@ def _rotation(size: int, generator: torch.Generator, what: str) -> torch.Tensor:
 
 def _untie_head(model: nn.Module, cfg: RotateConfig, stored_dtype: torch.dtype | None) -> int:
     """Give a head tied to the input embeddings a tensor of its own (or refuse); returns the bytes that adds."""
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    causal_lm: Any = model  # a transformers PreTrainedModel
+    head, embeddings = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()
     if head is None or head.weight is not embeddings.weight:
         return 0
     extra = head.weight.numel() * (stored_dtype or head.weight.dtype).itemsize
@@ -226,7 +227,7 @@ def _untie_head(model: nn.Module, cfg: RotateConfig, stored_dtype: torch.dtype |
                         f"gain into the head would change the embeddings too. Set `untie_embeddings: true` to store "
                         f"the head as its own tensor ({extra:,} more bytes), or drop the rotate pass")
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    for part in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    for part in {id(c): c for c in (causal_lm.config, causal_lm.config.get_text_config())}.values():
         part.tie_word_embeddings = False  # save_pretrained and from_pretrained must not tie them again
     return extra
 
@@ -236,17 +237,18 @@ def _rotate_attention(layer: nn.Module, layout: Layout, residual: torch.Tensor, 
     heads, kv_heads, head_dim = shape
     gain = _take_gain(layer.get_submodule(layout.attention_norm))
     for name in layout.attention_readers:
-        _set(layer.get_submodule(name).weight, rotate_columns(layer.get_submodule(name).weight, residual, gain))
+        weight = _tensor(layer.get_submodule(name), "weight")
+        _set(weight, rotate_columns(weight, residual, gain))
     value = layer.get_submodule(layout.value)
     start = (heads + kv_heads) * head_dim if layout.fused_qkv else 0
     rows = slice(start, start + kv_heads * head_dim)
-    _set(value.weight, rotate_head_rows(value.weight[rows], per_head), rows)
-    if value.bias is not None:
-        _set(value.bias, rotate_head_rows(value.bias[rows], per_head), rows)
+    for part in ("weight", "bias"):
+        if getattr(value, part, None) is not None:
+            _set(_tensor(value, part), rotate_head_rows(_tensor(value, part)[rows], per_head), rows)
     writer = layer.get_submodule(layout.attention_writer)
-    _set(writer.weight, rotate_rows(rotate_head_columns(writer.weight, per_head), residual))
-    if writer.bias is not None:
-        _set(writer.bias, rotate_rows(writer.bias, residual))
+    _set(_tensor(writer, "weight"), rotate_rows(rotate_head_columns(_tensor(writer, "weight"), per_head), residual))
+    if getattr(writer, "bias", None) is not None:
+        _set(_tensor(writer, "bias"), rotate_rows(_tensor(writer, "bias"), residual))
 
 
 def _rotate_mlp(layer: nn.Module, layout: Layout, residual: torch.Tensor, hidden: int) -> None:
@@ -274,10 +276,10 @@ def _rotate_mlp(layer: nn.Module, layout: Layout, residual: torch.Tensor, hidden
 
 def _rotate_outside_layers(model: nn.Module, residual: torch.Tensor) -> None:
     """Embedding rows E Q; the head takes the final norm's gain, then W Q. Row chunks keep memory at one chunk."""
-    embedding = model.get_input_embeddings().weight
-    final_norm = model.get_submodule(_final_norm_name(model))
-    gain = _take_gain(final_norm)
-    head = model.get_output_embeddings().weight
+    causal_lm: Any = model  # a transformers PreTrainedModel
+    embedding = _tensor(causal_lm.get_input_embeddings(), "weight")
+    gain = _take_gain(model.get_submodule(_final_norm_name(model)))
+    head = _tensor(causal_lm.get_output_embeddings(), "weight")
     for start in range(0, embedding.shape[0], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
         _set(embedding, rotate_columns(embedding[rows], residual), rows)
@@ -289,6 +291,10 @@ def _rotate_outside_layers(model: nn.Module, residual: torch.Tensor) -> None:
 def _final_norm_name(model: nn.Module) -> str:
     base = getattr(model, "base_model_prefix", "model")
     return f"{base}.norm"
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    return cast(torch.Tensor, getattr(module, name))
 
 
 def _take_gain(norm: nn.Module) -> torch.Tensor:
