@@ -83,6 +83,7 @@ bench:
 	HF_HUB_OFFLINE=1 MKL_DYNAMIC=FALSE PYTHONPATH=. $(BENCH_PY) bench/threads.py
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/whole_job.py --rounds 3
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/tokenize_once.py
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/rotation.py
 	$(BENCH_PY) bench/assemble.py --output BENCHMARKS.md
 
 # Hours on a 2-core CPU: writes a random 8B-parameter checkpoint under /tmp and compresses it lazily.
