@@ -22,6 +22,38 @@ from tests.conftest import DEMO_DIR, DEMO_MODEL, requires_demo_model
 from tests.tiny_models import FAMILY_CONFIGS, tiny_config
 
 
+# First in the file: after other in-process CLI runs of this module the injected Ctrl-C did not stop the run
+# (exit 0, seen twice under load; passes alone); the cause is not found yet, see the rotate report.
+def test_a_killed_rotate_then_gptq_run_resumes_bit_identically_and_exports_compressed_tensors(
+        tiny_llama, text_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    recipe = tmp_path / "recipe.yaml"  # no evaluation: the weights' digest is the comparison
+    recipe.write_text(f"model: {tiny_llama}\ncalibration: {{dataset: {text_file}, samples: 4, seq_len: 32, seed: 0}}\n"
+                      "passes:\n  - rotate: {seed: 5}\n  - gptq: {bits: 4, group_size: 32}\n"
+                      "export: {format: compressed-tensors}\n")
+    straight = _run(recipe, "--output", str(tmp_path / "straight"))
+    assert straight.exit_code == 0, straight.output
+    monkeypatch.setenv(FAULT_ENV, "0:INT")  # Ctrl-C right after layer 0's checkpoint
+    assert _run(recipe, "--output", str(tmp_path / "resumed")).exit_code == 130
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = _run(recipe, "--output", str(tmp_path / "resumed"), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    reference, again = json.loads(straight.stdout), json.loads(resumed.stdout)
+    assert again["weights_sha256"] == reference["weights_sha256"]
+    assert "resuming at decoder layer 1 of 2" in (tmp_path / "resumed" / "run.log").read_text()
+    # a plain compressed-tensors checkpoint: transformers loads it with no code of ours, computing what we evaluated
+    from compress.export.state import load_state
+
+    in_memory = load_state(tmp_path / "straight" / "state").model
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "export-compressed-tensors",
+                                                    dtype=torch.float32)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = in_memory(ids).logits, reloaded(ids).logits
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 @pytest.mark.parametrize("size", [1, 2, 64, 12, 96, 20, 896])  # 96 = 8 x 12, 896 = 4 x 224 (Paley, q = 223)
 def test_hadamard_matrices_are_orthogonal_with_equal_magnitudes(size):
     h = hadamard_matrix(size)
@@ -138,33 +170,3 @@ def test_a_family_that_cannot_be_rotated_exits_2_naming_it(tmp_path):
     result = _run(tmp_path / "recipe.yaml", "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "model_type 'gemma2' cannot be rotated exactly" in result.output
     assert "Traceback" not in result.output
-
-
-def test_a_killed_rotate_then_gptq_run_resumes_bit_identically_and_exports_compressed_tensors(
-        tiny_llama, text_file, tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    recipe = tmp_path / "recipe.yaml"  # no evaluation: the weights' digest is the comparison
-    recipe.write_text(f"model: {tiny_llama}\ncalibration: {{dataset: {text_file}, samples: 4, seq_len: 32, seed: 0}}\n"
-                      "passes:\n  - rotate: {seed: 5}\n  - gptq: {bits: 4, group_size: 32}\n"
-                      "export: {format: compressed-tensors}\n")
-    straight = _run(recipe, "--output", str(tmp_path / "straight"))
-    assert straight.exit_code == 0, straight.output
-    monkeypatch.setenv(FAULT_ENV, "0:INT")  # Ctrl-C right after layer 0's checkpoint
-    assert _run(recipe, "--output", str(tmp_path / "resumed")).exit_code == 130
-    monkeypatch.delenv(FAULT_ENV)
-    resumed = _run(recipe, "--output", str(tmp_path / "resumed"), "--resume")
-    assert resumed.exit_code == 0, resumed.output
-    reference, again = json.loads(straight.stdout), json.loads(resumed.stdout)
-    assert again["weights_sha256"] == reference["weights_sha256"]
-    assert "resuming at decoder layer 1 of 2" in (tmp_path / "resumed" / "run.log").read_text()
-    # a plain compressed-tensors checkpoint: transformers loads it with no code of ours, computing what we evaluated
-    from compress.export.state import load_state
-
-    in_memory = load_state(tmp_path / "straight" / "state").model
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "export-compressed-tensors",
-                                                    dtype=torch.float32)
-    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = in_memory(ids).logits, reloaded(ids).logits
-    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
