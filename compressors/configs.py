@@ -323,6 +323,28 @@ class SmoothQuantConfig(StrictConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
 
 
+# -- rotate.py
+
+class RotateConfig(StrictConfig):
+    """Rotate the residual stream (and each attention head's value/output path) by random orthogonal matrices fused
+    into the weights (QuaRot / QuIP#-style incoherence): the model computes the same function, and outliers spread
+    over all channels, so a quantizer after it loses less. seed: draws the random signs of the Hadamard matrices
+    (a resumed run draws the same ones). untie_embeddings: a head tied to the input embeddings cannot take the final
+    norm's gain without changing the embeddings, so such a model is refused unless this is true, which stores the
+    head as a tensor of its own (the report says how many bytes that adds).
+
+    Recipe example (W3 GPTQ on the rotated model):
+
+        calibration: {dataset: calib.txt, samples: 128, seq_len: 512}
+        passes:
+          - rotate: {seed: 0}
+          - gptq: {bits: 3, group_size: 128}
+    """
+
+    seed: int = Field(0, ge=0)
+    untie_embeddings: bool = False
+
+
 # -- bnb.py
 
 class BnbConfig(StrictConfig):

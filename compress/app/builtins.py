@@ -18,6 +18,7 @@ from compress.compressors.configs import (
     MagnitudeConfig,
     OWLConfig,
     QuantizePlanConfig,
+    RotateConfig,
     RTNConfig,
     SmoothQuantConfig,
     SparseGPTConfig,
@@ -53,6 +54,8 @@ declare_pass("layer_drop", LayerDropConfig, f"{PASSES}.layer_drop:run_layer_drop
              needs_calibration=True)
 declare_pass("width_prune", WidthPruneConfig, f"{PASSES}.width_prune:run_width_prune", scope="model",
              kind="restructure", needs_calibration=True)
+# rotation (whole model, before everything that reads the weights)
+declare_pass("rotate", RotateConfig, f"{PASSES}.rotate:run_rotate", scope="model", kind="rotate")
 # bit allocation
 declare_pass("allocate", AllocateConfig, f"{PASSES}.allocate:run_allocate", scope="model", kind="allocate",
              needs_calibration=True)

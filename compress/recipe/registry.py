@@ -30,11 +30,13 @@ from pydantic.fields import FieldInfo
 
 Scope = Literal["layer", "model"]
 
-PassKind = Literal["restructure", "quantize", "prune", "allocate", "allocate_sparsity", "transform", "quantize_cache"]
+PassKind = Literal["restructure", "rotate", "quantize", "prune", "allocate", "allocate_sparsity", "transform", "quantize_cache"]
 """What a pass does, which recipe checks and the runner read (compress/recipe/schema.py, export_config.py):
 
 - "restructure": removes whole decoder layers, heads or channels, so module names or shapes change (layer_drop,
   width_prune).
+- "rotate": rotates every weight by orthogonal matrices, leaving what the model computes unchanged (rotate); comes
+  first with restructuring, since pruning masks, sparsities, scales and bit plans made before it fit other weights.
 - "quantize": rounds weights to integer codes (rtn, gptq, awq, bnb); the first one after a model pass is that
   pass's `next_quantizer`, and an export format must match it.
 - "prune": zeroes weights, keeping shapes (magnitude, wanda, sparsegpt).
@@ -49,7 +51,7 @@ A config may say it acts as another kind than its pass's usual one (`acts_as`, e
 """
 
 PASS_ORDER: tuple[tuple[PassKind, ...], ...] = (
-    ("restructure",),
+    ("restructure", "rotate"),
     ("allocate_sparsity", "prune", "transform", "allocate"),
     ("quantize",),
     ("quantize_cache",),

@@ -643,6 +643,8 @@ _WHY: dict[str, str] = {
                         "`awq: {quantize: false}`, then gptq)",
     "quantize_cache": "the KV-cache scales are calibrated on the keys and values of the final weights, so whatever "
                       "changes the weights comes first",
+    "rotate": "it rotates every weight, so masks, sparsities, scales and bit plans made before it would fit weights "
+              "that are gone",
     "restructure": "it removes layers or channels, so masks, sparsities and bit plans made before it would name the "
                    "wrong modules",
 }

@@ -72,7 +72,7 @@ def with_passes(passes: str) -> str:
 def test_refused_pass_orders_name_the_line_and_the_order_that_works(folder, passes, line, message):
     output = refused(folder, with_passes(passes))
     assert f"r.yaml:{line} {message}" in output
-    assert "Order that works: restructure (layer_drop, width_prune), then" in output
+    assert "Order that works: restructure/rotate (layer_drop, width_prune, rotate), then" in output
 
 
 @pytest.mark.parametrize("passes", [
