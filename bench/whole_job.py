@@ -129,7 +129,10 @@ def ours(recipe: Path, output: Path, env: dict[str, str], cold: bool) -> Measure
     report = json.loads(stdout)
     metric = report["metrics"]["perplexity"]["eval"]
     measured.perplexity = (metric["baseline"], metric["compressed"])
-    measured.phases = report["timings"]
+    measured.phases = dict(report["timings"])
+    for entry in report["passes"]:  # GPTQ / SparseGPT: the Hessians' forwards and the solves, inside `passes`
+        for part, seconds in entry.get("seconds_by_part", {}).items():
+            measured.phases[f"{entry['name']} {part}"] = seconds
     return measured
 
 
@@ -218,8 +221,10 @@ def markdown(results: dict[str, dict[str, list[Measured]]], args: argparse.Names
     ]
     for key, runs in results.items():
         lines += row_lines(key, runs)
-    lines += ["", "Per phase (median seconds; ours from report.json `timings`, `load` includes `calibration_data`; "
-              "the peer's from its script's own clock):", "", "| row | run | phases |", "|---|---|---|"]
+    lines += ["", "Per phase (median seconds; ours from report.json `timings`, where `load` includes "
+              "`calibration_data`, `passes` includes `propagation` and each pass's `statistics` (the Hessians' "
+              "forwards) and `solve`, and `total` counts from the process's start; the peer's from its script's own "
+              "clock, from its first line):", "", "| row | run | phases |", "|---|---|---|"]
     for key, runs in results.items():
         lines += phase_lines(key, runs)
     if args.note:
