@@ -14,13 +14,14 @@ EPILOG = (
     "Examples:\n\n"
     "  compress export compress-out/demo-0101 --format compressed-tensors\n\n"
     "  compress export RUN_DIR --format gptq --output models/demo-w4-gptq\n\n"
-    "  compress export RUN_DIR --format dense --dtype bfloat16 --json"
+    "  compress export RUN_DIR --format dense --dtype bfloat16 --json\n\n"
+    "  compress export RUN_DIR --format gguf   # RUN_DIR/export-gguf/model.gguf for llama.cpp"
 )
 
 
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Output folder of `compress run` (it keeps the compressed state).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors, gptq, dense or bitsandbytes.")] = "compressed-tensors",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors, gptq, dense, bitsandbytes or gguf (llama.cpp).")] = "compressed-tensors",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint folder (default RUN_DIR/export-FORMAT).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (the source checkpoint's), float16, bfloat16 or float32.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint folder if compress wrote it; never the run being exported.")] = False,
@@ -28,7 +29,7 @@ def export(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of internal errors.")] = False,
 ) -> None:
-    """Save a compressed run as a compressed-tensors, GPTQ, dense or bitsandbytes checkpoint (atomically)."""
+    """Save a compressed run as a compressed-tensors, GPTQ, dense, bitsandbytes or GGUF checkpoint (atomically)."""
     with exit_codes(verbose, as_json):
         from compress.recipe.errors import UserError
         from compress.export import export_run

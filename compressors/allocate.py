@@ -33,6 +33,7 @@ from compress.engine.model_io import ModelHandle
 from compress.engine.threads import thread_independent_sum
 from compress.quant.config import label_bits
 from compress.quant.float_records import FloatSpec, WeightFormat, planned_bits
+from compress.quant.gguf_records import GGUFSpec
 from compress.quant.modules import find_linears, matches, select, weight_matrix
 from compress.recipe.registry import StrictConfig
 from compress.compressors import sensitivity as sens
@@ -107,6 +108,13 @@ def candidate_bits(candidate: Candidate) -> int:
 def check_float_shapes(shapes: dict[str, tuple[int, int]], specs: dict[Candidate, WeightFormat]) -> None:
     """NVFP4 / MXFP4 candidates need every allocated module's in_features to split into their groups."""
     for candidate, spec in specs.items():
+        if isinstance(spec, GGUFSpec):
+            bad = [name for name, (_, columns) in shapes.items() if columns % spec.group_size]
+            if bad:
+                raise UserError(f"allocate: candidate {candidate} stores blocks of {spec.group_size} input columns, "
+                                f"which {bad[0]} ({shapes[bad[0]][1]} columns) does not split into: no GGUF type "
+                                "of that block holds it; drop the candidate or add such modules to `ignore`")
+            continue
         if not isinstance(spec, FloatSpec) or not spec.group_size:
             continue
         bad = [name for name, (_, columns) in shapes.items() if columns % spec.group_size]

@@ -11,6 +11,7 @@ from compress.quant.bit_plan import bits_for
 from compress.engine.context import RunContext
 from compress.engine.threads import single_threaded
 from compress.quant.float_records import FloatSpec, WeightFormat
+from compress.quant.gguf_records import GGUFSpec, check_gguf_columns
 from compress.quant.modules import set_weight_matrix, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import WeightRecord
@@ -38,6 +39,12 @@ def checked_spec(fqn: str, module: torch.nn.Module, cfg: WeightQuantConfig, run:
     """`spec_for`, after checking that `fqn` can take it: NVFP4 / MXFP4 scale whole groups of 16 / 32 input columns,
     and an element-float format (from a plan too) takes no integer activations (float ones: FP8 W8A8, NVFP4 W4A4)."""
     spec = spec_for(fqn, cfg, run)
+    if isinstance(spec, GGUFSpec):  # a GGUF type's blocks cover whole columns (a plan may name it for any module)
+        check_gguf_columns(fqn, weight_matrix(module).shape[1], spec)
+        if cfg.activations is not None:
+            raise UserError(f"the bit plan gives {fqn} the GGUF type {spec.label}, which is weight-only; drop "
+                            "`activations` or the GGUF entry")
+        return spec
     if not isinstance(spec, FloatSpec):
         return spec
     columns = weight_matrix(module).shape[1]

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress.engine.settings import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB
-from compress.quant.config import DEFAULT_IGNORE, FLOAT_LABELS, ActivationQuantConfig, ObserverOptions, label_bits
+from compress.quant.config import DEFAULT_IGNORE, PLAN_LABELS, ActivationQuantConfig, ObserverOptions, label_bits
 from compress.recipe.errors import UserError
 from compress.recipe.registry import ModulePatterns, PassKind, StrictConfig, module_pattern_problem
-from compress.recipe.storage import BLOCK_SCALES, ELEMENT_FLOATS, SCALES
+from compress.recipe.storage import BLOCK_SCALES, ELEMENT_FLOATS, GGUF_BLOCKS, SCALES
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,9 @@ def parse_pattern(pattern: str) -> NM | None:
 
 # -- base.py
 
-WeightFormatName = Literal["int", "fp8", "nvfp4", "mxfp4"]
+# compress/quant/gguf_types.py GGUF_LABELS, spelled out for the Literal
+WeightFormatName = Literal["int", "fp8", "nvfp4", "mxfp4", "gguf:q4_0", "gguf:q8_0", "gguf:q4_1", "gguf:q5_1",
+                           "gguf:q2_k", "gguf:q3_k", "gguf:q4_k", "gguf:q5_k", "gguf:q6_k"]
 INTEGER_ONLY_KEYS = ("bits", "group_size", "symmetric")  # the element-float formats fix these themselves
 
 
@@ -71,7 +73,9 @@ class WeightQuantConfig(StrictConfig):
     format: `int` (uniform integer codes, the default), or an element-float format (`activations` adds FP8 or
     FP4 activation quantization to any of them: FP8 W8A8, NVFP4 W4A4):
     `fp8` (E4M3 elements, float32 scales per `strategy`: tensor, channel (default) or block, i.e. 128x128 tiles),
-    `nvfp4` (E2M1 elements, an FP8 scale per 16 and an FP32 global scale) or `mxfp4` (E2M1, an E8M0 scale per 32).
+    `nvfp4` (E2M1 elements, an FP8 scale per 16 and an FP32 global scale) or `mxfp4` (E2M1, an E8M0 scale per 32),
+    or a llama.cpp GGUF block type, `gguf:q4_0 | q8_0 | q4_1 | q5_1 | q2_k | q3_k | q4_k | q5_k | q6_k` (the type's
+    own float16 and integer sub-scales, compress/quant/gguf_records.py; for `export: {format: gguf}`).
     The float formats fix their element width and scales, so `bits`, `group_size` and `symmetric` are for `int`.
     group_size: input columns per scale; `null` or -1 means one scale per output channel. A width the group
     size does not divide gets a shorter last group. plan: a bit plan file (see compress/quant/bit_plan.py) whose
@@ -122,6 +126,9 @@ class WeightQuantConfig(StrictConfig):
         if given:
             raise ValueError(f"format {self.format} fixes its element width and scales; {', '.join(given)} "
                              "apply to format int: drop them")
+        if self.format.startswith("gguf:") and self.activations is not None:
+            raise ValueError(f"format {self.format} is weight-only: llama.cpp has no fake-quantized activations to "
+                             "match; drop `activations`")
         if self.strategy is not None and self.format != "fp8":
             raise ValueError(f"{self.format} has a fixed scale per {16 if self.format == 'nvfp4' else 32} columns; "
                              "strategy (tensor, channel, block) is for fp8")
@@ -153,6 +160,10 @@ class WeightQuantConfig(StrictConfig):
 
         if candidate is None and self.float_label is not None:
             candidate = self.float_label
+        if isinstance(candidate, str) and candidate.startswith("gguf:"):
+            from compress.quant.gguf_records import GGUFSpec
+
+            return GGUFSpec.from_label(candidate)
         if isinstance(candidate, str):
             return FloatSpec.from_label(candidate)
         granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
@@ -160,7 +171,9 @@ class WeightQuantConfig(StrictConfig):
 
 
 def label_stores(label: str) -> frozenset[str]:
-    """The storage parts of an element-float label (the words of compress/recipe/storage.py)."""
+    """The storage parts of an element-float or GGUF label (the words of compress/recipe/storage.py)."""
+    if label.startswith("gguf:"):
+        return frozenset({GGUF_BLOCKS})
     if label in ("fp8", "fp8-tensor"):
         return frozenset({ELEMENT_FLOATS, SCALES})
     return frozenset({ELEMENT_FLOATS, BLOCK_SCALES})
@@ -655,12 +668,12 @@ class AllocateConfig(StrictConfig):
     @field_validator("candidates")
     @classmethod
     def _widths(cls, value: list[int | str]) -> list[int | str]:
-        bad = [b for b in value if (b not in FLOAT_LABELS if isinstance(b, str) else not 2 <= b <= 8)]
+        bad = [b for b in value if (b not in PLAN_LABELS if isinstance(b, str) else not 2 <= b <= 8)]
         if bad:
-            raise ValueError(f"candidate widths must be from 2 to 8, got {bad} (or name an element-float format: "
-                             f"{', '.join(FLOAT_LABELS)})")
-        # integer widths first, narrowest first, then the float formats in FLOAT_LABELS order
-        return sorted(set(value), key=lambda b: (1, FLOAT_LABELS.index(b)) if isinstance(b, str) else (0, b))
+            raise ValueError(f"candidate widths must be from 2 to 8, got {bad} (or name a format: "
+                             f"{', '.join(PLAN_LABELS)})")
+        # integer widths first, narrowest first, then the named formats in PLAN_LABELS order
+        return sorted(set(value), key=lambda b: (1, PLAN_LABELS.index(b)) if isinstance(b, str) else (0, b))
 
     @property
     def stores(self) -> frozenset[str]:

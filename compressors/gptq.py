@@ -24,7 +24,7 @@ whole tensor), then rounds column by column onto the FP8 / FP4 grid with the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ from compress.quant.float_records import (
     record_from_values,
     round_to_grid,
 )
+from compress.quant.gguf_records import GGUFSpec, gguf_grid, gguf_record, round_codes
 from compress.quant.records import UniformAffine, WeightRecord
 from compress.compressors.activation_scales import install_activations
 from compress.compressors.base import checked_spec, keep_pruned_zeros, write_back
@@ -207,27 +208,72 @@ def gptq_quantize_float(
         W, H, per_element = W[:, perm], H[perm][:, perm], per_element[:, perm]
         keep = None if keep is None else keep[:, perm]
     Hinv, damp_used = inverse_hessian_factor(H, dampening_frac)
-    values, loss = _round_columns_to_grid(W, Hinv, per_element, spec, block_size, keep)
+
+    def round_column(j: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = per_element[:, j : j + 1]
+        values = round_to_grid(spec, w / s)
+        return values, values * s
+
+    values, loss = _round_columns_to_grid(W, Hinv, round_column, block_size, keep)
     if perm is not None:
         values = values[:, torch.argsort(perm)]
     return GPTQResult(record_from_values(values, scale, global_scale, spec), loss, damp_used, dead)
 
 
+def gptq_quantize_gguf(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: GGUFSpec,
+    *,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    mask: torch.Tensor | None = None,
+) -> GPTQResult:
+    """GPTQ onto a GGUF type's grid: the type's d / sc / dmin / m fixed first from the original weights, each
+    sub-block's range searched with the Hessian diagonal as the weight of each column's error, then the codes
+    rounded column by column on that grid with GPTQ's error feedback. Arguments as `gptq_quantize`."""
+    W = weight.detach().float().clone()
+    H = hessian.detach().to(W.device, torch.float32, copy=True)
+    keep = None if mask is None else mask.to(W.device, torch.bool)
+    if keep is not None:
+        W[~keep] = 0
+    dead = mark_dead_columns(W, H)
+    grid = gguf_grid(W, spec, importance=torch.diag(H))
+    step, bias = grid.step_and_bias(spec.gguf)  # (rows, columns)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H, step, bias = W[:, perm], H[perm][:, perm], step[:, perm], bias[:, perm]
+        keep = None if keep is None else keep[:, perm]
+    Hinv, damp_used = inverse_hessian_factor(H, dampening_frac)
+
+    def round_column(j: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, b = step[:, j : j + 1], bias[:, j : j + 1]
+        codes = round_codes(w, s, b, spec.gguf)
+        return codes, s * codes - b
+
+    codes, loss = _round_columns_to_grid(W, Hinv, round_column, block_size, keep)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return GPTQResult(gguf_record(codes, grid, spec), loss, damp_used, dead)
+
+
 def _round_columns_to_grid(
     W: torch.Tensor,
     Hinv: torch.Tensor,
-    per_element: torch.Tensor,
-    spec: FloatSpec,
+    round_column: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     block_size: int,
     keep: torch.Tensor | None,
 ) -> tuple[torch.Tensor, float]:
-    """`_quantize_columns` for fixed element-float scales: grid values (rows, columns) in loop order, and the loss.
+    """`_quantize_columns` for a grid fixed up front (element-float scales, a GGUF type's sub-block scales): what
+    `round_column(j, w)` stores for column j (rows, columns, loop order), and the loss. `round_column` returns the
+    stored values of `w` (rows, 1) and their dequantized weights.
 
     The same lazy-batch loop; kept apart because with every scale known up front there is no group state to track.
     """
     # see GPTQ Alg. 1 (lazy batch updates, Cholesky of H^-1); Frantar et al. 2022
     rows, columns = W.shape
-    V = torch.empty_like(W)  # grid values, before scaling
+    V = torch.empty_like(W)  # stored values: grid values before scaling, or GGUF codes
     row_loss = torch.zeros(rows, device=W.device)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -237,9 +283,8 @@ def _round_columns_to_grid(
         for i in range(i2 - i1):
             j = i1 + i
             w = W1[:, i : i + 1] if keep is None else W1[:, i : i + 1] * keep[:, j : j + 1]  # (rows, 1)
-            s = per_element[:, j : j + 1]
-            V[:, j : j + 1] = round_to_grid(spec, w / s)
-            err = (w - V[:, j : j + 1] * s) / Hinv1[i, i]
+            V[:, j : j + 1], dequantized = round_column(j, w)
+            err = (w - dequantized) / Hinv1[i, i]
             W1[:, i:].addmm_(err, Hinv1[i : i + 1, i:], alpha=-1)
             Err1[:, i : i + 1] = err
         row_loss += Err1.pow(2).sum(dim=1) / 2
@@ -324,7 +369,10 @@ def quantize_module(
         run.results.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
         return {**write_back(fqn, module, qweight, run), **extra, "fallback": "rtn"}
     try:
-        if isinstance(spec, FloatSpec):
+        if isinstance(spec, GGUFSpec):
+            result = gptq_quantize_gguf(weight, hessian.hessian, spec, block_size=cfg.block_size,
+                                        dampening_frac=cfg.damp, act_order=cfg.act_order, mask=mask)
+        elif isinstance(spec, FloatSpec):
             result = gptq_quantize_float(weight, hessian.hessian, spec, block_size=cfg.block_size,
                                          dampening_frac=cfg.damp, act_order=cfg.act_order, mask=mask)
         else:

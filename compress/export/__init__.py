@@ -1,6 +1,6 @@
 """Saving compressed models in formats real runtimes load, and reading them back for `compress inspect`.
 
-One module per format (compressed_tensors_format, gptq_format, dense, bnb_format), each a function
+One module per format (compressed_tensors_format, gptq_format, dense, bnb_format, gguf_format), each a function
 `write_<format>(compressed, folder, dtype) -> details`; `export_checkpoint` picks one, writes into a hidden
 sibling folder and renames it into place, so an interrupted export leaves nothing that looks complete.
 """
@@ -25,10 +25,11 @@ def _writers() -> dict[str, Writer]:
     from compress.export.bnb_format import write_bitsandbytes
     from compress.export.compressed_tensors_format import write_compressed_tensors
     from compress.export.dense import write_dense
+    from compress.export.gguf_format import write_gguf
     from compress.export.gptq_format import write_gptq
 
     return {"compressed-tensors": write_compressed_tensors, "gptq": write_gptq, "dense": write_dense,
-            "bitsandbytes": write_bitsandbytes}
+            "bitsandbytes": write_bitsandbytes, "gguf": write_gguf}
 
 
 def export_checkpoint(
@@ -64,6 +65,13 @@ def export_checkpoint(
 
 
 def written_sizes(folder: Path) -> dict[str, Any]:
+    if (folder / "model.gguf").is_file():  # one GGUF file, no safetensors headers to itemise
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        return {"bytes": sum(p.stat().st_size for p in files), "weights_bytes": (folder / "model.gguf").stat().st_size}
+    return _safetensors_sizes(folder)
+
+
+def _safetensors_sizes(folder: Path) -> dict[str, Any]:
     """Bytes of a written checkpoint: all files, the safetensors files, and what `compress inspect` reads from their
     headers: the tensors less the itemised overhead, and bits per weight (the run report's own measures)."""
     from compress.export.inspect import inspect_checkpoint

@@ -33,6 +33,11 @@ LOAD = {
         "```python\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(\"{path}\")  # needs `pip install bitsandbytes`\n```"
     ),
+    "gguf": (
+        "```console\n$ llama-cli -m {path}/model.gguf -p \"Once upon a time\"\n"
+        "$ llama-perplexity -m {path}/model.gguf -f text.txt\n```\n\n"
+        "```python\nfrom llama_cpp import Llama  # pip install llama-cpp-python\nllm = Llama(\"{path}/model.gguf\")\n```"
+    ),
 }
 
 

@@ -4,6 +4,7 @@
     model.layers.0.self_attn.q_proj: 4       # an exact module name
     "*.down_proj": 3                           # a glob on the name (or its last parts), or "re:<regex>"
     model.layers.1.mlp.up_proj: nvfp4          # an element-float format: fp8, fp8-tensor, fp8-block, nvfp4, mxfp4
+    model.layers.1.mlp.down_proj: "gguf:q6_k"  # a GGUF block type (gguf:q4_0 ... gguf:q6_k)
 
 Precedence: an exact module name wins; otherwise the first pattern in file order that matches. Modules that no
 entry names keep the quantizer's own format. Group size and symmetry of integer widths always come from the
@@ -18,19 +19,19 @@ from typing import Iterable
 import yaml
 
 from compress.recipe.errors import UserError
-from compress.quant.config import FLOAT_LABELS
+from compress.quant.config import PLAN_LABELS
 from compress.quant.modules import matches
 from compress.recipe.registry import did_you_mean
 
 MIN_BITS, MAX_BITS = 2, 8
 
 PlanEntry = int | str
-"""What a plan gives a module: an integer width, or an element-float format by name (FLOAT_LABELS)."""
+"""What a plan gives a module: an integer width, or an element-float format by name (PLAN_LABELS: element floats, `gguf:q4_k` and the other GGUF types)."""
 
 
 def valid_entry(value: object) -> bool:
     if isinstance(value, str):
-        return value in FLOAT_LABELS
+        return value in PLAN_LABELS
     return isinstance(value, int) and not isinstance(value, bool) and MIN_BITS <= value <= MAX_BITS
 
 
@@ -50,7 +51,7 @@ def read_plan(path: str | Path) -> dict[str, PlanEntry]:
     for name, bits in data.items():
         if not valid_entry(bits):
             raise UserError(f"{path}: {name}: bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r} (or "
-                            f"name an element-float format: {', '.join(FLOAT_LABELS)})")
+                            f"name a format: {', '.join(PLAN_LABELS)})")
         plan[str(name)] = bits
     return plan
 

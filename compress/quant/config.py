@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from compress.quant.gguf_types import GGUF_LABELS, gguf_type
 from compress.recipe.registry import StrictConfig
 
 DEFAULT_IGNORE = ("lm_head",)
@@ -112,6 +113,13 @@ FP8_STRATEGIES = ("tensor", "channel", "block")
 FLOAT_LABELS = ("fp8", "fp8-tensor", "fp8-block", "nvfp4", "mxfp4")
 
 
+# Every format a bit plan or an allocator candidate may name besides an integer width: the element floats, and
+# llama.cpp's GGUF block types (`gguf:q4_k`, compress/quant/gguf_types.py).
+PLAN_LABELS = FLOAT_LABELS + GGUF_LABELS
+
+
 def label_bits(label: str) -> int:
-    """Bits per element code of a float label: 8 for the FP8 ones, 4 for NVFP4 / MXFP4."""
+    """Bits per element code of a label: 8 for the FP8 ones, 4 for NVFP4 / MXFP4, the code width of a GGUF type."""
+    if label in GGUF_LABELS:
+        return gguf_type(label).code_bits
     return 8 if label.startswith("fp8") else 4

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -87,15 +87,23 @@ class FloatSpec:
         return cls(str(described["format"]), str(described["strategy"]))
 
 
-WeightFormat = QuantSpec | FloatSpec
-"""What a quantizer rounds one weight matrix to: uniform integer codes, or an element-float format."""
+if TYPE_CHECKING:
+    from compress.quant.gguf_records import GGUFSpec
+
+# GGUFSpec by name: compress/quant/gguf_records.py builds on this module's neighbours and is imported on demand
+WeightFormat = Union[QuantSpec, FloatSpec, "GGUFSpec"]
+"""What a quantizer rounds one weight matrix to: uniform integer codes, an element-float format, or a GGUF type."""
 
 __all__ = ["FLOAT_LABELS", "ElementFloat", "FloatSpec", "WeightFormat", "format_from_description", "planned_bits",
            "quantize_float_rtn", "quantize_weight_rtn"]
 
 
 def format_from_description(described: dict[str, Any]) -> WeightFormat:
-    """The spec a `describe()` wrote (checkpoints, run state): float specs carry a `format` key."""
+    """The spec a `describe()` wrote (checkpoints, run state): float and GGUF specs carry a `format` key."""
+    if str(described.get("format", "")).startswith("gguf:"):
+        from compress.quant.gguf_records import GGUFSpec
+
+        return GGUFSpec.from_description(described)
     return FloatSpec.from_description(described) if "format" in described else QuantSpec.from_description(described)
 
 
@@ -103,6 +111,10 @@ def planned_bits(rows: int, columns: int, spec: WeightFormat) -> StorageBits:
     """Bits of a (rows, columns) matrix stored in `spec`, before it is quantized: what the bit allocator budgets."""
     if isinstance(spec, QuantSpec):
         return UniformAffine.planned_bits(rows, columns, spec)
+    from compress.quant.gguf_records import GGUFSpec, planned_gguf_bits
+
+    if isinstance(spec, GGUFSpec):
+        return planned_gguf_bits(rows, columns, spec)
     return StorageBits(codes=rows * columns * spec.bits, scales=_scale_bits(rows, columns, spec))
 
 
@@ -253,4 +265,8 @@ def quantize_float_rtn(w: torch.Tensor, spec: FloatSpec) -> ElementFloat:
 
 def quantize_weight_rtn(w: torch.Tensor, spec: WeightFormat) -> WeightRecord:
     """Round-to-nearest in either kind of format: the data-free baseline, and GPTQ's recorded fallback."""
+    from compress.quant.gguf_records import GGUFSpec, quantize_gguf_rtn
+
+    if isinstance(spec, GGUFSpec):
+        return quantize_gguf_rtn(w, spec)
     return quantize_float_rtn(w, spec) if isinstance(spec, FloatSpec) else quantize_rtn(w, spec)

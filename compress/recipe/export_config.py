@@ -17,8 +17,8 @@ from typing import Any, Literal, Sequence
 from compress.recipe.registry import StrictConfig
 from compress.recipe.storage import BITSANDBYTES_MODULES, formats_holding, unheld
 
-ExportFormat = Literal["compressed-tensors", "gptq", "dense", "bitsandbytes"]
-FORMATS: tuple[str, ...] = ("compressed-tensors", "gptq", "dense", "bitsandbytes")
+ExportFormat = Literal["compressed-tensors", "gptq", "dense", "bitsandbytes", "gguf"]
+FORMATS: tuple[str, ...] = ("compressed-tensors", "gptq", "dense", "bitsandbytes", "gguf")
 GPTQ_BITS = (2, 4, 8)  # whole codes per int32 word; 3-bit GPTQ packing straddles words and is not written
 
 
@@ -26,7 +26,8 @@ class ExportConfig(StrictConfig):
     """Where and how to save the compressed checkpoint at the end of a run.
 
     format: compressed-tensors (vLLM, transformers), gptq (transformers' GPTQ integration), dense
-    (dequantized weights, any runtime) or bitsandbytes (only after the `bnb` pass).
+    (dequantized weights, any runtime), bitsandbytes (only after the `bnb` pass) or gguf (llama.cpp: one
+    `model.gguf` in the export folder; quantizers write GGUF codes with `format: "gguf:q4_k"` and the like).
     dtype: precision of unquantized tensors and scales; `auto` keeps the source checkpoint's.
     """
 
@@ -52,7 +53,11 @@ def format_problems(fmt: str, steps: Sequence[Any]) -> list[str]:
         problems.append("format 'bitsandbytes' saves a model quantized by the bnb pass; add `- bnb: {mode: nf4}` or choose compressed-tensors")
     if fmt == "gptq":
         problems.extend(_gptq_problems(steps))
-    if fmt in ("gptq", "bitsandbytes"):
+    if fmt == "gguf":
+        problems.extend(f"the gguf format holds weights only; '{step.name}' quantizes {what}: drop it, or use "
+                        "format compressed-tensors" for step in steps
+                        for what in (["activations"] if _params(step).get("activations") else []))
+    if fmt in ("gptq", "bitsandbytes", "gguf"):
         problems.extend(f"the {fmt} format has no KV-cache scales ('{step.name}'): use format compressed-tensors"
                         for step in steps if step.kind == "quantize_cache")
     return problems

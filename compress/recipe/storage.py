@@ -21,6 +21,7 @@ CODEBOOK = "a per-row lookup table"
 ELEMENT_FLOATS = "element float codes (FP8/FP4)"
 BLOCK_SCALES = "block scales"
 SPARSE_OUTLIERS = "sparse outliers"
+GGUF_BLOCKS = "GGUF blocks (llama.cpp Q4_0 ... Q6_K)"
 BITSANDBYTES_MODULES = "bitsandbytes modules"  # not a record: the bnb pass replaces the modules themselves
 
 # The integer layouts of compressed-tensors (pack-quantized, int-quantized) and GPTQ.
@@ -36,6 +37,8 @@ FORMAT_HOLDS: dict[str, frozenset[str] | None] = {
     "gptq": INTEGER_AFFINE,
     "dense": None,
     "bitsandbytes": frozenset({BITSANDBYTES_MODULES}),
+    # llama.cpp's block types only: an integer or float record is refused, never re-rounded onto a GGUF grid
+    "gguf": frozenset({GGUF_BLOCKS}),
 }
 
 

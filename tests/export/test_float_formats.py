@@ -92,13 +92,13 @@ def test_export_parses_reloads_and_inspects_as_stored(tiny_llama, tmp_path, labe
     ("  - rtn: {format: fp8, bits: 4}", "", "format fp8 fixes its element width and scales; bits apply to format int"),
     ("  - rtn: {format: nvfp4, strategy: block}", "", "nvfp4 has a fixed scale per 16 columns"),
     ("  - rtn: {strategy: block}", "", "strategy chooses fp8's scale layout"),
-    ("  - rtn: {format: fp4}", "", "'int', 'fp8', 'nvfp4' or 'mxfp4'"),
+    ("  - rtn: {format: fp4}", "", "'int', 'fp8', 'nvfp4', 'mxfp4', 'gguf:q4_0'"),
     ("  - awq: {format: fp8}", "", "awq rounds to integer codes"),
     ("  - rtn: {format: mxfp4, activations: {bits: 8}}", "", "format mxfp4 is weight-only here"),
     ("  - rtn: {format: fp8, strategy: block}", "export: {format: gptq}",
      "the rtn pass produces element float codes (FP8/FP4), which only the 'compressed-tensors' or 'dense' format saves"),
     ("  - allocate: {budget: {avg_bits: 4}, candidates: [4, fp9]}\n  - rtn: {}", "",
-     "got ['fp9'] (or name an element-float format: fp8, fp8-tensor, fp8-block, nvfp4, mxfp4)"),
+     "got ['fp9'] (or name a format: fp8, fp8-tensor, fp8-block, nvfp4, mxfp4, gguf:q4_0"),
 ])
 def test_recipe_refuses_bad_combinations_at_their_line(tiny_llama, text_file, passes, export, message):
     text = recipe_text(tiny_llama, text_file, passes, text_file) + export + "\n"

