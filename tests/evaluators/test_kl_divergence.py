@@ -101,3 +101,11 @@ evaluate:
     assert metrics["kl_divergence_p99"][label]["compressed"] >= metrics["kl_divergence"][label]["compressed"]
     assert 0 <= metrics["top1_agreement"][label]["compressed"] < 1 == metrics["top1_agreement"][label]["baseline"]
     assert "kl_divergence" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_divergence_that_rose_reads_worse():
+    from compress.report.summary import change_verdict
+
+    assert change_verdict("kl_divergence", {"baseline": 0.0, "compressed": 0.05}) == "worse"
+    assert change_verdict("kl_divergence_p99", {"baseline": 0.0, "compressed": 0.5}) == "worse"
+    assert change_verdict("top1_agreement", {"baseline": 1.0, "compressed": 0.9}) == "worse"
