@@ -88,17 +88,15 @@ def _grouped(w: torch.Tensor, size: int) -> torch.Tensor:
 def _scale_and_zero(wg: torch.Tensor, rounding: Rounding, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero point (rows, groups, 1) of grouped weights, the range shrunk by α (and β)."""
     if spec.symmetric:
-        absmax = wg.abs().amax(dim=-1) * rounding.max_scale
-        scale = absmax / ((spec.qmax - spec.qmin) / 2)
-        zero = torch.zeros_like(scale)
+        wmin = None
+        scale = wg.abs().amax(dim=-1) * rounding.max_scale / ((spec.qmax - spec.qmin) / 2)
     else:
         wmax = wg.amax(dim=-1).clamp(min=0) * rounding.max_scale
         wmin = wg.amin(dim=-1).clamp(max=0) * rounding.min_scale
         scale = (wmax - wmin) / spec.qmax
-        zero = None  # after the all-zero guard below
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale is exact
-    if zero is None:
-        zero = _round_ste(-wmin / scale)  # in [0, qmax]: the range holds 0
+    # the zero point in [0, qmax] (the range holds 0), rounded straight-through
+    zero = torch.zeros_like(scale) if wmin is None else _round_ste(-wmin / scale)
     return scale.unsqueeze(-1), zero.unsqueeze(-1)
 
 

@@ -34,7 +34,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ class TopFile:
 
 
 def _chunks(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-            logit_chunk_mb: int) -> Any:
+            logit_chunk_mb: int) -> Iterator[torch.Tensor]:
     """(n, vocab) logits of every predicting position, window batch by window batch, `logit_chunk_mb` MiB at a time."""
     head, body = next_token_scorer(model)
     chunk_rows = rows_per_chunk(head.vocab_size(), logit_chunk_mb)
