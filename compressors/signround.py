@@ -147,7 +147,7 @@ def tune_layer(weights: dict[str, torch.Tensor], specs: dict[str, QuantSpec], lo
     name, step) is the layer's output error on that step's mini-batch. Returns the lowest-loss iterate.
     """
     device = next(iter(weights.values())).device
-    roundings = {name: Rounding.neutral(*w.shape, specs[name], device) for name, w in weights.items()}
+    roundings = {name: Rounding.neutral(w.shape[0], w.shape[1], specs[name], device) for name, w in weights.items()}
     params = [t for name, r in roundings.items() for t in r.tensors(specs[name])]
     offsets = [r.offsets for r in roundings.values()]
     ranges = [t for name, r in roundings.items() for t in r.tensors(specs[name])[1:]]
@@ -269,7 +269,8 @@ def _output_error(layer: LayerContext, work: nn.Module, modules: dict[str, nn.Mo
         hidden, target, kwargs = windows.batch(draws[step], device)
         params = {}
         for fqn, w in quantized.items():
-            w = w if masks[fqn] is None else w * masks[fqn].to(w.device)  # pruned weights stay 0, as in the record
+            mask = masks[fqn]
+            w = w if mask is None else w * mask.to(w.device)  # pruned weights stay 0, as in the record
             params[names[fqn]] = w.t() if fqn in transposed else w
         output = _first(functional_call(work, params, (hidden,), kwargs))
         return torch.nn.functional.mse_loss(output, target)
