@@ -249,6 +249,44 @@ class GPTQConfig(WeightQuantConfig, HessianOptions):
         return self.act_order if self.static_groups is None else self.static_groups
 
 
+# -- signround.py
+
+class SignRoundConfig(WeightQuantConfig):
+    """Learnable rounding and clipping (SignRound / AutoRound; Cheng et al. 2023, arXiv:2309.05516), layer by layer.
+
+    For each decoder layer, the rounding offsets (one per weight, in [-0.5, 0.5]) and the clipping range (a
+    multiplier per group on its max, and on its min when asymmetric, in [0.5, 1]) of all its linears are tuned
+    together by signed gradient descent, so that the quantized layer's output matches the full-precision layer's
+    output on the calibration windows (mean squared error, both computed from the same inputs). The result is an
+    ordinary integer grid: every export format that holds GPTQ holds it.
+
+    iters: optimisation steps per decoder layer (0 is RTN). lr: the step size of the signed updates, decaying
+    linearly to 0; default 1 / iters, as AutoRound. batch_size: calibration windows per step, drawn at random.
+    seed: the draws' seed (with the layer index), so a resumed run gives the very same weights.
+
+    Recipe example:
+
+        calibration: {dataset: calib.txt, samples: 128, seq_len: 512}
+        passes:
+          - signround: {bits: 3, group_size: 128, iters: 200}
+    """
+
+    iters: int = Field(200, ge=0, le=100_000)
+    lr: float | None = Field(None, gt=0, le=1, description="signed step size; default 1 / iters")
+    batch_size: int = Field(8, ge=1, le=65_536, description="calibration windows per optimisation step")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="torch generators take 0 to 2^63 - 1")
+
+    @model_validator(mode="after")
+    def _integer_format(self) -> "SignRoundConfig":
+        if self.format != "int":
+            raise ValueError(f"signround learns the rounding of integer codes; for format {self.format} use rtn or gptq")
+        return self
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+
 # -- awq.py
 
 class AWQConfig(WeightQuantConfig):

@@ -42,6 +42,32 @@ class PerplexityConfig(StrictConfig):
         return self
 
 
+# -- kl_divergence.py
+
+class KLDivergenceConfig(StrictConfig):
+    """KL(baseline || compressed) of the next-token distributions on a text, its 99th percentile, top-1 agreement.
+
+    Recipe example:
+
+        evaluate:
+          kl_divergence: [{dataset: eval.txt, seq_len: 512, top_k: 128}]
+
+    The windows are perplexity's (disjoint, `seq_len` tokens). `top_k`: baseline tokens kept per position (the
+    rest's mass is one bucket): the reported KL is a lower bound of the exact one, short of it by at most the
+    tail's own divergence weighted by its mass (report.json: `baseline_tail_mass`); a temporary file holds
+    (2 top_k + 1) x 4 bytes per position between the baseline and the compressed evaluation.
+    """
+
+    dataset: str
+    seq_len: int = Field(512, ge=8)
+    batch_size: int = Field(8, ge=1)
+    max_windows: int | None = Field(None, ge=1, description="compare only the first N windows (quick checks)")
+    top_k: int = Field(128, ge=1, le=65_536, description="baseline tokens kept per position")
+    data_dir: str | None = Field(None, description="local copies of hub names, laid out like ../shared/data")
+    logit_chunk_mb: int = Field(DEFAULT_LOGIT_CHUNK_MB, ge=1, le=MAX_LOGIT_CHUNK_MB,
+                                description="MiB of float32 vocabulary-wide logits scored at once")
+
+
 # -- zero_shot.py
 
 class ZeroShotConfig(StrictConfig):

@@ -20,12 +20,13 @@ from compress.compressors.configs import (
     QuantizePlanConfig,
     RotateConfig,
     RTNConfig,
+    SignRoundConfig,
     SmoothQuantConfig,
     SparseGPTConfig,
     WandaConfig,
     WidthPruneConfig,
 )
-from compress.evaluators.configs import LmEvalConfig, PerplexityConfig, ZeroShotConfig
+from compress.evaluators.configs import KLDivergenceConfig, LmEvalConfig, PerplexityConfig, ZeroShotConfig
 from compress.recipe.registry import declare_evaluator, declare_pass
 from compress.recipe.storage import BITSANDBYTES_MODULES
 
@@ -36,6 +37,8 @@ EVALUATORS = "compress.evaluators"
 declare_pass("rtn", RTNConfig, f"{PASSES}.rtn:run_rtn", scope="layer", kind="quantize")
 declare_pass("gptq", GPTQConfig, f"{PASSES}.gptq:run_gptq", scope="layer", kind="quantize", needs_calibration=True,
              data_parallel=True)
+declare_pass("signround", SignRoundConfig, f"{PASSES}.signround:run_signround", scope="layer", kind="quantize",
+             needs_calibration=True)
 declare_pass("awq", AWQConfig, f"{PASSES}.awq:run_awq", scope="layer", kind="quantize", needs_calibration=True)
 declare_pass("bnb", BnbConfig, f"{PASSES}.bnb:run_bnb", scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
 declare_pass("smoothquant", SmoothQuantConfig, f"{PASSES}.smoothquant:run_smoothquant", scope="layer",
@@ -68,4 +71,6 @@ declare_evaluator("perplexity", PerplexityConfig, f"{EVALUATORS}.perplexity:eval
                   cache_inputs=f"{EVALUATORS}.perplexity:perplexity_cache_inputs")
 declare_evaluator("zero_shot", ZeroShotConfig, f"{EVALUATORS}.zero_shot:evaluate_zero_shot",
                   cache_inputs=f"{EVALUATORS}.zero_shot:zero_shot_cache_inputs")
+# kl_divergence has none either: its baseline run records what the compressed run compares against
+declare_evaluator("kl_divergence", KLDivergenceConfig, f"{EVALUATORS}.kl_divergence:evaluate_kl_divergence")
 declare_evaluator("lm_eval", LmEvalConfig, f"{EVALUATORS}.lm_eval_adapter:evaluate_lm_eval")

@@ -115,6 +115,8 @@ class RunCache:
         self._tokenizers: dict[int, tuple[Any, str | None]] = {}
         self._plans: dict[str, dict[str, PlanEntry]] = {}
         self._task_docs: dict[tuple[str, str, int | None], Any] = {}
+        # what an evaluator's baseline run leaves for its compressed run to compare with (kl_divergence's records)
+        self.evaluator_state: dict[str, Any] = {}
         self.token_ids_from_store = 0  # how many texts' ids came from `store` (report.json `cache`)
 
     def text_digest(self, source: TextSource) -> str:

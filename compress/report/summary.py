@@ -293,8 +293,9 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Perplexities fall as a model improves; accuracies (acc, acc_norm, lm_eval_*) rise."""
-    return "perplexity" in metric or metric.endswith("ppl")
+    """Perplexities and divergences from the baseline fall as a model improves; accuracies (acc, acc_norm, lm_eval_*,
+    top1_agreement) rise."""
+    return "perplexity" in metric or metric.endswith("ppl") or metric.startswith("kl_divergence")
 
 
 def change_verdict(metric: str, values: dict[str, Any]) -> str:

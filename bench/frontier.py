@@ -1,0 +1,156 @@
+"""Quality against bytes below 4 bits on the demo model: perplexity and KL divergence against bits per weight for
+RTN, GPTQ and signround (ours) and the peers AutoRound and HQQ, at W2 g64 / g128, W3 g128 and W4 g128.
+
+    python bench/frontier.py                                  # writes bench/results/frontier.md, a row as each ends
+    python bench/frontier.py --only rtn,gptq --configs 3:128  # a subset
+    PEER_PYTHON=/work/venv-autoround/bin/python python bench/frontier.py   # the venv with auto-round and hqq
+
+Protocol: the same 128 calibration windows of 512 tokens (recipes/demo/calib.txt, seed 0) for every calibrated
+method, peers included; perplexity and KL (evaluators/kl_divergence.py, top_k 128) on the demo eval text and on
+WikiText-2 test (../shared/data, out of domain), disjoint 512-token windows. Peers' dequantized weights are loaded
+into our model and scored with the same code. Bits per weight: every bit of the quantized decoder linears (codes,
+16-bit scales, zero points) over their weights, from our size accounting (`UniformAffine.planned_bits`; HQQ stores
+a 16-bit scale and zero per group, counted as such). Seconds are wall-clock of the quantization alone, with the
+machine's load beside them: on a shared machine they are not timings to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import compress.app.builtins  # noqa: E402,F401
+from compress.compressors.gptq import GPTQConfig, run_gptq  # noqa: E402
+from compress.compressors.rtn import RTNConfig, run_rtn  # noqa: E402
+from compress.compressors.signround import SignRoundConfig, run_signround  # noqa: E402
+from compress.engine.context import RunContext, RunInputs  # noqa: E402
+from compress.engine.data import contiguous_windows, sample_windows, tokenize_text  # noqa: E402
+from compress.engine.layer_sweep import SweepStep, run_sweep  # noqa: E402
+from compress.engine.model_io import load_model  # noqa: E402
+from compress.evaluators.kl_divergence import KLDivergenceConfig, compare_to_baseline, record_baseline  # noqa: E402
+from compress.evaluators.perplexity import perplexity_of  # noqa: E402
+from compress.quant.modules import find_linears, weight_matrix  # noqa: E402
+from compress.quant.primitives import PerGroup, QuantSpec  # noqa: E402
+from compress.quant.records import UniformAffine  # noqa: E402
+
+DEMO = REPO / "recipes" / "demo"
+SHARED = Path(os.environ.get("COMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
+OUTPUT = REPO / "bench" / "results" / "frontier.md"
+CONFIGS = [(2, 64), (2, 128), (3, 128), (4, 128)]
+METHODS = ["rtn", "gptq", "signround", "autoround", "hqq"]
+SEQ_LEN = 512
+
+
+def texts() -> dict[str, str]:
+    found = {"demo eval": (DEMO / "eval.txt").read_text(encoding="utf-8")}
+    wiki = SHARED / "wikitext2_raw" / "wiki.test.raw"
+    if wiki.is_file():
+        found["WikiText-2 test"] = wiki.read_text(encoding="utf-8")
+    return found
+
+
+def ours(method: str, bits: int, group: int, calib: torch.Tensor):
+    """Our pass on a fresh demo model: (handle, seconds, bits per weight from the records)."""
+    handle = load_model(str(DEMO / "model"))
+    step = {"rtn": (run_rtn, RTNConfig(bits=bits, group_size=group), False),
+            "gptq": (run_gptq, GPTQConfig(bits=bits, group_size=group), True),
+            "signround": (run_signround, SignRoundConfig(bits=bits, group_size=group), True)}[method]
+    run = RunContext(RunInputs(device=handle.device, calibration=calib, calibration_batch_size=8))
+    start = time.perf_counter()
+    run_sweep(handle, [SweepStep(method, step[0], step[1], step[2])], run)
+    seconds = time.perf_counter() - start
+    records = run.results.records.values()
+    bits_total = sum(r.storage_bits().total for r in records)
+    return handle, seconds, bits_total / sum(r.shape[0] * r.shape[1] for r in records)
+
+
+def peer(method: str, bits: int, group: int, calib: torch.Tensor):
+    """A peer in its own venv; its dequantized linears loaded into our model."""
+    from safetensors import safe_open
+
+    python = os.environ.get("PEER_PYTHON", "/work/venv-autoround/bin/python")
+    with tempfile.TemporaryDirectory() as folder:
+        windows, output = Path(folder) / "calib.pt", Path(folder) / "deq.safetensors"
+        torch.save(calib, windows)
+        subprocess.run([python, str(REPO / "bench" / "frontier_peer.py"), method, "--bits", str(bits), "--group-size",
+                        str(group), "--model", str(DEMO / "model"), "--windows", str(windows), "--output", str(output)],
+                       check=True)
+        handle = load_model(str(DEMO / "model"))
+        linears = find_linears(handle.layers, handle.layers_prefix)
+        with safe_open(str(output), "pt") as file:
+            seconds = float(file.metadata()["seconds"])
+            for name in file.keys():
+                weight_matrix(linears[name]).copy_(file.get_tensor(name))
+    spec = QuantSpec(bits, method == "autoround", PerGroup(group))  # AutoRound's default grid is symmetric
+    total = weights = 0
+    for module in linears.values():
+        rows, columns = weight_matrix(module).shape
+        weights += rows * columns
+        total += (rows * columns * bits + rows * -(-columns // group) * 32 if method == "hqq"
+                  else UniformAffine.planned_bits(rows, columns, spec).total)
+    return handle, seconds, total / weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(METHODS))
+    parser.add_argument("--configs", default=",".join(f"{b}:{g}" for b, g in CONFIGS))
+    parser.add_argument("--samples", type=int, default=128)
+    args = parser.parse_args()
+    methods = args.only.split(",")
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+    base = load_model(str(DEMO / "model"))
+    calib = sample_windows(tokenize_text(base.tokenizer, (DEMO / "calib.txt").read_text()), args.samples, SEQ_LEN, 0)
+    evals = {label: tokenize_text(base.tokenizer, text) for label, text in texts().items()}
+    kl_cfg = KLDivergenceConfig(dataset="-", seq_len=SEQ_LEN, top_k=128)
+    baselines = {label: record_baseline(base.model, contiguous_windows(ids, SEQ_LEN), kl_cfg, base.device)
+                 for label, ids in evals.items()}
+    fp = {label: perplexity_of(base.model, ids, SEQ_LEN, 8, base.device)[0] for label, ids in evals.items()}
+    load = os.getloadavg()
+    lines = [
+        "## Below 4 bits: perplexity and KL against bits per weight (demo model)", "",
+        f"{datetime.date.today()}, torch {torch.__version__}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        f"(a shared machine: the seconds are not timings to quote). {args.samples} calibration windows of {SEQ_LEN} "
+        "tokens; KL(baseline || compressed) with the baseline's top 128 tokens plus one bucket (a lower bound; see "
+        "evaluators/kl_divergence.py). fp32: " + ", ".join(f"{k} ppl {v:.3f}" for k, v in fp.items()) + ".", "",
+        "| method | bits | group | bits/weight | " + " | ".join(f"{k} ppl | {k} KL | {k} top-1" for k in evals)
+        + " | seconds | load |",
+        "|---|---|---|---|" + "---|---|---|" * len(evals) + "---|---|",
+    ]
+    OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for bits, group in configs:
+        for method in methods:
+            try:
+                quantize = ours if method in ("rtn", "gptq", "signround") else peer
+                handle, seconds, bpw = quantize(method, bits, group, calib)
+            except Exception as exc:  # a peer that fails is a row saying so, not a missing row
+                lines.append(f"| {method} | {bits} | {group} | — | failed: {type(exc).__name__}: {str(exc)[:80]} |")
+                OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+                continue
+            cells = []
+            for label, ids in evals.items():
+                ppl = perplexity_of(handle.model, ids, SEQ_LEN, 8, handle.device)[0]
+                kl = compare_to_baseline(handle.model, contiguous_windows(ids, SEQ_LEN), kl_cfg, handle.device,
+                                         baselines[label])
+                cells.append(f"{ppl:.3f} | {kl.mean_kl:.4f} | {kl.top1_agreement:.3f}")
+            lines.append(f"| {method} | {bits} | {group} | {bpw:.3f} | " + " | ".join(cells)
+                         + f" | {seconds:.0f} | {os.getloadavg()[0]:.1f} |")
+            OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")  # a row as soon as it is known
+            print(lines[-1], flush=True)
+    for records in baselines.values():
+        records.remove()
+
+
+if __name__ == "__main__":
+    main()
