@@ -40,8 +40,11 @@ sweep: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy -p compress
 
+# Two workers (pytest-xdist), each test file on one of them, one torch thread each (tests/conftest.py): the suite's
+# single-threaded stretches no longer leave a core idle. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 test: typecheck
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
