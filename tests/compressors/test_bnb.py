@@ -36,11 +36,18 @@ def _bnb_quantizes_4bit_here(shapes: set[tuple[int, int]]) -> bool:
     """Ask the installed bitsandbytes itself, on this device, for the tiny model's shapes (no version table)."""
     import bitsandbytes.functional as bnb_functional
 
+    # On a CPU with AVX512-BF16, Linear4bit's forward first repacks the weight for its kernel
+    # (_convert_weight_packed_for_cpu), which 0.50.2 cannot do for a width that is not a multiple of 64 (measured:
+    # 160 fails there, while quantize/dequantize alone pass); the probe takes the same step the forward does.
+    repacks = getattr(bnb_functional, "has_avx512bf16", lambda: False)() and \
+        hasattr(bnb_functional, "_convert_weight_packed_for_cpu")
     try:
         for shape in shapes:
             packed, state = bnb_functional.quantize_4bit(torch.randn(shape), blocksize=64, quant_type="nf4")
             bnb_functional.dequantize_4bit(packed, state)
-    except (RuntimeError, ValueError, NotImplementedError):
+            if repacks:
+                bnb_functional._convert_weight_packed_for_cpu(packed, state)
+    except (RuntimeError, ValueError, NotImplementedError, AssertionError):
         return False
     return True
 

@@ -142,7 +142,7 @@ def test_bnb_nf4_report_and_inspect_count_the_stored_tensors(half_tiny, text_fil
     from tests.compressors.test_bnb import _bnb_quantizes_4bit_here
 
     if not _bnb_quantizes_4bit_here({(64, 64), (160, 64), (64, 160), (32, 64)}):
-        pytest.skip("this bitsandbytes does not quantize the tiny shapes to 4 bits on CPU")
+        pytest.skip("this bitsandbytes cannot run the tiny shapes in 4 bits on this CPU (see _bnb_quantizes_4bit_here)")
     text = recipe_text(half_tiny, text_file, "  - bnb: {mode: nf4}", text_file) + "export: {format: bitsandbytes}\n"
     report = run_recipe(parse_recipe(text), tmp_path / "run")
     size, export = report["size"], tmp_path / "run" / "export-bitsandbytes"
