@@ -396,6 +396,48 @@ class RotateConfig(StrictConfig):
     untie_embeddings: bool = False
 
 
+# -- embeddings.py
+
+class QuantizeEmbeddingsConfig(StrictConfig):
+    """Round the input embedding table and the output head onto a GGUF block type (round to nearest on the type's
+    own two-level grid), so they are stored quantized as llama.cpp's Q4_K_M, Q3_K_M and Q2_K files store them
+    (`token_embd` and `output` in Q6_K or Q4_K): in a model whose vocabulary is a large share of its weights, an
+    F16 embedding would make the file larger than llama-quantize's at the same quality. The model is evaluated with
+    the rounded tables, so what is exported is what was scored; only the gguf format holds them.
+
+    embeddings: the type of the input embedding table (token_embd). head: the type of the output head (output).
+    A head tied to the embeddings is one tensor, which takes `head`'s type if given (llama.cpp treats a tied
+    token_embd as its output tensor), else `embeddings`'s. At least one of the two. Runs on a model held in memory
+    (not `lazy: true`); the hidden size must be a multiple of the type's block (256 for the k-quants, 32 otherwise).
+
+    Recipe example (llama.cpp's choice for Q4_K_M):
+
+        passes:
+          - gptq: {format: "gguf:q4_k"}
+          - quantize_embeddings: {embeddings: "gguf:q4_k", head: "gguf:q6_k"}
+        export: {format: gguf}
+    """
+
+    embeddings: str | None = None
+    head: str | None = None
+
+    @field_validator("embeddings", "head")
+    @classmethod
+    def _gguf_type(cls, value: str | None) -> str | None:
+        if value is not None:
+            from compress.quant.gguf_types import gguf_type
+
+            gguf_type(value)  # ValueError naming the known types
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> "QuantizeEmbeddingsConfig":
+        if self.embeddings is None and self.head is None:
+            raise ValueError("give `embeddings`, `head` or both: the GGUF type each table is rounded onto, e.g. "
+                             '{head: "gguf:q6_k"}')
+        return self
+
+
 # -- bnb.py
 
 class BnbConfig(StrictConfig):

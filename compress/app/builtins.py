@@ -17,6 +17,7 @@ from compress.compressors.configs import (
     LayerDropConfig,
     MagnitudeConfig,
     OWLConfig,
+    QuantizeEmbeddingsConfig,
     QuantizePlanConfig,
     RotateConfig,
     RTNConfig,
@@ -28,7 +29,7 @@ from compress.compressors.configs import (
 )
 from compress.evaluators.configs import KLDivergenceConfig, LmEvalConfig, PerplexityConfig, ZeroShotConfig
 from compress.recipe.registry import declare_evaluator, declare_pass
-from compress.recipe.storage import BITSANDBYTES_MODULES
+from compress.recipe.storage import BITSANDBYTES_MODULES, GGUF_BLOCKS
 
 PASSES = "compress.compressors"
 EVALUATORS = "compress.evaluators"
@@ -41,6 +42,8 @@ declare_pass("signround", SignRoundConfig, f"{PASSES}.signround:run_signround", 
              needs_calibration=True)
 declare_pass("awq", AWQConfig, f"{PASSES}.awq:run_awq", scope="layer", kind="quantize", needs_calibration=True)
 declare_pass("bnb", BnbConfig, f"{PASSES}.bnb:run_bnb", scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
+declare_pass("quantize_embeddings", QuantizeEmbeddingsConfig, f"{PASSES}.embeddings:run_quantize_embeddings",
+             scope="model", kind="quantize_embeddings", stores={GGUF_BLOCKS})
 declare_pass("smoothquant", SmoothQuantConfig, f"{PASSES}.smoothquant:run_smoothquant", scope="layer",
              kind="transform", needs_calibration=True)
 declare_pass("kv_cache", KVCacheConfig, f"{PASSES}.kv_cache:run_kv_cache", scope="layer", kind="quantize_cache",

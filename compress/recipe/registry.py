@@ -30,7 +30,8 @@ from pydantic.fields import FieldInfo
 
 Scope = Literal["layer", "model"]
 
-PassKind = Literal["restructure", "rotate", "quantize", "prune", "allocate", "allocate_sparsity", "transform", "quantize_cache"]
+PassKind = Literal["restructure", "rotate", "quantize", "quantize_embeddings", "prune", "allocate", "allocate_sparsity",
+                   "transform", "quantize_cache"]
 """What a pass does, which recipe checks and the runner read (compress/recipe/schema.py, export_config.py):
 
 - "restructure": removes whole decoder layers, heads or channels, so module names or shapes change (layer_drop,
@@ -39,6 +40,8 @@ PassKind = Literal["restructure", "rotate", "quantize", "prune", "allocate", "al
   first with restructuring, since pruning masks, sparsities, scales and bit plans made before it fit other weights.
 - "quantize": rounds weights to integer codes (rtn, gptq, awq, bnb); the first one after a model pass is that
   pass's `next_quantizer`, and an export format must match it.
+- "quantize_embeddings": rounds the embedding table and the output head (quantize_embeddings), which no layer
+  quantizer touches; at most one, in the quantizer's phase.
 - "prune": zeroes weights, keeping shapes (magnitude, wanda, sparsegpt).
 - "allocate": writes the bit plan a later quantizer follows (allocate, quantize_plan); needs a quantize pass after it.
 - "allocate_sparsity": writes the per-layer sparsity later pruning follows (owl); needs a prune pass after it.
@@ -53,7 +56,7 @@ A config may say it acts as another kind than its pass's usual one (`acts_as`, e
 PASS_ORDER: tuple[tuple[PassKind, ...], ...] = (
     ("restructure", "rotate"),
     ("allocate_sparsity", "prune", "transform", "allocate"),
-    ("quantize",),
+    ("quantize", "quantize_embeddings"),
     ("quantize_cache",),
 )
 """The phases a recipe's passes go through, in this order (any order within a phase). Anything else is refused at load,
@@ -67,7 +70,7 @@ because it would export something other than what was evaluated:
   first one's records. Per-module bit widths come from one quantizer's bit plan (`allocate`, `plan:`).
 - the KV cache after the weights: its scales are calibrated on the keys and values the final weights produce.
 """
-MAX_PER_PHASE: dict[PassKind, int] = {"quantize": 1, "quantize_cache": 1}
+MAX_PER_PHASE: dict[PassKind, int] = {"quantize": 1, "quantize_embeddings": 1, "quantize_cache": 1}
 
 INT_CEILING = 2**31 - 1
 """The largest integer a config field without its own upper bound accepts: far above any count, size or length
