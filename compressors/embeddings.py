@@ -19,6 +19,7 @@ from compress.engine.context import RunContext
 from compress.engine.eager import EagerWeights
 from compress.engine.model_io import ModelHandle
 from compress.quant.gguf_records import GGUFSpec, check_gguf_columns, quantize_gguf_rtn
+from compress.quant.modules import weight_matrix
 from compress.recipe.errors import UserError
 from compress.recipe.registry import StrictConfig
 
@@ -51,7 +52,7 @@ def run_quantize_embeddings(handle: ModelHandle, cfg: QuantizeEmbeddingsConfig, 
         raise UserError("quantize_embeddings needs the embedding table in memory: run it without `lazy: true`")
     entries = {}
     for name, (module, label) in tables_to_round(handle.model, cfg).items():
-        weight = module.weight.data
+        weight = weight_matrix(module)  # (rows, hidden): embedding rows, or head rows
         spec = GGUFSpec.from_label(label)
         check_gguf_columns(name, weight.shape[1], spec)
         if not torch.isfinite(weight).all():
