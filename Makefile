@@ -90,6 +90,7 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/same_weights.py --before d298d0d --before-new b1b3440^1
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/tokenize_once.py
 	HF_HUB_OFFLINE=1 PYTHONPATH=. $(BENCH_PY) bench/rotation.py
+	scripts/llama_cpp.sh >/dev/null && HF_HUB_OFFLINE=1 $(PY) bench/llama_cpp_quantize.py
 	$(BENCH_PY) bench/assemble.py --output BENCHMARKS.md
 
 # Hours on a 2-core CPU: writes a random 8B-parameter checkpoint under /tmp and compresses it lazily.

@@ -13,7 +13,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 # Reading order; sections not listed here follow alphabetically, so a new bench needs no edit to appear.
 ORDER = ["quantization", "whole_job", "whole_job_1024", "layer_width", "same_weights", "serving_weights",
-         "serving_formats", "pruning", "allocation", "zero_shot", "export", "scale", "offload"]
+         "serving_formats", "gguf", "pruning", "allocation", "zero_shot", "export", "scale", "offload"]
 
 HEADER = """# Benchmarks
 

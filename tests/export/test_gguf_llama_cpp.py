@@ -58,28 +58,33 @@ def demo():
 
 
 def compress_demo(demo, plan: dict[str, str], folder: Path) -> tuple[torch.nn.Module, Path]:
-    """RTN of every decoder linear onto its plan's GGUF type (plan: module-name suffix -> type; '' for the rest),
-    exported as GGUF; returns the in-memory compressed model and the file."""
+    """RTN of every decoder linear onto its plan's GGUF type (plan: module-name suffix -> type; '' for the rest; the
+    tied embedding table only if the plan names `embed_tokens`), exported as GGUF; returns the in-memory compressed
+    model and the file."""
     import copy
 
     model, tokenizer = copy.deepcopy(demo[0]), demo[1]
     records = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            kind = next((t for suffix, t in plan.items() if suffix and name.endswith(suffix)), plan[""])
+        named = next((t for suffix, t in plan.items() if suffix and name.endswith(suffix)), None)
+        if (isinstance(module, torch.nn.Linear) and name != "lm_head") or (isinstance(module, torch.nn.Embedding)
+                                                                           and named):
+            kind = named or plan[""]
             records[name] = quantize_gguf_rtn(module.weight.data, GGUFSpec(kind))
             module.weight.data = records[name].dequantize()
     export_checkpoint(CompressedModel(model, tokenizer, torch.float16, records), "gguf", folder)
     return model, folder / "model.gguf"
 
 
-def llama_cpp_perplexity(path: Path) -> float:
-    """llama-perplexity's final estimate. Its logger writes from a thread that is not drained at exit: the last
-    lines (the final estimate, sometimes the last chunk) are missing in about one run of four, on a pipe or a file
-    alike (measured). The computation is deterministic, so a run whose log lost its end is simply run again."""
+def llama_cpp_perplexity(path: Path, text: Path = DEMO_DIR / "eval.txt", chunks: int | None = CHUNKS) -> float:
+    """llama-perplexity's final estimate on `text` (its default protocol, n_ctx 512; `chunks` None: all of them).
+    Its logger writes from a thread that is not drained at exit: the last lines (the final estimate, sometimes the
+    last chunk) are missing in about one run of four, on a pipe or a file alike (measured). The computation is
+    deterministic, so a run whose log lost its end is simply run again. bench/llama_cpp_quantize.py uses it too."""
+    limit = ["--chunks", str(chunks)] if chunks else []
     for _attempt in range(5):
-        out = run_tool("llama-perplexity", "-m", str(path), "-f", str(DEMO_DIR / "eval.txt"), "-c", str(N_CTX),
-                       "--chunks", str(CHUNKS), "-b", str(N_CTX), "-t", "2", "--no-escape")
+        out = run_tool("llama-perplexity", "-m", str(path), "-f", str(text), "-c", str(N_CTX), *limit,
+                       "-b", str(N_CTX), "-t", str(os.cpu_count() or 2), "--no-escape")
         found = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
         if found:
             return float(found.group(1))
@@ -108,7 +113,7 @@ def test_llama_cpp_tokenizes_the_eval_text_exactly_as_transformers(demo, tmp_pat
 
 
 @pytest.mark.parametrize("plan", [{"": t} for t in GGUF_TYPES]  # every type we write, then a mixed plan
-                         + [{"": "q3_k", "down_proj": "q6_k", "v_proj": "q5_k"}], ids=lambda p: "+".join(p.values()))
+                         + [{"": "q3_k", "down_proj": "q6_k", "v_proj": "q5_k", "embed_tokens": "q6_k"}], ids=lambda p: "+".join(p.values()))
 def test_llama_cpp_perplexity_equals_ours_within_half_a_percent(demo, tmp_path, plan):
     model, path = compress_demo(demo, plan, tmp_path / "out")
     theirs = llama_cpp_perplexity(path)
