@@ -26,6 +26,7 @@ from torch import nn
 from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import matches, weight_matrix
 from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
+from compress.quant.gguf_records import GGUFSpec, quantize_gguf_rtn
 from compress.quant.records import quantize_rtn
 from compress.compressors.activation_scales import install_activations
 from compress.compressors.base import integer_spec_for, keep_pruned_zeros, write_back
@@ -46,12 +47,14 @@ class ScaleSearch:
     rtn_error: float  # output MSE at α = 0, i.e. plain RTN
 
 
-def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec | GGUFSpec) -> torch.Tensor:
     """The (out, in) weights a model quantized with `spec` by round-to-nearest computes with.
 
     Same numbers as `quantize_rtn(w, spec).dequantize()`, but all groups at once: the searches call this
-    hundreds of times per layer.
+    hundreds of times per layer. A GGUF type rounds on its own two-level grid (quantize_gguf_rtn).
     """
+    if isinstance(spec, GGUFSpec):
+        return quantize_gguf_rtn(w, spec).dequantize().to(w.device)
     size = spec.group_size or w.shape[1]
     if w.shape[1] % size:
         return quantize_rtn(w, spec).dequantize().to(w.device)
@@ -70,7 +73,7 @@ def output_mse(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def awq_search_scales(gram: torch.Tensor, x_mean_abs: torch.Tensor, weights: list[torch.Tensor],
-                      specs: list[QuantSpec | None], grid: int) -> ScaleSearch:
+                      specs: list[QuantSpec | GGUFSpec | None], grid: int) -> ScaleSearch:
     """Per-input-channel scales for linears [(out_i, in)] sharing one input; a None spec keeps that linear fp.
 
     gram: XᵀX / tokens (in, in) of the shared input; x_mean_abs: mean |X| per channel (in,).
@@ -153,7 +156,8 @@ def _search_and_fold(layer: LayerContext, cfg: AWQConfig, group: ScaleGroup, sta
                      quantized: dict[str, nn.Module]) -> dict[str, Any]:
     """Find this group's scales, fold them in, and return the search's report entry."""
     consumers = [module_at(layer.layer, layer.prefix, name) for name in group.linears]
-    specs = [integer_spec_for(name, cfg, layer.run, "awq") if name in quantized else None for name in group.linears]
+    specs = [integer_spec_for(name, quantized[name], cfg, layer.run, "awq") if name in quantized else None
+             for name in group.linears]
     search = awq_search_scales(stats.gram, stats.mean_abs, [weight_matrix(m) for m in consumers], specs, cfg.grid)
     fold_scales(module_at(layer.layer, layer.prefix, group.previous), consumers, search.scales)
     # The consumers now read X / s.
@@ -163,9 +167,17 @@ def _search_and_fold(layer: LayerContext, cfg: AWQConfig, group: ScaleGroup, sta
 
 def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, gram: torch.Tensor | None) -> dict[str, Any]:
     """Clip (where the input is known and the module is not q/k), round to nearest, write back."""
-    spec = integer_spec_for(fqn, cfg, layer.run, "awq")
+    spec = integer_spec_for(fqn, module, cfg, layer.run, "awq")
     w = weight_matrix(module).float()
     entry: dict[str, Any] = {}
+    if isinstance(spec, GGUFSpec):
+        # A GGUF type's grid searches its own clipped range per sub-block; weighted by the input's second moments
+        # (the Gram diagonal, as llama.cpp's importance matrix), that search takes the place of the clip search
+        # (`clip: false`: unweighted).
+        importance = torch.diagonal(gram) if cfg.clip and gram is not None else None
+        qweight_gguf = keep_pruned_zeros(quantize_gguf_rtn(w, spec, importance), layer.run.handoff.masks.get(fqn))
+        entry.update(write_back(fqn, module, qweight_gguf, layer.run))
+        return entry
     if cfg.clip and gram is not None and not any(matches(fqn, p) for p in CLIP_SKIP):
         limits = awq_search_clip(gram, w, spec, cfg.clip_grid)
         entry["clip_ratio_mean"] = round((limits / w_groups_absmax(w, spec)).mean().item(), 4)

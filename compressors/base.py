@@ -26,10 +26,12 @@ def spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext) -> WeightFormat:
     return run.handoff.bit_plan.get(fqn, cfg.spec())
 
 
-def integer_spec_for(fqn: str, cfg: WeightQuantConfig, run: RunContext, pass_name: str) -> QuantSpec:
-    """`spec_for` for a pass that rounds to integers only (awq): a plan naming a float format for `fqn` is refused."""
-    spec = spec_for(fqn, cfg, run)
-    if not isinstance(spec, QuantSpec):
+def integer_spec_for(fqn: str, module: torch.nn.Module, cfg: WeightQuantConfig, run: RunContext,
+                     pass_name: str) -> QuantSpec | GGUFSpec:
+    """`checked_spec` for a pass that rounds onto integer grids only, uniform or a GGUF type's (awq): a plan naming
+    an element-float format for `fqn` is refused."""
+    spec = checked_spec(fqn, module, cfg, run)
+    if isinstance(spec, FloatSpec):
         raise UserError(f"{pass_name}: the bit plan gives {fqn} the element-float format {spec.label}, and {pass_name} "
                         "rounds to integer codes only; use rtn or gptq after the plan")
     return spec

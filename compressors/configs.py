@@ -258,7 +258,9 @@ class SignRoundConfig(WeightQuantConfig):
     multiplier per group on its max, and on its min when asymmetric, in [0.5, 1]) of all its linears are tuned
     together by signed gradient descent, so that the quantized layer's output matches the full-precision layer's
     output on the calibration windows (mean squared error, both computed from the same inputs). The result is an
-    ordinary integer grid: every export format that holds GPTQ holds it.
+    ordinary integer grid: every export format that holds GPTQ holds it. With a GGUF type (`format: "gguf:q4_k"`,
+    or a bit plan naming one) the type's two-level grid is fixed first, as RTN chooses it, and only the rounding
+    offsets are learned: the codes land on the type's grid, for `export: {format: gguf}`.
 
     iters: optimisation steps per decoder layer (0 is RTN). lr: the step size of the signed updates, decaying
     linearly to 0; default 1 / iters, as AutoRound. batch_size: calibration windows per step, drawn at random.
@@ -269,6 +271,7 @@ class SignRoundConfig(WeightQuantConfig):
         calibration: {dataset: calib.txt, samples: 128, seq_len: 512}
         passes:
           - signround: {bits: 3, group_size: 128, iters: 200}
+          - signround: {format: "gguf:q3_k"}          # onto Q3_K's grid, for export: {format: gguf}
     """
 
     iters: int = Field(200, ge=0, le=100_000)
@@ -278,8 +281,9 @@ class SignRoundConfig(WeightQuantConfig):
 
     @model_validator(mode="after")
     def _integer_format(self) -> "SignRoundConfig":
-        if self.format != "int":
-            raise ValueError(f"signround learns the rounding of integer codes; for format {self.format} use rtn or gptq")
+        if self.format != "int" and not self.format.startswith("gguf:"):
+            raise ValueError(f"signround learns the rounding of integer codes (format int, or a GGUF type such as "
+                             f"gguf:q4_k); for format {self.format} use rtn or gptq")
         return self
 
     @property
@@ -304,6 +308,8 @@ class AWQConfig(WeightQuantConfig):
         calibration: {dataset: calib.txt, samples: 128, seq_len: 512}
         passes:
           - awq: {bits: 4, group_size: 128}
+        # or onto a GGUF type's grid (export: {format: gguf}):
+          - awq: {format: "gguf:q4_k"}
         # or AWQ scales + GPTQ rounding:
           - awq: {bits: 4, group_size: 128, quantize: false}
           - gptq: {bits: 4, group_size: 128}
@@ -322,8 +328,9 @@ class AWQConfig(WeightQuantConfig):
 
     @model_validator(mode="after")
     def _integer_format(self) -> "AWQConfig":
-        if self.format != "int":
-            raise ValueError(f"awq rounds to integer codes; for format {self.format} use rtn or gptq")
+        if self.format != "int" and not self.format.startswith("gguf:"):
+            raise ValueError(f"awq rounds to integer codes (format int, or a GGUF type such as gguf:q4_k); for "
+                             f"format {self.format} use rtn or gptq")
         return self
 
     @model_validator(mode="after")

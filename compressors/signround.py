@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from compress.engine.activations import ActivationStore, LayerInput
 from compress.engine.layer_sweep import LayerContext
+from compress.quant.gguf_records import GGUFBlocks, GGUFGrid, GGUFSpec, gguf_grid, gguf_record
 from compress.quant.modules import weight_matrix
 from compress.quant.primitives import QuantSpec, codes_dtype
 from compress.quant.records import UniformAffine
@@ -46,26 +47,38 @@ RANGE_SCALE_BOUNDS = (0.5, 1.0)  # α, β: the grid covers between half and all 
 # The kernel: a differentiable fake quantization with learnable offsets and range
 
 
+RoundingSpec = QuantSpec | GGUFSpec  # a uniform integer grid, or a GGUF type's two-level one
+
+
 @dataclass
 class Rounding:
-    """The learnable parameters of one weight matrix (rows, columns) with `groups` groups per row."""
+    """The learnable parameters of one weight matrix (rows, columns) with `groups` groups per row; on a GGUF type,
+    the offsets only, over the type's grid fixed beforehand (`gguf`: its d / sc / dmin / m, not learned)."""
 
     offsets: torch.Tensor  # V (rows, columns)
     max_scale: torch.Tensor  # α (rows, groups)
     min_scale: torch.Tensor  # β (rows, groups); unused (and untouched) when symmetric
+    gguf: GGUFGrid | None = None
 
     @classmethod
-    def neutral(cls, rows: int, columns: int, spec: QuantSpec, device: torch.device) -> "Rounding":
-        """V = 0, α = β = 1: exactly round-to-nearest with the full range."""
+    def neutral(cls, weight: torch.Tensor, spec: RoundingSpec) -> "Rounding":
+        """V = 0, α = β = 1: exactly round-to-nearest with the full range (on a GGUF type: RTN's grid and codes)."""
+        rows, columns = weight.shape
+        offsets = torch.zeros(rows, columns, device=weight.device)
+        if isinstance(spec, GGUFSpec):
+            none = torch.ones(rows, 0, device=weight.device)
+            return cls(offsets, none, none.clone(), gguf_grid(weight, spec))
         groups = math.ceil(columns / (spec.group_size or columns))
-        return cls(torch.zeros(rows, columns, device=device), torch.ones(rows, groups, device=device),
-                   torch.ones(rows, groups, device=device))
+        return cls(offsets, torch.ones(rows, groups, device=weight.device), torch.ones(rows, groups, device=weight.device))
 
-    def tensors(self, spec: QuantSpec) -> list[torch.Tensor]:
+    def tensors(self, spec: RoundingSpec) -> list[torch.Tensor]:
+        if isinstance(spec, GGUFSpec):
+            return [self.offsets]
         return [self.offsets, self.max_scale] + ([] if spec.symmetric else [self.min_scale])
 
     def detached_copy(self) -> "Rounding":
-        return Rounding(self.offsets.detach().clone(), self.max_scale.detach().clone(), self.min_scale.detach().clone())
+        return Rounding(self.offsets.detach().clone(), self.max_scale.detach().clone(), self.min_scale.detach().clone(),
+                        self.gguf)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +113,22 @@ def _scale_and_zero(wg: torch.Tensor, rounding: Rounding, spec: QuantSpec) -> tu
     return scale.unsqueeze(-1), zero.unsqueeze(-1)
 
 
-def learned_fake_quantize(weight: torch.Tensor, rounding: Rounding, spec: QuantSpec) -> torch.Tensor:
+def _gguf_codes(weight: torch.Tensor, rounding: Rounding, spec: GGUFSpec,
+                round_: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (with `round_`), step and bias of `weight` on its fixed GGUF grid, offsets added before rounding."""
+    assert rounding.gguf is not None
+    step, bias = rounding.gguf.step_and_bias(spec.gguf)
+    low, high = spec.gguf.q_range
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    codes = torch.clamp(round_((weight + bias) / safe + rounding.offsets), low, high)
+    return torch.where(step == 0, torch.zeros_like(codes).clamp(low, high), codes), step, bias
+
+
+def learned_fake_quantize(weight: torch.Tensor, rounding: Rounding, spec: RoundingSpec) -> torch.Tensor:
     """q(W) of the module docstring for `weight` (rows, columns) float32; differentiable in `rounding`."""
+    if isinstance(spec, GGUFSpec):
+        codes, step, bias = _gguf_codes(weight, rounding, spec, _round_ste)
+        return step * codes - bias
     rows, columns = weight.shape
     size = spec.group_size or columns
     wg = _grouped(weight, size)  # (rows, groups, size)
@@ -111,8 +138,11 @@ def learned_fake_quantize(weight: torch.Tensor, rounding: Rounding, spec: QuantS
 
 
 @torch.no_grad()
-def learned_record(weight: torch.Tensor, rounding: Rounding, spec: QuantSpec) -> UniformAffine:
+def learned_record(weight: torch.Tensor, rounding: Rounding, spec: RoundingSpec) -> UniformAffine | GGUFBlocks:
     """The integer record `learned_fake_quantize` computes with: its dequantization is that fake-quantized matrix."""
+    if isinstance(spec, GGUFSpec):
+        assert rounding.gguf is not None
+        return gguf_record(_gguf_codes(weight.float(), rounding, spec, torch.round)[0], rounding.gguf, spec)
     rows, columns = weight.shape
     size = spec.group_size or columns
     wg = _grouped(weight.float(), size)
@@ -139,7 +169,7 @@ class TuneResult:
 LayerLoss = Callable[[dict[str, torch.Tensor], int], torch.Tensor]  # (quantized weights, step) -> scalar loss
 
 
-def tune_layer(weights: dict[str, torch.Tensor], specs: dict[str, QuantSpec], loss_of: LayerLoss, *, iters: int,
+def tune_layer(weights: dict[str, torch.Tensor], specs: dict[str, RoundingSpec], loss_of: LayerLoss, *, iters: int,
                lr: float) -> TuneResult:
     """Signed gradient descent on every matrix's `Rounding` at once (see the module docstring).
 
@@ -147,7 +177,7 @@ def tune_layer(weights: dict[str, torch.Tensor], specs: dict[str, QuantSpec], lo
     name, step) is the layer's output error on that step's mini-batch. Returns the lowest-loss iterate.
     """
     device = next(iter(weights.values())).device
-    roundings = {name: Rounding.neutral(w.shape[0], w.shape[1], specs[name], device) for name, w in weights.items()}
+    roundings = {name: Rounding.neutral(w.to(device), specs[name]) for name, w in weights.items()}
     params = [t for name, r in roundings.items() for t in r.tensors(specs[name])]
     offsets = [r.offsets for r in roundings.values()]
     ranges = [t for name, r in roundings.items() for t in r.tensors(specs[name])[1:]]
@@ -236,7 +266,7 @@ def run_signround(layer: LayerContext, cfg: SignRoundConfig) -> dict[str, Any]:
     modules = layer.linears(cfg.ignore)
     if not modules:
         return {}
-    specs = {fqn: integer_spec_for(fqn, cfg, layer.run, "signround") for fqn in modules}
+    specs = {fqn: integer_spec_for(fqn, module, cfg, layer.run, "signround") for fqn, module in modules.items()}
     masks = {fqn: layer.run.handoff.masks.get(fqn) for fqn in modules}
     weights = {fqn: _kept(weight_matrix(module).float(), masks[fqn]) for fqn, module in modules.items()}
     with _frozen_float32(layer.layer) as work:

@@ -20,12 +20,30 @@ from compress.recipe.schema import parse_recipe
 from tests.tiny_models import synthetic_text
 
 
+@pytest.mark.parametrize("name", ["q3_k", "q4_k", "q4_0"])
+def test_on_a_gguf_grid_neutral_is_its_rtn_and_learned_codes_stay_on_the_fixed_grid(name):
+    from compress.quant.gguf_records import GGUFSpec, quantize_gguf_rtn
+
+    weight = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+    spec = GGUFSpec(name)
+    neutral = Rounding.neutral(weight, spec)
+    rtn = quantize_gguf_rtn(weight, spec)
+    assert torch.equal(learned_record(weight, neutral, spec).codes, rtn.codes)
+    assert torch.equal(learned_fake_quantize(weight, neutral, spec), rtn.dequantize())
+    tuned = Rounding(torch.rand(8, 512, generator=torch.Generator().manual_seed(1)) - 0.5, neutral.max_scale,
+                     neutral.min_scale, neutral.gguf)
+    record = learned_record(weight, tuned, spec)
+    assert torch.equal(record.d, rtn.d) and torch.equal(record.sc, rtn.sc)  # the grid is fixed; codes move
+    assert 0 < (record.codes != rtn.codes).float().mean() < 0.6
+    assert torch.allclose(record.dequantize(), learned_fake_quantize(weight, tuned, spec), atol=1e-6)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_neutral_rounding_is_rtn_and_the_record_matches_the_fake_quantization(symmetric):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 40, generator=g)  # 40 columns in groups of 16: a short last group
     spec = QuantSpec(3, symmetric, PerGroup(16))
-    neutral = Rounding.neutral(6, 40, spec, weight.device)
+    neutral = Rounding.neutral(weight, spec)
     rtn = quantize_rtn(weight, spec)
     assert torch.equal(learned_record(weight, neutral, spec).codes, rtn.codes)
     assert torch.allclose(learned_fake_quantize(weight, neutral, spec), rtn.dequantize(), atol=1e-6)

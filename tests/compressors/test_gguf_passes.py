@@ -1,4 +1,5 @@
-"""quantize_embeddings: the embedding table and the output head on a GGUF type, evaluated as exported."""
+"""Passes onto GGUF grids: quantize_embeddings (the embedding table and the head, evaluated as exported) and the
+calibrated quantizers awq and signround with `format: "gguf:..."`."""
 
 from __future__ import annotations
 
@@ -85,3 +86,32 @@ def test_a_hidden_size_no_block_divides_is_refused_with_the_table_name(tiny_llam
         run_recipe(parse_recipe(recipe_text(tiny_llama, text_file, body, text_file) + "export: {format: gguf}\n"),
                    tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@requires_demo_model()
+@pytest.mark.parametrize("passes", ['  - awq: {format: "gguf:q3_k"}', '  - signround: {format: "gguf:q3_k", iters: 20}'],
+                         ids=["awq", "signround"])
+def test_calibrated_rounding_onto_a_gguf_grid_is_exported_exactly_and_beats_rtn(passes, tmp_path):
+    """awq and signround on Q3_K's grid: the file's blocks dequantize (gguf-py) to the weights the run scored, and
+    the calibrated rounding scores better than RTN on the same grid."""
+    from safetensors.torch import load_file
+
+    def run(body: str, name: str) -> dict:
+        text = (f"model: {DEMO_MODEL}\ncalibration: {{dataset: {DEMO_DIR / 'calib.txt'}, samples: 16, seq_len: 256, "
+                f"seed: 0}}\npasses:\n{body}\nevaluate:\n  perplexity: [{{dataset: {DEMO_DIR / 'eval.txt'}, "
+                "seq_len: 256, max_windows: 64}]\nexport: {format: gguf}\n")
+        return run_recipe(parse_recipe(text), tmp_path / name)
+
+    rtn, calibrated = run('  - rtn: {format: "gguf:q3_k"}', "rtn"), run(passes, "calibrated")
+    ppl = [r["metrics"]["perplexity"]["eval"]["compressed"] for r in (rtn, calibrated)]
+    assert ppl[1] < ppl[0]
+    reader = gguf.GGUFReader(tmp_path / "calibrated" / "export-gguf" / "model.gguf")
+    down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    assert down.tensor_type == gguf.GGMLQuantizationType.Q3_K
+    dense = run_recipe(parse_recipe(
+        f"model: {DEMO_MODEL}\ncalibration: {{dataset: {DEMO_DIR / 'calib.txt'}, samples: 16, seq_len: 256, seed: 0}}\n"
+        f"passes:\n{passes}\nexport: {{format: dense, dtype: float32}}\n"), tmp_path / "dense")
+    assert dense["size"]["bytes"] == calibrated["size"]["bytes"]
+    weights = load_file(tmp_path / "dense" / "export-dense" / "model.safetensors")
+    assert np.array_equal(gguf.quants.dequantize(down.data, down.tensor_type),
+                          weights["model.layers.1.mlp.down_proj.weight"].numpy())
