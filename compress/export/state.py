@@ -138,5 +138,8 @@ def load_state(folder: Path) -> CompressedModel:
 
 
 def _module_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
-    """(out, in) -> the module's own weight layout (GPT-2's Conv1D stores (in, out))."""
-    return matrix if isinstance(module, nn.Linear) else matrix.t().contiguous()
+    """(out, in) -> the module's own weight layout (GPT-2's Conv1D stores (in, out); a linear, or an embedding table
+    rounded by quantize_embeddings, is stored as it is)."""
+    from compress.quant.modules import Conv1D
+
+    return matrix.t().contiguous() if isinstance(module, Conv1D) else matrix

@@ -44,6 +44,13 @@ def test_a_tied_table_is_stored_in_the_heads_type_and_scored_as_exported(tmp_pat
     assert both["size"]["bytes"] < plain["size"]["bytes"] - 1_000_000
     ppl = [r["metrics"]["perplexity"]["eval"]["compressed"] for r in (plain, both)]
     assert ppl[0] != ppl[1] and abs(ppl[1] / ppl[0] - 1) < 0.02
+    # `compress export RUN_DIR --format gguf` later writes the same tensors from the run's saved state
+    from compress.export import export_run
+
+    export_run(tmp_path / "both", "gguf", tmp_path / "again")
+    again = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "again" / "model.gguf").tensors}
+    assert again.keys() == {t.name for t in reader.tensors}
+    assert all(np.array_equal(again[t.name], np.array(t.data)) for t in reader.tensors)
     entry = json.loads((tmp_path / "both" / "report.json").read_text())["passes"][1]
     assert list(entry["modules"]) == ["model.embed_tokens"] and entry["modules"]["model.embed_tokens"]["rows"] == 4096
 
