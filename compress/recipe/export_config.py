@@ -57,9 +57,32 @@ def format_problems(fmt: str, steps: Sequence[Any]) -> list[str]:
         problems.extend(f"the gguf format holds weights only; '{step.name}' quantizes {what}: drop it, or use "
                         "format compressed-tensors" for step in steps
                         for what in (["activations"] if _params(step).get("activations") else []))
+        problems.extend(_gguf_problems(steps))
     if fmt in ("gptq", "bitsandbytes", "gguf"):
         problems.extend(f"the {fmt} format has no KV-cache scales ('{step.name}'): use format compressed-tensors"
                         for step in steps if step.kind == "quantize_cache")
+    return problems
+
+
+def _gguf_problems(steps: Sequence[Any]) -> list[str]:
+    """Integer codes the GGUF writer would refuse after the whole run, caught at load: a quantizer whose own format
+    is not a GGUF type (unless a plan names the modules' types), or integer allocate candidates."""
+    problems = []
+    for step in steps:
+        params = _params(step)
+        if step.kind == "allocate" and "candidates" in params:
+            widths = [c for c in params["candidates"] if not (isinstance(c, str) and c.startswith("gguf:"))]
+            if widths:
+                problems.append(f"the gguf format holds GGUF block types only; '{step.name}' may give modules "
+                                f"{', '.join(map(str, widths))}, which no GGUF type holds: make every candidate a "
+                                'GGUF type ("gguf:q4_k", ...)')
+    planned = any(step.kind == "allocate" for step in steps)  # a plan (allocate, quantize_plan) names the types
+    for step in steps:
+        fmt = str(_params(step).get("format", "int"))
+        if step.kind == "quantize" and "format" in _params(step) and not fmt.startswith("gguf:") and not planned \
+                and not _params(step).get("plan"):
+            problems.append(f"the gguf format holds GGUF block types only; '{step.name}' rounds to {fmt} codes: give "
+                            f'it format: "gguf:q4_k" (or another type), or use format compressed-tensors')
     return problems
 
 

@@ -73,6 +73,10 @@ def test_an_untied_head_and_embeddings_take_their_own_types(tiny_llama, text_fil
     ('  - quantize_embeddings: {head: "gguf:q6_k"}\n  - quantize_embeddings: {embeddings: "gguf:q6_k"}',
      "second quantizer"),
     ('  - quantize_embeddings: {head: "gguf:q6_k"}\n  - magnitude: {sparsity: 0.5}', "must come before"),
+    # integer codes the GGUF writer would refuse only after the whole run
+    ("  - gptq: {bits: 4}", "'gptq' rounds to int codes"),
+    ('  - allocate: {candidates: ["gguf:q4_k", 5], budget: {avg_bits: 5}}\n  - gptq: {format: "gguf:q4_k"}',
+     "'allocate' may give modules 5"),
 ])
 def test_bad_settings_and_orders_are_refused_at_load(body, message, tiny_llama, text_file):
     with pytest.raises(RecipeError, match=message):
