@@ -251,6 +251,13 @@ class GPTQConfig(WeightQuantConfig, HessianOptions):
 
 # -- signround.py
 
+def require_integer_grid(pass_name: str, fmt: str) -> None:
+    """awq and signround round onto integer grids: uniform (`int`) or a GGUF type's; not the element floats."""
+    if fmt != "int" and not fmt.startswith("gguf:"):
+        raise ValueError(f"{pass_name} rounds to integer codes (format int, or a GGUF type such as gguf:q4_k); for "
+                         f"format {fmt} use rtn or gptq")
+
+
 class SignRoundConfig(WeightQuantConfig):
     """Learnable rounding and clipping (SignRound / AutoRound; Cheng et al. 2023, arXiv:2309.05516), layer by layer.
 
@@ -281,9 +288,7 @@ class SignRoundConfig(WeightQuantConfig):
 
     @model_validator(mode="after")
     def _integer_format(self) -> "SignRoundConfig":
-        if self.format != "int" and not self.format.startswith("gguf:"):
-            raise ValueError(f"signround learns the rounding of integer codes (format int, or a GGUF type such as "
-                             f"gguf:q4_k); for format {self.format} use rtn or gptq")
+        require_integer_grid("signround", self.format)
         return self
 
     @property
@@ -328,9 +333,7 @@ class AWQConfig(WeightQuantConfig):
 
     @model_validator(mode="after")
     def _integer_format(self) -> "AWQConfig":
-        if self.format != "int" and not self.format.startswith("gguf:"):
-            raise ValueError(f"awq rounds to integer codes (format int, or a GGUF type such as gguf:q4_k); for "
-                             f"format {self.format} use rtn or gptq")
+        require_integer_grid("awq", self.format)
         return self
 
     @model_validator(mode="after")

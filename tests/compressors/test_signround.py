@@ -79,7 +79,7 @@ def test_pass_lowers_layer_error_below_rtn_and_is_reproducible(tiny_llama):
 
 @pytest.mark.parametrize("settings, expected", [
     ("{bits: 3, iters: -1}", "iters"),
-    ("{format: nvfp4}", "signround learns the rounding of integer codes"),
+    ("{format: nvfp4}", "signround rounds to integer codes"),
 ])
 def test_bad_settings_are_recipe_errors_at_their_line(tiny_llama, text_file, settings, expected):
     text = f"""model: {tiny_llama}
