@@ -64,16 +64,19 @@ def main() -> None:
             now = weights_digest(REPO, recipe, Path(scratch) / "now" / recipe)
             rows.append((recipe, before_rev or "—", before, now))
             print(f"{recipe}: {before[:16]} / {now[:16]}", flush=True)
-    same = sum(1 for *_, b, n in rows if b == n)
+    compared = [row for row in rows if row[2] != "new"]  # a recipe no earlier revision shipped has nothing to match
+    same = sum(1 for *_, b, n in compared if b == n)
     lines = ["## Same weights after the speed work (bench/same_weights.py)", "",
              f"{started}; `compress run` of every shipped recipe from a checkout of the earlier revision and from "
              f"this tree ({now_rev}), fresh processes, evaluation cut to 2 windows (it does not touch the weights). "
-             f"{same} of {len(rows)} recipes give the same `weights_sha256`.", "",
+             f"{same} of the {len(compared)} recipes an earlier revision shipped give the same `weights_sha256`"
+             f"{f' ({len(rows) - len(compared)} new since)' if len(rows) > len(compared) else ''}.", "",
              "| recipe | earlier revision | weights_sha256 then | now | same |", "|---|---|---|---|---|"]
-    lines += [f"| {r} | {rev} | `{b[:16]}` | `{n[:16]}` | {'yes' if b == n else 'NO'} |" for r, rev, b, n in rows]
+    lines += [f"| {r} | {rev} | `{b[:16]}` | `{n[:16]}` | {'new' if b == 'new' else 'yes' if b == n else 'NO'} |"
+              for r, rev, b, n in rows]
     args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.output}")
-    raise SystemExit(0 if same == len(rows) else 1)
+    raise SystemExit(0 if same == len(compared) else 1)
 
 
 if __name__ == "__main__":
