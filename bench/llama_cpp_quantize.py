@@ -43,7 +43,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
 
 def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def f16_gguf(model: Path, folder: Path) -> Path:

@@ -27,7 +27,7 @@ from compress.engine.layer_sweep import LayerContext
 from compress.quant.modules import matches, weight_matrix
 from compress.quant.primitives import QuantSpec, compute_qparams, fake_quantize, group_bounds
 from compress.quant.gguf_records import GGUFSpec, quantize_gguf_rtn
-from compress.quant.records import quantize_rtn
+from compress.quant.records import WeightRecord, quantize_rtn
 from compress.compressors.activation_scales import install_activations
 from compress.compressors.base import integer_spec_for, keep_pruned_zeros, write_back
 from compress.compressors.scaling import ScaleGroup, fold_scales, module_at, scale_groups, unquantized_groups
@@ -170,19 +170,19 @@ def _quantize(layer: LayerContext, cfg: AWQConfig, fqn: str, module: nn.Module, 
     spec = integer_spec_for(fqn, module, cfg, layer.run, "awq")
     w = weight_matrix(module).float()
     entry: dict[str, Any] = {}
+    record: WeightRecord
     if isinstance(spec, GGUFSpec):
         # A GGUF type's grid searches its own clipped range per sub-block; weighted by the input's second moments
         # (the Gram diagonal, as llama.cpp's importance matrix), that search takes the place of the clip search
         # (`clip: false`: unweighted).
-        importance = torch.diagonal(gram) if cfg.clip and gram is not None else None
-        qweight_gguf = keep_pruned_zeros(quantize_gguf_rtn(w, spec, importance), layer.run.handoff.masks.get(fqn))
-        entry.update(write_back(fqn, module, qweight_gguf, layer.run))
-        return entry
-    if cfg.clip and gram is not None and not any(matches(fqn, p) for p in CLIP_SKIP):
-        limits = awq_search_clip(gram, w, spec, cfg.clip_grid)
-        entry["clip_ratio_mean"] = round((limits / w_groups_absmax(w, spec)).mean().item(), 4)
-        w = clamp_groups(w, limits, spec)
-    qweight = keep_pruned_zeros(quantize_rtn(w, spec), layer.run.handoff.masks.get(fqn))
+        record = quantize_gguf_rtn(w, spec, torch.diagonal(gram) if cfg.clip and gram is not None else None)
+    else:
+        if cfg.clip and gram is not None and not any(matches(fqn, p) for p in CLIP_SKIP):
+            limits = awq_search_clip(gram, w, spec, cfg.clip_grid)
+            entry["clip_ratio_mean"] = round((limits / w_groups_absmax(w, spec)).mean().item(), 4)
+            w = clamp_groups(w, limits, spec)
+        record = quantize_rtn(w, spec)
+    qweight = keep_pruned_zeros(record, layer.run.handoff.masks.get(fqn))
     entry.update(write_back(fqn, module, qweight, layer.run))
     return entry
 

@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from compress.engine.activations import ActivationStore, LayerInput
 from compress.engine.layer_sweep import LayerContext
-from compress.quant.gguf_records import GGUFBlocks, GGUFGrid, GGUFSpec, gguf_grid, gguf_record
+from compress.quant.gguf_records import GGUFBlocks, GGUFGrid, GGUFSpec, gguf_grid, gguf_record, round_codes
 from compress.quant.modules import weight_matrix
 from compress.quant.primitives import QuantSpec, codes_dtype
 from compress.quant.records import UniformAffine
@@ -118,10 +118,7 @@ def _gguf_codes(weight: torch.Tensor, rounding: Rounding, spec: GGUFSpec,
     """Codes (with `round_`), step and bias of `weight` on its fixed GGUF grid, offsets added before rounding."""
     assert rounding.gguf is not None
     step, bias = rounding.gguf.step_and_bias(spec.gguf)
-    low, high = spec.gguf.q_range
-    safe = torch.where(step == 0, torch.ones_like(step), step)
-    codes = torch.clamp(round_((weight + bias) / safe + rounding.offsets), low, high)
-    return torch.where(step == 0, torch.zeros_like(codes).clamp(low, high), codes), step, bias
+    return round_codes(weight, step, bias, spec.gguf, rounding.offsets, round_), step, bias
 
 
 def learned_fake_quantize(weight: torch.Tensor, rounding: Rounding, spec: RoundingSpec) -> torch.Tensor:

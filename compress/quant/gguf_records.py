@@ -18,7 +18,7 @@ Recipe example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -278,11 +278,15 @@ def quantize_gguf_rtn(w: torch.Tensor, spec: GGUFSpec, importance: torch.Tensor 
     return gguf_record(codes, grid, spec)
 
 
-def round_codes(w: torch.Tensor, step: torch.Tensor, bias: torch.Tensor, gtype: GGUFType) -> torch.Tensor:
-    """Codes of w on a fixed per-element step/bias (same shape, or broadcastable): GPTQ calls it column by column."""
+def round_codes(w: torch.Tensor, step: torch.Tensor, bias: torch.Tensor, gtype: GGUFType,
+                offsets: torch.Tensor | None = None,
+                round_: Callable[[torch.Tensor], torch.Tensor] = torch.round) -> torch.Tensor:
+    """Codes of w on a fixed per-element step/bias (same shape, or broadcastable): GPTQ calls it column by column.
+    SignRound adds its learned `offsets` (in grid steps) before rounding, with a straight-through `round_`."""
     low_q, high_q = gtype.q_range
     safe = torch.where(step == 0, torch.ones_like(step), step)
-    codes = torch.round((w + bias) / safe).clamp(low_q, high_q)
+    scaled = (w + bias) / safe
+    codes = round_(scaled if offsets is None else scaled + offsets).clamp(low_q, high_q)
     return torch.where(step == 0, torch.zeros_like(codes).clamp(low_q, high_q), codes)
 
 

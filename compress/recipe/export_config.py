@@ -68,19 +68,16 @@ def _gguf_problems(steps: Sequence[Any]) -> list[str]:
     """Integer codes the GGUF writer would refuse after the whole run, caught at load: a quantizer whose own format
     is not a GGUF type (unless a plan names the modules' types), or integer allocate candidates."""
     problems = []
-    for step in steps:
-        params = _params(step)
-        if step.kind == "allocate" and "candidates" in params:
-            widths = [c for c in params["candidates"] if not (isinstance(c, str) and c.startswith("gguf:"))]
-            if widths:
-                problems.append(f"the gguf format holds GGUF block types only; '{step.name}' may give modules "
-                                f"{', '.join(map(str, widths))}, which no GGUF type holds: make every candidate a "
-                                'GGUF type ("gguf:q4_k", ...)')
     planned = any(step.kind == "allocate" for step in steps)  # a plan (allocate, quantize_plan) names the types
     for step in steps:
-        fmt = str(_params(step).get("format", "int"))
-        if step.kind == "quantize" and "format" in _params(step) and not fmt.startswith("gguf:") and not planned \
-                and not _params(step).get("plan"):
+        params = _params(step)
+        widths = [c for c in params.get("candidates", []) if not (isinstance(c, str) and c.startswith("gguf:"))]
+        if step.kind == "allocate" and widths:
+            problems.append(f"the gguf format holds GGUF block types only; '{step.name}' may give modules "
+                            f"{', '.join(map(str, widths))}, which no GGUF type holds: make every candidate a "
+                            'GGUF type ("gguf:q4_k", ...)')
+        fmt = str(params.get("format", "gguf:"))  # a quantizer without `format` (bnb) is checked by what it stores
+        if step.kind == "quantize" and not fmt.startswith("gguf:") and not planned and not params.get("plan"):
             problems.append(f"the gguf format holds GGUF block types only; '{step.name}' rounds to {fmt} codes: give "
                             f'it format: "gguf:q4_k" (or another type), or use format compressed-tensors')
     return problems

@@ -627,7 +627,8 @@ def order_problems(steps: Sequence[PassStep]) -> list[tuple[PassStep, str]]:
             problems.append((step, f"'{step.name}' would be a second quantizer after '{first.name}' "
                                    f"(passes[{first.index}]): {_WHY['second quantizer']}. {order_hint()}"))
         elif latest is not None and _phase(step.kind) < _phase(latest.kind):
-            reason = _WHY["after quantizer"] if latest.kind in ("quantize", "quantize_embeddings") else _WHY.get(latest.kind) or _WHY[step.kind]
+            after_quantizer = latest.kind in ("quantize", "quantize_embeddings")
+            reason = _WHY["after quantizer"] if after_quantizer else _WHY.get(latest.kind) or _WHY[step.kind]
             problems.append((step, f"'{step.name}' must come before '{latest.name}' (passes[{latest.index}]): "
                                    f"{reason}. {order_hint()}"))
         if latest is None or _phase(step.kind) >= _phase(latest.kind):
