@@ -79,6 +79,18 @@ class GPTQResult:
 # The kernel
 
 
+def working_copies(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The float32 weight (pruned entries zeroed) and Hessian the column loop may overwrite, and the keep mask on
+    the weight's device (None without pruning)."""
+    W = weight.detach().float().clone()
+    H = hessian.detach().to(W.device, torch.float32, copy=True)
+    keep = None if mask is None else mask.to(W.device, torch.bool)
+    if keep is not None:
+        W[~keep] = 0
+    return W, H, keep
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -104,11 +116,7 @@ def gptq_quantize(
             "act_order with group quantization needs static_groups=true: groups formed in the permuted column "
             "order cannot be stored as contiguous groups of the original order"
         )
-    W = weight.detach().float().clone()
-    H = hessian.detach().to(W.device, torch.float32, copy=True)
-    keep = None if mask is None else mask.to(W.device, torch.bool)
-    if keep is not None:
-        W[~keep] = 0
+    W, H, keep = working_copies(weight, hessian, mask)
     dead = mark_dead_columns(W, H)
     # Per-channel qparams are static by nature: from the whole original row, as in the reference.
     static_qparams = _static_group_qparams(W, spec) if static_groups or spec.group_size is None else None
@@ -194,11 +202,7 @@ def gptq_quantize_float(
     The scales (and NVFP4's global scale) come from the original weights, pruned ones zeroed, exactly as RTN would
     choose them; the loop then only decides each weight's grid point. Arguments as `gptq_quantize`.
     """
-    W = weight.detach().float().clone()
-    H = hessian.detach().to(W.device, torch.float32, copy=True)
-    keep = None if mask is None else mask.to(W.device, torch.bool)
-    if keep is not None:
-        W[~keep] = 0
+    W, H, keep = working_copies(weight, hessian, mask)
     check_columns(W.shape[1], spec)
     dead = mark_dead_columns(W, H)
     scale, global_scale = float_scales(W, spec)
@@ -233,11 +237,7 @@ def gptq_quantize_gguf(
     """GPTQ onto a GGUF type's grid: the type's d / sc / dmin / m fixed first from the original weights, each
     sub-block's range searched with the Hessian diagonal as the weight of each column's error, then the codes
     rounded column by column on that grid with GPTQ's error feedback. Arguments as `gptq_quantize`."""
-    W = weight.detach().float().clone()
-    H = hessian.detach().to(W.device, torch.float32, copy=True)
-    keep = None if mask is None else mask.to(W.device, torch.bool)
-    if keep is not None:
-        W[~keep] = 0
+    W, H, keep = working_copies(weight, hessian, mask)
     dead = mark_dead_columns(W, H)
     grid = gguf_grid(W, spec, importance=torch.diag(H))
     step, bias = grid.step_and_bias(spec.gguf)  # (rows, columns)
