@@ -296,6 +296,51 @@ class SignRoundConfig(WeightQuantConfig):
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
 
+# -- low_rank.py
+
+class LowRankConfig(StrictConfig):
+    """Low-rank error compensation after a quantizer (ZeroQuant-V2's LoRC, Yao et al. 2023, arXiv:2303.08302; fitted
+    to the activations as EoRA, Liu et al. 2024, arXiv:2410.21271): W ~ Q(W) + B A per linear, of rank `rank`.
+
+    The quantizer's error E = W - Q(W) is approximated in the layer's own input space: with H = X^T X of the
+    module's calibration inputs (seen with the layer already quantized), B A minimises ||(E - B A) X^T||, the
+    output error, not the weight error: the truncated SVD of E H^(1/2), mapped back by H^(-1/2). B and A are kept
+    in float16 and counted in the size (16 bits per entry); compressed-tensors and GPTQ exports write the
+    quantized base plus a PEFT LoRA adapter (`adapter/`) that transformers + peft load, dense folds them in.
+
+    rank: the rank per module; or bits_per_weight: the extra bits per weight to spend, rank = bits x out x in /
+    (16 x (out + in)), rounded down (so every module gets the same share of its own size). damp: added to H's
+    eigenvalues as a fraction of their mean, so directions the calibration never excited are not amplified.
+    Must come right after the quantizer, in the same layer sweep; not with pruning (the correction is dense).
+
+    Recipe example:
+
+        passes:
+          - gptq: {bits: 2, group_size: 128}
+          - lorc: {bits_per_weight: 0.1}
+    """
+
+    rank: int | None = Field(None, ge=1, le=65_536)
+    bits_per_weight: float | None = Field(None, gt=0, le=16)
+    damp: float = Field(0.1, gt=0, le=10)
+    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "LowRankConfig":
+        if (self.rank is None) == (self.bits_per_weight is None):
+            raise ValueError("give exactly one of rank (per module) or bits_per_weight (extra bits per weight)")
+        return self
+
+    def rank_for(self, rows: int, columns: int) -> int:
+        """The rank of a (rows, columns) module, at most min(rows, columns)."""
+        if self.rank is not None:
+            wanted = self.rank
+        else:
+            assert self.bits_per_weight is not None
+            wanted = math.floor(self.bits_per_weight * rows * columns / (16 * (rows + columns)))
+        return max(0, min(wanted, rows, columns))
+
+
 # -- awq.py
 
 class AWQConfig(WeightQuantConfig):

@@ -15,6 +15,7 @@ from compress.compressors.configs import (
     GPTQConfig,
     KVCacheConfig,
     LayerDropConfig,
+    LowRankConfig,
     MagnitudeConfig,
     OWLConfig,
     QuantizeEmbeddingsConfig,
@@ -41,6 +42,8 @@ declare_pass("gptq", GPTQConfig, f"{PASSES}.gptq:run_gptq", scope="layer", kind=
 declare_pass("signround", SignRoundConfig, f"{PASSES}.signround:run_signround", scope="layer", kind="quantize",
              needs_calibration=True)
 declare_pass("awq", AWQConfig, f"{PASSES}.awq:run_awq", scope="layer", kind="quantize", needs_calibration=True)
+declare_pass("lorc", LowRankConfig, f"{PASSES}.low_rank:run_lorc", scope="layer", kind="compensate",
+             needs_calibration=True)
 declare_pass("bnb", BnbConfig, f"{PASSES}.bnb:run_bnb", scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})
 declare_pass("quantize_embeddings", QuantizeEmbeddingsConfig, f"{PASSES}.embeddings:run_quantize_embeddings",
              scope="model", kind="quantize_embeddings", stores={GGUF_BLOCKS})

@@ -57,6 +57,9 @@ class LayerContext:
         self.inputs = inputs
         self.run = run
         self.part_seconds: dict[str, float] = {}  # the running pass's parts (`timed`), collected after each pass
+        # The layer's state_dict (host copies) before this sweep's passes changed it, for a pass that corrects an
+        # earlier one's error (lorc); None in a sweep without calibration inputs.
+        self.state_before: dict[str, torch.Tensor] | None = None
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -360,6 +363,7 @@ def apply_with_oom_fallback(ctx: LayerContext, steps: list[SweepStep]) -> LayerS
     if ctx.inputs is None:
         return _apply_steps(ctx, steps)
     snapshot = {k: v.detach().to(OFFLOAD_DEVICE, copy=True) for k, v in ctx.layer.state_dict().items()}
+    ctx.state_before = snapshot
     while True:
         try:
             return _apply_steps(ctx, steps)

@@ -57,11 +57,27 @@ def export_checkpoint(
                         "needs one" if compressed.bitsandbytes else "format 'bitsandbytes' needs a run with the bnb pass")
     with writing(target, label), \
             atomic_output(target, overwrite=overwrite, inputs=inputs, label=label, kind="export") as staging:
-        details = _writers()[fmt](compressed, staging, dtype)
+        details = _write(compressed, fmt, staging, dtype, target)
         (staging / "README.md").write_text(model_card(fmt, str(target), report, details), encoding="utf-8")
         if report is not None:
             (staging / "compress_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return {"format": fmt, "path": str(target.resolve()), **written_sizes(target), **details}
+
+
+def _write(compressed: CompressedModel, fmt: str, staging: Path, dtype: str, target: Path) -> dict[str, Any]:
+    """The format's writer; low-rank corrections (lorc) go beside a quantized base as a PEFT adapter, except in
+    dense, which writes every record dequantized and so folds them in."""
+    from compress.export.adapters import ADAPTER_DIR, split_low_rank, write_peft_adapter
+
+    from compress.recipe.storage import LOW_RANK, unheld
+
+    # dense holds any record (dequantized); gguf has no place for the factors, and its writer refuses them
+    keeps_factors = fmt != "dense" and not unheld([LOW_RANK], fmt)
+    base, corrected = split_low_rank(compressed) if keeps_factors else (compressed, {})
+    details = _writers()[fmt](base, staging, dtype)
+    if corrected:
+        details["adapter"] = write_peft_adapter(corrected, staging / ADAPTER_DIR, str(target.resolve()))
+    return details
 
 
 def written_sizes(folder: Path) -> dict[str, Any]:

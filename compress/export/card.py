@@ -65,6 +65,13 @@ def model_card(fmt: str, path: str, report: dict[str, Any] | None, details: dict
     lines = [f"# {source}, compressed ({fmt})", "", f"Written by `compress` from `{source}`.", "", "## Metrics", ""]
     lines += _metric_lines(report)
     lines += ["", "## How to load", "", LOAD[fmt].format(path=path)]
+    adapter = details.get("adapter")
+    if adapter:
+        lines += ["", f"The low-rank corrections (`lorc`, ranks {', '.join(map(str, adapter['ranks']))} on "
+                      f"{adapter['modules']} modules) are the LoRA adapter in `{adapter['path']}/`; without it the "
+                      "model is the quantized base alone, which is not what the metrics above measured:", "",
+                  "```python\nfrom peft import PeftModel  # pip install peft\n"
+                  f"model = PeftModel.from_pretrained(model, \"{path}/{adapter['path']}\")\n```"]
     if fmt == "compressed-tensors":
         lines += ["", "## Runtimes", "", VLLM_NOTE.replace("{version}", str(details.get("compressed_tensors_version", "?")))]
     if details.get("notes"):

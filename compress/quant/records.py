@@ -63,6 +63,7 @@ class StorageBits:
     zero_points: int = 0
     codebooks: int = 0
     outliers: int = 0  # values and their positions
+    low_rank: int = 0  # the factors of a low-rank correction (compress/quant/low_rank.py)
 
     @property
     def total(self) -> int:
@@ -257,8 +258,9 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> UniformAffine:
     )
 
 
-# The element-float records (FP8, NVFP4, MXFP4) and GGUF blocks register on import; importing them here makes every built-in record
+# The element-float records (FP8, NVFP4, MXFP4), GGUF blocks and low-rank corrections register on import; importing them here makes every built-in record
 # kind restorable wherever records are (checkpoints, run state). Last, because that module builds on the above.
 # GGUF blocks first: float_records imports gguf_records (GGUFSpec is one of the weight formats).
 from compress.quant import gguf_records as _gguf_records  # noqa: E402,F401
 from compress.quant import float_records as _float_records  # noqa: E402,F401
+from compress.quant import low_rank as _low_rank  # noqa: E402,F401

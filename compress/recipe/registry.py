@@ -31,7 +31,7 @@ from pydantic.fields import FieldInfo
 Scope = Literal["layer", "model"]
 
 PassKind = Literal["restructure", "rotate", "quantize", "quantize_embeddings", "prune", "allocate", "allocate_sparsity",
-                   "transform", "quantize_cache"]
+                   "transform", "compensate", "quantize_cache"]
 """What a pass does, which recipe checks and the runner read (compress/recipe/schema.py, export_config.py):
 
 - "restructure": removes whole decoder layers, heads or channels, so module names or shapes change (layer_drop,
@@ -47,6 +47,8 @@ PassKind = Literal["restructure", "rotate", "quantize", "quantize_embeddings", "
 - "allocate_sparsity": writes the per-layer sparsity later pruning follows (owl); needs a prune pass after it.
 - "transform": rescales weights, leaving what the model computes unchanged (smoothquant, awq with quantize: false);
   must come before any quantizer.
+- "compensate": adds a correction to the quantizer's records, fitted to its error (lorc: low-rank factors); comes
+  right after a layer quantizer, in its sweep, and the export writes base and correction together.
 - "quantize_cache": calibrates the scales of a quantized KV cache (kv_cache) on the keys and values of the finished
   weights, so it comes after everything that changes them.
 
@@ -57,6 +59,7 @@ PASS_ORDER: tuple[tuple[PassKind, ...], ...] = (
     ("restructure", "rotate"),
     ("allocate_sparsity", "prune", "transform", "allocate"),
     ("quantize", "quantize_embeddings"),
+    ("compensate",),
     ("quantize_cache",),
 )
 """The phases a recipe's passes go through, in this order (any order within a phase). Anything else is refused at load,
@@ -70,7 +73,7 @@ because it would export something other than what was evaluated:
   first one's records. Per-module bit widths come from one quantizer's bit plan (`allocate`, `plan:`).
 - the KV cache after the weights: its scales are calibrated on the keys and values the final weights produce.
 """
-MAX_PER_PHASE: dict[PassKind, int] = {"quantize": 1, "quantize_embeddings": 1, "quantize_cache": 1}
+MAX_PER_PHASE: dict[PassKind, int] = {"quantize": 1, "quantize_embeddings": 1, "compensate": 1, "quantize_cache": 1}
 
 INT_CEILING = 2**31 - 1
 """The largest integer a config field without its own upper bound accepts: far above any count, size or length

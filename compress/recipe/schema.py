@@ -556,6 +556,10 @@ class _Checker:
             if top.lazy and step.definition.scope == "model":
                 self.add(("passes", step.index, step.name), f"'{step.name}' needs the whole model in memory, "
                          "which `lazy: true` never loads; run it without lazy loading")
+            if top.lazy and step.kind == "compensate":
+                self.add(("passes", step.index, step.name), f"'{step.name}' writes a LoRA adapter beside the "
+                         "checkpoint, which the layer-by-layer export of `lazy: true` does not; run it without lazy "
+                         "loading")
 
     def check_chain(self, steps: list[PassStep], calibration: CalibrationConfig | None) -> None:
         """Calibration where a pass needs it, a consumer after each allocation, and the order of PASS_ORDER."""
@@ -564,8 +568,10 @@ class _Checker:
         for step in reversed(steps):
             kinds_after.append(set(later))
             later.add(step.kind)
-        for step, after in zip(steps, reversed(kinds_after)):
+        for position, (step, after) in enumerate(zip(steps, reversed(kinds_after))):
             loc = ("passes", step.index, step.name)
+            if step.kind == "compensate":
+                self.check_compensation(step, steps[:position], loc)
             if step.needs_calibration and calibration is None:
                 self.add(loc, f"pass '{step.name}' needs calibration data: add a `calibration:` section")
             if step.kind == "allocate" and "quantize" not in after:
@@ -574,6 +580,18 @@ class _Checker:
                 self.add(loc, f"'{step.name}' writes per-layer sparsities, so a pruning pass must follow it")
         for step, problem in order_problems(steps):
             self.add(("passes", step.index, step.name), problem)
+
+    def check_compensation(self, step: PassStep, before: list[PassStep], loc: Loc) -> None:
+        """A correction of the quantizer's error needs that quantizer right before it (a layer pass: the same
+        sweep, where the weights before quantization are still at hand) and no pruning (it is dense)."""
+        previous = before[-1] if before else None
+        if previous is None or previous.kind != "quantize" or previous.definition.scope != "layer":
+            self.add(loc, f"'{step.name}' corrects the error of the layer quantizer right before it (rtn, gptq, "
+                          "signround, awq): put it directly after one")
+        pruning = next((s for s in before if s.kind == "prune"), None)
+        if pruning is not None:
+            self.add(loc, f"'{step.name}' adds a dense correction, which would undo the sparsity of "
+                          f"'{pruning.name}' (passes[{pruning.index}]): leave one of them out")
 
     def check_evaluate(self, sections: dict[str, Any]) -> list[EvalStep]:
         registry = available_evaluators()
@@ -642,6 +660,7 @@ _WHY: dict[str, str] = {
     "second quantizer": "it would re-round rounded weights and the export keeps one set of codes; use one quantizer "
                         "(per-module bit widths: an `allocate` pass or `plan:`; AWQ scales with GPTQ rounding: "
                         "`awq: {quantize: false}`, then gptq)",
+    "compensate": "it corrects the finished quantizer's error, so the quantizer comes first",
     "quantize_cache": "the KV-cache scales are calibrated on the keys and values of the final weights, so whatever "
                       "changes the weights comes first",
     "rotate": "it rotates every weight, so masks, sparsities, scales and bit plans made before it would fit weights "

@@ -22,6 +22,7 @@ ELEMENT_FLOATS = "element float codes (FP8/FP4)"
 BLOCK_SCALES = "block scales"
 SPARSE_OUTLIERS = "sparse outliers"
 GGUF_BLOCKS = "GGUF blocks (llama.cpp Q4_0 ... Q6_K)"
+LOW_RANK = "a low-rank correction (LoRA factors)"
 BITSANDBYTES_MODULES = "bitsandbytes modules"  # not a record: the bnb pass replaces the modules themselves
 
 # The integer layouts of compressed-tensors (pack-quantized, int-quantized) and GPTQ.
@@ -32,9 +33,11 @@ INTEGER_AFFINE = frozenset({INTEGER_CODES, SCALES, INTEGER_ZERO_POINTS})
 # transformers' bitsandbytes serialization saves.
 # compressed-tensors also lays out element floats: float-quantized (FP8, per tensor / channel / 128x128 block) and
 # nvfp4- / mxfp4-pack-quantized (FP4 codes with FP8 or E8M0 block scales); the GPTQ layout has integer codes only.
+# A low-rank correction (lorc) goes beside the quantized base of either as a PEFT LoRA adapter (adapter/), which
+# transformers + peft load as they are; dense folds it into the weights.
 FORMAT_HOLDS: dict[str, frozenset[str] | None] = {
-    "compressed-tensors": INTEGER_AFFINE | {ELEMENT_FLOATS, BLOCK_SCALES},
-    "gptq": INTEGER_AFFINE,
+    "compressed-tensors": INTEGER_AFFINE | {ELEMENT_FLOATS, BLOCK_SCALES, LOW_RANK},
+    "gptq": INTEGER_AFFINE | {LOW_RANK},
     "dense": None,
     "bitsandbytes": frozenset({BITSANDBYTES_MODULES}),
     # llama.cpp's block types only: an integer or float record is refused, never re-rounded onto a GGUF grid

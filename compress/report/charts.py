@@ -11,7 +11,7 @@ from typing import Sequence
 FONT = 'font-family="system-ui, sans-serif" font-size="11"'
 # Stored parts (compress/report/summary.py SIZE_PARTS), each its own colour in every byte chart.
 PART_COLOURS = {"codes": "#3b6fb6", "scales": "#e39b2d", "zero_points": "#7a4ea3", "codebooks": "#2c9c8f",
-                "outliers": "#c2410c", "metadata": "#8d6e63", "unquantized": "#9aa5b1"}
+                "outliers": "#c2410c", "low_rank": "#5b8c3a", "metadata": "#8d6e63", "unquantized": "#9aa5b1"}
 
 
 def _esc(text: object) -> str:

@@ -84,7 +84,7 @@ def _dtype_bits(dtype: torch.dtype) -> int:
 
 # The parts a model's size is itemised into: a weight record's (StorageBits), a bitsandbytes module's metadata
 # (compress/quant/bnb_layout.py), and every tensor stored as it is.
-SIZE_PARTS = ("codes", "scales", "zero_points", "codebooks", "outliers", "metadata", "unquantized")
+SIZE_PARTS = ("codes", "scales", "zero_points", "codebooks", "outliers", "low_rank", "metadata", "unquantized")
 
 
 def stored_tensors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
