@@ -31,12 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import compress.app.builtins  # noqa: E402,F401
-from compress.compressors.gptq import GPTQConfig, run_gptq  # noqa: E402
-from compress.compressors.rtn import RTNConfig, run_rtn  # noqa: E402
-from compress.compressors.signround import SignRoundConfig, run_signround  # noqa: E402
+from compress.app.runner import run_passes  # noqa: E402
+from compress.recipe.schema import parse_recipe  # noqa: E402
 from compress.engine.context import RunContext, RunInputs  # noqa: E402
 from compress.engine.data import contiguous_windows, sample_windows, tokenize_text  # noqa: E402
-from compress.engine.layer_sweep import SweepStep, run_sweep  # noqa: E402
 from compress.engine.model_io import load_model  # noqa: E402
 from compress.evaluators.kl_divergence import KLDivergenceConfig, compare_to_baseline, record_baseline  # noqa: E402
 from compress.evaluators.perplexity import perplexity_of  # noqa: E402
@@ -48,7 +46,8 @@ DEMO = REPO / "recipes" / "demo"
 SHARED = Path(os.environ.get("COMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
 OUTPUT = REPO / "bench" / "results" / "frontier.md"
 CONFIGS = [(2, 64), (2, 128), (3, 128), (4, 128)]
-METHODS = ["rtn", "gptq", "signround", "autoround", "hqq"]
+METHODS = ["rtn", "gptq", "signround", "gptq+lorc", "signround+lorc", "mixed+gptq", "mixed+signround", "autoround",
+           "hqq"]
 SEQ_LEN = 512
 
 
@@ -60,15 +59,32 @@ def texts() -> dict[str, str]:
     return found
 
 
-def ours(method: str, bits: int, group: int, calib: torch.Tensor):
-    """Our pass on a fresh demo model: (handle, seconds, bits per weight from the records)."""
+def our_passes(method: str, bits: int, group: int, lorc_bits: float) -> str:
+    """The recipe's pass list for one of our methods: `[mixed+]quantizer[+lorc]`. `mixed` puts an `allocate` pass
+    (widths 2 / 3 / 4 at this group size, Hessian-trace costs, ILP) first, whose budget is `bits` + 0.25 bits per
+    weight, less the correction's share when `+lorc` follows; `+lorc` adds `lorc_bits` per weight of low-rank
+    correction after the quantizer."""
+    parts = method.split("+")
+    quantizer = next(p for p in parts if p in ("rtn", "gptq", "signround"))
+    passes = [f"{{{quantizer}: {{bits: {bits}, group_size: {group}}}}}"]
+    if "lorc" in parts:
+        passes.append(f"{{lorc: {{bits_per_weight: {lorc_bits}}}}}")
+    if "mixed" in parts:
+        budget = bits + 0.25 - (lorc_bits if "lorc" in parts else 0.0)
+        passes.insert(0, f"{{allocate: {{candidates: [2, 3, 4], budget: {{avg_bits: {budget:.4f}}}}}}}")
+    return "[" + ", ".join(passes) + "]"
+
+
+def ours(method: str, bits: int, group: int, calib: torch.Tensor, lorc_bits: float = 0.0):
+    """Our passes on a fresh demo model, through the recipe path users run: (handle, seconds, bits per weight of
+    the quantized linears from their records: codes, scales, zero points, low-rank factors)."""
+    recipe = parse_recipe(f"calibration: {{dataset: calib.txt, samples: {len(calib)}, seq_len: {SEQ_LEN}}}\n"
+                          f"passes: {our_passes(method, bits, group, lorc_bits)}\n",
+                          filename="<bench frontier>", base_dir=DEMO)
     handle = load_model(str(DEMO / "model"))
-    step = {"rtn": (run_rtn, RTNConfig(bits=bits, group_size=group), False),
-            "gptq": (run_gptq, GPTQConfig(bits=bits, group_size=group), True),
-            "signround": (run_signround, SignRoundConfig(bits=bits, group_size=group), True)}[method]
     run = RunContext(RunInputs(device=handle.device, calibration=calib, calibration_batch_size=8))
     start = time.perf_counter()
-    run_sweep(handle, [SweepStep(method, step[0], step[1], step[2])], run)
+    run_passes(handle, recipe.passes, run)
     seconds = time.perf_counter() - start
     records = run.results.records.values()
     bits_total = sum(r.storage_bits().total for r in records)
@@ -107,12 +123,17 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(METHODS))
     parser.add_argument("--configs", default=",".join(f"{b}:{g}" for b, g in CONFIGS))
     parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--lorc-bits", type=float, default=0.1, help="bits per weight of the +lorc rows' corrections")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--max-windows", type=int, default=128, help="evaluation windows per text, from its start")
     args = parser.parse_args()
     methods = args.only.split(",")
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     base = load_model(str(DEMO / "model"))
     calib = sample_windows(tokenize_text(base.tokenizer, (DEMO / "calib.txt").read_text()), args.samples, SEQ_LEN, 0)
-    evals = {label: tokenize_text(base.tokenizer, text) for label, text in texts().items()}
+    # the first --max-windows disjoint windows of each text (WikiText-2 test holds ~600: four passes over it per row
+    # would be most of the bench's time)
+    evals = {label: tokenize_text(base.tokenizer, text)[: args.max_windows * SEQ_LEN] for label, text in texts().items()}
     kl_cfg = KLDivergenceConfig(dataset="-", seq_len=SEQ_LEN, top_k=128)
     baselines = {label: record_baseline(base.model, contiguous_windows(ids, SEQ_LEN), kl_cfg, base.device)
                  for label, ids in evals.items()}
@@ -123,20 +144,22 @@ def main() -> None:
         f"{datetime.date.today()}, torch {torch.__version__}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         f"(a shared machine: the seconds are not timings to quote). {args.samples} calibration windows of {SEQ_LEN} "
         "tokens; KL(baseline || compressed) with the baseline's top 128 tokens plus one bucket (a lower bound; see "
-        "evaluators/kl_divergence.py). fp32: " + ", ".join(f"{k} ppl {v:.3f}" for k, v in fp.items()) + ".", "",
+        f"evaluators/kl_divergence.py), on the first {args.max_windows} disjoint windows of each text. fp32: " + ", ".join(f"{k} ppl {v:.3f}" for k, v in fp.items()) + ".", "",
         "| method | bits | group | bits/weight | " + " | ".join(f"{k} ppl | {k} KL | {k} top-1" for k in evals)
         + " | seconds | load |",
         "|---|---|---|---|" + "---|---|---|" * len(evals) + "---|---|",
     ]
-    OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     for bits, group in configs:
         for method in methods:
             try:
-                quantize = ours if method in ("rtn", "gptq", "signround") else peer
-                handle, seconds, bpw = quantize(method, bits, group, calib)
+                if method in ("autoround", "hqq"):
+                    handle, seconds, bpw = peer(method, bits, group, calib)
+                else:
+                    handle, seconds, bpw = ours(method, bits, group, calib, args.lorc_bits)
             except Exception as exc:  # a peer that fails is a row saying so, not a missing row
                 lines.append(f"| {method} | {bits} | {group} | — | failed: {type(exc).__name__}: {str(exc)[:80]} |")
-                OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+                args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")
                 continue
             cells = []
             for label, ids in evals.items():
@@ -146,7 +169,7 @@ def main() -> None:
                 cells.append(f"{ppl:.3f} | {kl.mean_kl:.4f} | {kl.top1_agreement:.3f}")
             lines.append(f"| {method} | {bits} | {group} | {bpw:.3f} | " + " | ".join(cells)
                          + f" | {seconds:.0f} | {os.getloadavg()[0]:.1f} |")
-            OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")  # a row as soon as it is known
+            args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")  # a row as soon as it is known
             print(lines[-1], flush=True)
     for records in baselines.values():
         records.remove()

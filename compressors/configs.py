@@ -296,6 +296,31 @@ class SignRoundConfig(WeightQuantConfig):
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
 
+# -- squeezellm.py
+
+class SqueezeLLMConfig(StrictConfig):
+    """SqueezeLLM (Kim et al. 2023, arXiv:2306.07629): a non-uniform grid per row, found by sensitivity-weighted
+    k-means, plus the most important weights kept exactly as sparse float16 outliers (dense-and-sparse).
+
+    Each row of a linear gets 2^bits float16 centroids, fitted by weighted k-means (Lloyd, `iters` rounds from
+    the row's quantiles) where a weight's weight is the second moment of its input column on the calibration
+    windows (the diagonal of the layer Hessian: SqueezeLLM's Fisher weighting, approximated without gradients).
+    `outliers`: the share of each matrix's weights with the largest |w| x sqrt(input energy) kept exactly, out of
+    the k-means. Sizes are exact: b bits per index, 16 per centroid, 48 per outlier (value + flat position).
+    No runtime format holds a per-row table, so only `export: {format: dense}` saves it (dequantized).
+
+    Recipe example:
+
+        passes:
+          - squeezellm: {bits: 3, outliers: 0.005}
+    """
+
+    bits: int = Field(3, ge=1, le=8)
+    outliers: float = Field(0.005, ge=0, le=0.1)
+    iters: int = Field(30, ge=0, le=1000)
+    ignore: ModulePatterns = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+
 # -- low_rank.py
 
 class LowRankConfig(StrictConfig):

@@ -25,12 +25,13 @@ from compress.compressors.configs import (
     SignRoundConfig,
     SmoothQuantConfig,
     SparseGPTConfig,
+    SqueezeLLMConfig,
     WandaConfig,
     WidthPruneConfig,
 )
 from compress.evaluators.configs import KLDivergenceConfig, LmEvalConfig, PerplexityConfig, ZeroShotConfig
 from compress.recipe.registry import declare_evaluator, declare_pass
-from compress.recipe.storage import BITSANDBYTES_MODULES, GGUF_BLOCKS
+from compress.recipe.storage import BITSANDBYTES_MODULES, CODEBOOK, GGUF_BLOCKS, SPARSE_OUTLIERS
 
 PASSES = "compress.compressors"
 EVALUATORS = "compress.evaluators"
@@ -42,6 +43,8 @@ declare_pass("gptq", GPTQConfig, f"{PASSES}.gptq:run_gptq", scope="layer", kind=
 declare_pass("signround", SignRoundConfig, f"{PASSES}.signround:run_signround", scope="layer", kind="quantize",
              needs_calibration=True)
 declare_pass("awq", AWQConfig, f"{PASSES}.awq:run_awq", scope="layer", kind="quantize", needs_calibration=True)
+declare_pass("squeezellm", SqueezeLLMConfig, f"{PASSES}.squeezellm:run_squeezellm", scope="layer", kind="quantize",
+             needs_calibration=True, stores={CODEBOOK, SPARSE_OUTLIERS})
 declare_pass("lorc", LowRankConfig, f"{PASSES}.low_rank:run_lorc", scope="layer", kind="compensate",
              needs_calibration=True)
 declare_pass("bnb", BnbConfig, f"{PASSES}.bnb:run_bnb", scope="model", kind="quantize", stores={BITSANDBYTES_MODULES})

@@ -264,3 +264,4 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> UniformAffine:
 from compress.quant import gguf_records as _gguf_records  # noqa: E402,F401
 from compress.quant import float_records as _float_records  # noqa: E402,F401
 from compress.quant import low_rank as _low_rank  # noqa: E402,F401
+from compress.quant import lookup_records as _lookup_records  # noqa: E402,F401
