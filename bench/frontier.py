@@ -46,8 +46,8 @@ DEMO = REPO / "recipes" / "demo"
 SHARED = Path(os.environ.get("COMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
 OUTPUT = REPO / "bench" / "results" / "frontier.md"
 CONFIGS = [(2, 64), (2, 128), (3, 128), (4, 128)]
-METHODS = ["rtn", "gptq", "signround", "gptq+lorc", "signround+lorc", "mixed+gptq", "mixed+signround", "autoround",
-           "hqq"]
+METHODS = ["rtn", "gptq", "signround", "gptq+lorc", "signround+lorc", "squeezellm", "squeezellm+lorc", "mixed+gptq",
+           "mixedlut+gptq", "mixed+signround", "autoround", "hqq"]
 SEQ_LEN = 512
 
 
@@ -60,18 +60,25 @@ def texts() -> dict[str, str]:
 
 
 def our_passes(method: str, bits: int, group: int, lorc_bits: float) -> str:
-    """The recipe's pass list for one of our methods: `[mixed+]quantizer[+lorc]`. `mixed` puts an `allocate` pass
-    (widths 2 / 3 / 4 at this group size, Hessian-trace costs, ILP) first, whose budget is `bits` + 0.25 bits per
-    weight, less the correction's share when `+lorc` follows; `+lorc` adds `lorc_bits` per weight of low-rank
+    """The recipe's pass list for one of our methods, `[mixed|mixedlut+]quantizer[+lorc]`: squeezellm is per-row
+    tables of 2^bits entries (no groups, no outliers); `mixed` puts an `allocate` pass first choosing per module
+    among integer widths 2 / 3 / 4 at this group size (`mixedlut`: and per-row tables lut:2 / lut:3 / lut:4, which
+    gptq fills by Hessian-weighted k-means), by Hessian-trace costs and the ILP, under `bits` + 0.25 bits per
+    weight less the correction's share when `+lorc` follows; `+lorc` adds `lorc_bits` per weight of low-rank
     correction after the quantizer."""
     parts = method.split("+")
-    quantizer = next(p for p in parts if p in ("rtn", "gptq", "signround"))
-    passes = [f"{{{quantizer}: {{bits: {bits}, group_size: {group}}}}}"]
+    quantizer = next(p for p in parts if p in ("rtn", "gptq", "signround", "squeezellm"))
+    passes = [f"{{squeezellm: {{bits: {bits}, outliers: 0.0}}}}" if quantizer == "squeezellm"  # tables per row, no groups
+              else f"{{{quantizer}: {{bits: {bits}, group_size: {group}}}}}"]
     if "lorc" in parts:
         passes.append(f"{{lorc: {{bits_per_weight: {lorc_bits}}}}}")
-    if "mixed" in parts:
+    if "mixed" in parts or "mixedlut" in parts:
         budget = bits + 0.25 - (lorc_bits if "lorc" in parts else 0.0)
-        passes.insert(0, f"{{allocate: {{candidates: [2, 3, 4], budget: {{avg_bits: {budget:.4f}}}}}}}")
+        candidates = '2, 3, 4, "lut:2", "lut:3", "lut:4"' if "mixedlut" in parts else "2, 3, 4"
+        # 4 windows and 8 probes for the Hessian traces, as bench/llama_cpp_quantize.py: the costs rank the
+        # candidates; more windows change few choices and cost minutes of backward passes
+        passes.insert(0, f"{{allocate: {{candidates: [{candidates}], samples: 4, max_probes: 8, "
+                         f"budget: {{avg_bits: {budget:.4f}}}}}}}")
     return "[" + ", ".join(passes) + "]"
 
 

@@ -56,7 +56,9 @@ from compress.compressors.configs import (  # noqa: F401  (re-exported; defined 
     ConstraintsConfig,
     AllocateConfig,
     AWQConfig,
+    GPTQConfig,
     QuantizePlanConfig,
+    RTNConfig,
 )
 
 SENSITIVITY_FORMAT = "compress.sensitivity"
@@ -90,6 +92,10 @@ def following_quantizer(next_quantizer: StrictConfig | None,
     if not isinstance(quantizer, WeightQuantConfig):
         raise UserError("a bit plan needs a following weight quantizer (rtn, gptq or awq) to take group size and "
                         "symmetry from")
+    tables = [c for c in candidates if isinstance(c, str) and c.startswith("lut:")]
+    if tables and not isinstance(quantizer, (RTNConfig, GPTQConfig)):
+        raise UserError(f"allocate: candidates {tables} are per-row lookup tables, which only rtn and gptq fill in "
+                        "(gptq weights their k-means by its Hessian's diagonal); follow the allocation with one of them")
     floats = [c for c in candidates if isinstance(c, str)]
     if floats and isinstance(quantizer, AWQConfig):
         raise UserError(f"allocate: candidates {floats} are element-float formats, which awq cannot round to; "

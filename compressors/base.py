@@ -12,6 +12,7 @@ from compress.engine.context import RunContext
 from compress.engine.threads import single_threaded
 from compress.quant.float_records import FloatSpec, WeightFormat
 from compress.quant.gguf_records import GGUFSpec, check_gguf_columns
+from compress.quant.lookup_records import LookupSpec
 from compress.quant.modules import set_weight_matrix, weight_matrix
 from compress.quant.primitives import QuantSpec
 from compress.quant.records import WeightRecord
@@ -31,6 +32,9 @@ def integer_spec_for(fqn: str, module: torch.nn.Module, cfg: WeightQuantConfig, 
     """`checked_spec` for a pass that rounds onto integer grids only, uniform or a GGUF type's (awq): a plan naming
     an element-float format for `fqn` is refused."""
     spec = checked_spec(fqn, module, cfg, run)
+    if isinstance(spec, LookupSpec):
+        raise UserError(f"{pass_name}: the bit plan gives {fqn} the lookup-table format {spec.label}, and {pass_name} "
+                        "rounds to integer codes only; use rtn or gptq after the plan")
     if isinstance(spec, FloatSpec):
         raise UserError(f"{pass_name}: the bit plan gives {fqn} the element-float format {spec.label}, and {pass_name} "
                         "rounds to integer codes only; use rtn or gptq after the plan")
@@ -41,6 +45,11 @@ def checked_spec(fqn: str, module: torch.nn.Module, cfg: WeightQuantConfig, run:
     """`spec_for`, after checking that `fqn` can take it: NVFP4 / MXFP4 scale whole groups of 16 / 32 input columns,
     and an element-float format (from a plan too) takes no integer activations (float ones: FP8 W8A8, NVFP4 W4A4)."""
     spec = spec_for(fqn, cfg, run)
+    if isinstance(spec, LookupSpec):
+        if cfg.activations is not None:
+            raise UserError(f"the bit plan gives {fqn} the lookup-table format {spec.label}, which is weight-only; "
+                            "drop `activations` or the entry")
+        return spec
     if isinstance(spec, GGUFSpec):  # a GGUF type's blocks cover whole columns (a plan may name it for any module)
         check_gguf_columns(fqn, weight_matrix(module).shape[1], spec)
         if cfg.activations is not None:

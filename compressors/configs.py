@@ -17,7 +17,7 @@ from compress.engine.settings import DEFAULT_LOGIT_CHUNK_MB, MAX_LOGIT_CHUNK_MB
 from compress.quant.config import DEFAULT_IGNORE, PLAN_LABELS, ActivationQuantConfig, ObserverOptions, label_bits
 from compress.recipe.errors import UserError
 from compress.recipe.registry import ModulePatterns, PassKind, StrictConfig, module_pattern_problem
-from compress.recipe.storage import BLOCK_SCALES, ELEMENT_FLOATS, GGUF_BLOCKS, SCALES
+from compress.recipe.storage import BLOCK_SCALES, CODEBOOK, ELEMENT_FLOATS, GGUF_BLOCKS, SCALES
 
 if TYPE_CHECKING:
     import torch
@@ -164,6 +164,10 @@ class WeightQuantConfig(StrictConfig):
             from compress.quant.gguf_records import GGUFSpec
 
             return GGUFSpec.from_label(candidate)
+        if isinstance(candidate, str) and candidate.startswith("lut:"):
+            from compress.quant.lookup_records import LookupSpec
+
+            return LookupSpec.from_label(candidate)
         if isinstance(candidate, str):
             return FloatSpec.from_label(candidate)
         granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
@@ -174,6 +178,8 @@ def label_stores(label: str) -> frozenset[str]:
     """The storage parts of an element-float or GGUF label (the words of compress/recipe/storage.py)."""
     if label.startswith("gguf:"):
         return frozenset({GGUF_BLOCKS})
+    if label.startswith("lut:"):
+        return frozenset({CODEBOOK})
     if label in ("fp8", "fp8-tensor"):
         return frozenset({ELEMENT_FLOATS, SCALES})
     return frozenset({ELEMENT_FLOATS, BLOCK_SCALES})

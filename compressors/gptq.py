@@ -45,6 +45,7 @@ from compress.quant.float_records import (
     round_to_grid,
 )
 from compress.quant.gguf_records import GGUFSpec, gguf_grid, gguf_record, round_codes
+from compress.quant.lookup_records import LookupSpec, quantize_lookup
 from compress.quant.records import UniformAffine, WeightRecord
 from compress.compressors.activation_scales import install_activations
 from compress.compressors.base import checked_spec, keep_pruned_zeros, write_back
@@ -369,6 +370,12 @@ def quantize_module(
         run.results.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
         return {**write_back(fqn, module, qweight, run), **extra, "fallback": "rtn"}
     try:
+        if isinstance(spec, LookupSpec):
+            # The allocator chose a per-row table for this module: SqueezeLLM's k-means, weighted by the Hessian's
+            # diagonal (each input column's energy), in place of GPTQ's column loop, which needs a uniform grid.
+            qweight = quantize_lookup(weight if mask is None else weight * mask.to(weight.device), spec,
+                                      torch.diag(hessian.hessian).clamp_min(0))
+            return {**write_back(fqn, module, keep_pruned_zeros(qweight, mask), run), **extra, "method": "lookup table"}
         if isinstance(spec, GGUFSpec):
             result = gptq_quantize_gguf(weight, hessian.hessian, spec, block_size=cfg.block_size,
                                         dampening_frac=cfg.damp, act_order=cfg.act_order, mask=mask)

@@ -1,7 +1,8 @@
 """SqueezeLLM: sensitivity-weighted k-means grids per row, plus sparse exact outliers (Kim et al. 2023).
 
-`weighted_kmeans_rows` is the pure kernel: for every row of W, 2^b centroids minimising
-sum_j importance_j (w_j - c(w_j))^2, by Lloyd's iterations from the row's quantiles. The importance of a weight
+The kernel, `weighted_kmeans_rows` (compress/quant/lookup_records.py, where the allocator's `lut:b` candidates
+use it too): for every row of W, 2^b centroids minimising sum_j importance_j (w_j - c(w_j))^2, by Lloyd's
+iterations from the row's quantiles. The importance of a weight
 is the second moment of its input column on the calibration windows: the diagonal of the layer Hessian, under
 which that sum is the diagonal approximation of the output error. `split_outliers` picks the weights kept exactly.
 `run_squeezellm` is the pass on the decoder-layer engine; it leaves `LookupTable` records, wrapped in
@@ -16,43 +17,11 @@ from typing import Any
 import torch
 
 from compress.engine.layer_sweep import LayerContext
-from compress.quant.lookup_records import LookupTable, WithOutliers
+from compress.quant.lookup_records import LookupSpec, WithOutliers, quantize_lookup
 from compress.quant.modules import weight_matrix
 from compress.quant.records import WeightRecord
 from compress.compressors.base import keep_pruned_zeros, write_back
 from compress.compressors.configs import SqueezeLLMConfig  # noqa: F401  (re-exported; defined without torch)
-
-CHUNK_ELEMENTS = 1 << 24  # rows x columns x centroids of the distance table held at once (64 MiB of float32)
-
-
-def _nearest(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index (rows, columns) of each weight's nearest entry in its row's `table` (rows, k), chunked over rows."""
-    rows, columns = w.shape
-    step = max(1, CHUNK_ELEMENTS // max(1, columns * table.shape[1]))
-    parts = [(w[r:r + step, :, None] - table[r:r + step, None, :]).abs().argmin(dim=-1) for r in range(0, rows, step)]
-    return torch.cat(parts)
-
-
-def weighted_kmeans_rows(w: torch.Tensor, importance: torch.Tensor, bits: int, iters: int = 30
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (rows, columns) and float16 tables (rows, 2^bits) of `w` by weighted k-means per row.
-
-    `importance` (rows, columns) or (columns,), >= 0. The tables are rounded to float16 before the last assignment,
-    so the codes are nearest in the table that is stored.
-    """
-    w = w.float()
-    weight = (importance if importance.dim() == 2 else importance.expand_as(w)).float()
-    k = 1 << bits
-    quantiles = (torch.arange(k, dtype=torch.float32, device=w.device) + 0.5) / k
-    table = torch.quantile(w, quantiles, dim=1).T.contiguous()  # (rows, k)
-    for _ in range(iters):
-        codes = _nearest(w, table)
-        mass = torch.zeros_like(table).scatter_add_(1, codes, weight)
-        moment = torch.zeros_like(table).scatter_add_(1, codes, weight * w)
-        table = torch.where(mass > 0, moment / mass.clamp_min(torch.finfo(torch.float32).tiny), table)
-    table = table.to(torch.float16).float()
-    return _nearest(w, table), table
-
 
 def split_outliers(w: torch.Tensor, energy: torch.Tensor, share: float) -> torch.Tensor:
     """Flat positions of the ceil(share x size) weights with the largest |w| x sqrt(energy of their input)."""
@@ -69,8 +38,7 @@ def squeeze_weight(w: torch.Tensor, energy: torch.Tensor, cfg: SqueezeLLMConfig)
     outliers = split_outliers(w, energy, cfg.outliers)
     importance = energy.expand_as(w).clone()
     importance.reshape(-1)[outliers] = 0  # kept exactly: they must not pull the centroids
-    codes, table = weighted_kmeans_rows(w, importance, cfg.bits, cfg.iters)
-    record: WeightRecord = LookupTable(codes, table, cfg.bits)
+    record: WeightRecord = quantize_lookup(w, LookupSpec(cfg.bits), importance, cfg.iters)
     if outliers.numel():
         record = WithOutliers(record, outliers, w.reshape(-1)[outliers])
     return record

@@ -113,13 +113,18 @@ FP8_STRATEGIES = ("tensor", "channel", "block")
 FLOAT_LABELS = ("fp8", "fp8-tensor", "fp8-block", "nvfp4", "mxfp4")
 
 
-# Every format a bit plan or an allocator candidate may name besides an integer width: the element floats, and
-# llama.cpp's GGUF block types (`gguf:q4_k`, compress/quant/gguf_types.py).
-PLAN_LABELS = FLOAT_LABELS + GGUF_LABELS
+# Per-row lookup tables of 2^b float16 entries (SqueezeLLM's non-uniform grids, compress/quant/lookup_records.py).
+LUT_LABELS = ("lut:2", "lut:3", "lut:4")
+
+# Every format a bit plan or an allocator candidate may name besides an integer width: the element floats,
+# llama.cpp's GGUF block types (`gguf:q4_k`, compress/quant/gguf_types.py), and per-row lookup tables (`lut:3`).
+PLAN_LABELS = FLOAT_LABELS + GGUF_LABELS + LUT_LABELS
 
 
 def label_bits(label: str) -> int:
     """Bits per element code of a label: 8 for the FP8 ones, 4 for NVFP4 / MXFP4, the code width of a GGUF type."""
     if label in GGUF_LABELS:
         return gguf_type(label).code_bits
+    if label in LUT_LABELS:
+        return int(label.removeprefix("lut:"))
     return 8 if label.startswith("fp8") else 4

@@ -89,10 +89,12 @@ class FloatSpec:
 
 if TYPE_CHECKING:
     from compress.quant.gguf_records import GGUFSpec
+    from compress.quant.lookup_records import LookupSpec
 
-# GGUFSpec by name: compress/quant/gguf_records.py builds on this module's neighbours and is imported on demand
-WeightFormat = Union[QuantSpec, FloatSpec, "GGUFSpec"]
-"""What a quantizer rounds one weight matrix to: uniform integer codes, an element-float format, or a GGUF type."""
+# GGUFSpec and LookupSpec by name: their modules build on this module's neighbours and are imported on demand
+WeightFormat = Union[QuantSpec, FloatSpec, "GGUFSpec", "LookupSpec"]
+"""What a quantizer rounds one weight matrix to: uniform integer codes, an element-float format, a GGUF type, or
+per-row lookup tables."""
 
 __all__ = ["FLOAT_LABELS", "ElementFloat", "FloatSpec", "WeightFormat", "format_from_description", "planned_bits",
            "quantize_float_rtn", "quantize_weight_rtn"]
@@ -104,6 +106,10 @@ def format_from_description(described: dict[str, Any]) -> WeightFormat:
         from compress.quant.gguf_records import GGUFSpec
 
         return GGUFSpec.from_description(described)
+    if str(described.get("format", "")).startswith("lut:"):
+        from compress.quant.lookup_records import LookupSpec
+
+        return LookupSpec.from_description(described)
     return FloatSpec.from_description(described) if "format" in described else QuantSpec.from_description(described)
 
 
@@ -115,6 +121,10 @@ def planned_bits(rows: int, columns: int, spec: WeightFormat) -> StorageBits:
 
     if isinstance(spec, GGUFSpec):
         return planned_gguf_bits(rows, columns, spec)
+    from compress.quant.lookup_records import LookupSpec, LookupTable
+
+    if isinstance(spec, LookupSpec):
+        return LookupTable.planned_bits(rows, columns, spec.bits)
     return StorageBits(codes=rows * columns * spec.bits, scales=_scale_bits(rows, columns, spec))
 
 
@@ -269,4 +279,8 @@ def quantize_weight_rtn(w: torch.Tensor, spec: WeightFormat) -> WeightRecord:
 
     if isinstance(spec, GGUFSpec):
         return quantize_gguf_rtn(w, spec)
+    from compress.quant.lookup_records import LookupSpec, quantize_lookup
+
+    if isinstance(spec, LookupSpec):  # the nearest entry of an unweighted k-means table: its "round to nearest"
+        return quantize_lookup(w, spec)
     return quantize_float_rtn(w, spec) if isinstance(spec, FloatSpec) else quantize_rtn(w, spec)

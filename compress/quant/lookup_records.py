@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from compress.quant.config import LUT_LABELS
 from compress.recipe.errors import UserError
 from compress.recipe.storage import CODEBOOK, SPARSE_OUTLIERS
 from compress.quant.records import StorageBits, WeightRecord, register_record, restore_record, saved_form
@@ -26,6 +27,70 @@ TABLE_BITS = 16  # codebook entries are float16
 OUTLIER_VALUE_BITS = 16
 OUTLIER_POSITION_BITS = 32  # a flat index into (rows x columns)
 INNER_PREFIX = "inner_"
+CHUNK_ELEMENTS = 1 << 24  # rows x columns x entries of the k-means distance table held at once (64 MiB of float32)
+KMEANS_ITERS = 30  # Lloyd rounds: the assignment has settled by then on LLM weight rows
+
+
+@dataclass(frozen=True)
+class LookupSpec:
+    """A per-row table of 2^bits float16 entries: what a bit plan's `lut:3` names (one of WeightFormat)."""
+
+    bits: int
+
+    @property
+    def label(self) -> str:
+        return f"lut:{self.bits}"
+
+    @classmethod
+    def from_label(cls, label: str) -> LookupSpec:
+        if label not in LUT_LABELS:
+            raise UserError(f"unknown lookup-table format {label!r}; choose one of {', '.join(LUT_LABELS)}")
+        return cls(int(label.removeprefix("lut:")))
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": self.label, "bits": self.bits}
+
+    @classmethod
+    def from_description(cls, described: dict[str, Any]) -> LookupSpec:
+        return cls.from_label(str(described["format"]))
+
+
+def _nearest(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index (rows, columns) of each weight's nearest entry in its row's `table` (rows, k), chunked over rows."""
+    rows, columns = w.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, columns * table.shape[1]))
+    parts = [(w[r:r + step, :, None] - table[r:r + step, None, :]).abs().argmin(dim=-1) for r in range(0, rows, step)]
+    return torch.cat(parts)
+
+
+def weighted_kmeans_rows(w: torch.Tensor, importance: torch.Tensor, bits: int, iters: int = KMEANS_ITERS
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (rows, columns) and tables (rows, 2^bits) of `w` by k-means per row, each weight counted with its
+    `importance` ((rows, columns) or (columns,), >= 0), from the row's quantiles (Lloyd's iterations).
+
+    The tables are rounded to float16 (what is stored) before the last assignment, so the codes are the nearest
+    entries of the stored table.
+    """
+    w = w.float()
+    weight = (importance if importance.dim() == 2 else importance.expand_as(w)).float()
+    k = 1 << bits
+    quantiles = (torch.arange(k, dtype=torch.float32, device=w.device) + 0.5) / k
+    table = torch.quantile(w, quantiles, dim=1).T.contiguous()  # (rows, k)
+    for _ in range(iters):
+        codes = _nearest(w, table)
+        mass = torch.zeros_like(table).scatter_add_(1, codes, weight)
+        moment = torch.zeros_like(table).scatter_add_(1, codes, weight * w)
+        table = torch.where(mass > 0, moment / mass.clamp_min(torch.finfo(torch.float32).tiny), table)
+    table = table.to(torch.float16).float()
+    return _nearest(w, table), table
+
+
+def quantize_lookup(w: torch.Tensor, spec: LookupSpec, importance: torch.Tensor | None = None,
+                    iters: int = KMEANS_ITERS) -> LookupTable:
+    """`w` (rows, columns) onto per-row k-means tables; every weight counts alike without `importance`."""
+    weights = torch.ones(w.shape[1], device=w.device) if importance is None else importance
+    codes, table = weighted_kmeans_rows(w, weights, spec.bits, iters)
+    return LookupTable(codes, table, spec.bits)
 
 
 @register_record

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from compress.compressors.squeezellm import SqueezeLLMConfig, split_outliers, squeeze_weight, weighted_kmeans_rows
+from compress.compressors.squeezellm import SqueezeLLMConfig, split_outliers, squeeze_weight
+from compress.quant.lookup_records import weighted_kmeans_rows
 from compress.quant.lookup_records import LookupTable, WithOutliers
 from compress.quant.primitives import PerChannel, QuantSpec
 from compress.quant.records import quantize_rtn, restore_record, saved_form
@@ -90,3 +91,35 @@ def test_a_run_writes_tables_and_only_dense_export_is_allowed(tmp_path, tiny_lla
     ids = tokenize_text(load_model(str(tiny_llama)).tokenizer, load_text(str(text_file)))
     value = perplexity_of(reloaded, ids, 32, 8, torch.device("cpu"), max_windows=4)[0]
     assert value == pytest.approx(report["metrics"]["perplexity"]["text"]["compressed"], rel=1e-3)
+
+
+def test_the_allocator_chooses_tables_or_integer_grids_per_module_within_the_budget(tmp_path, tiny_llama, text_file):
+    """`lut:b` candidates beside integer widths: the plan mixes methods, gptq fills the tables by Hessian-weighted
+    k-means, every byte counts against the budget, and a resumed run restores the tables."""
+    from compress.app.runner import run_recipe
+    from compress.engine.checkpoint import FAULT_ENV
+
+    passes = """  - allocate: {candidates: [2, 3, "lut:2", "lut:3"], samples: 2, max_probes: 4, budget: {avg_bits: 3.2}}
+  - gptq: {bits: 2, group_size: 32}"""
+    with pytest.raises(RecipeError, match="per-row lookup table"):
+        parse_recipe(recipe_text(tiny_llama, text_file, passes, text_file) + "export: {format: compressed-tensors}\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_text(tiny_llama, text_file, passes, text_file) + "export: {format: dense}\n")
+    report = run_recipe(load_recipe(path), tmp_path / "out")
+    modules = report["passes"][1]["modules"]
+    tables = [name for name, entry in modules.items() if entry.get("method") == "lookup table"]
+    grids = [name for name, entry in modules.items() if "gptq_loss" in entry]
+    assert tables and len(tables) + len(grids) == 14, modules
+    allocation = report["allocation"]
+    assert allocation["used"]["avg_bits"] <= 3.2 + 1e-9
+    assert report["size"]["quantized_bits_per_weight"] == pytest.approx(allocation["used"]["avg_bits"], abs=1e-3)
+    import os
+
+    os.environ[FAULT_ENV] = "0:INT"  # Ctrl-C right after decoder layer 0 is checkpointed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(load_recipe(path), tmp_path / "resumed")
+    finally:
+        del os.environ[FAULT_ENV]
+    resumed = run_recipe(load_recipe(path), tmp_path / "resumed", resume=True)
+    assert resumed["metrics"] == report["metrics"] and resumed["size"] == report["size"]
