@@ -125,6 +125,19 @@ def peer(method: str, bits: int, group: int, calib: torch.Tensor):
     return handle, seconds, total / weights
 
 
+def llama_cpp(quant_type: str, samples: int):
+    """llama-quantize's `quant_type` with an importance matrix from the calibration text (bench/frontier_llama_cpp.py),
+    dequantized by the gguf package into our model; bits per weight are the bytes its file stores for the linears."""
+    from frontier_llama_cpp import llama_cpp_dequantized
+
+    weights, seconds, bits = llama_cpp_dequantized(DEMO / "model", DEMO / "calib.txt", quant_type, chunks=samples)
+    handle = load_model(str(DEMO / "model"))
+    linears = find_linears(handle.layers, handle.layers_prefix)
+    for name, weight in weights.items():
+        weight_matrix(linears[name]).copy_(weight)
+    return handle, seconds, bits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(METHODS))
@@ -162,6 +175,8 @@ def main() -> None:
             try:
                 if method in ("autoround", "hqq"):
                     handle, seconds, bpw = peer(method, bits, group, calib)
+                elif method.startswith("llama.cpp:"):  # e.g. llama.cpp:IQ2_XS: its own type and group, imatrix
+                    handle, seconds, bpw = llama_cpp(method.removeprefix("llama.cpp:"), args.samples)
                 else:
                     handle, seconds, bpw = ours(method, bits, group, calib, args.lorc_bits)
             except Exception as exc:  # a peer that fails is a row saying so, not a missing row
