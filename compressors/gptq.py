@@ -369,13 +369,13 @@ def quantize_module(
                                     mask)
         run.results.fallbacks.append({"pass": "gptq", "module": fqn, "fallback": "rtn", "reason": "no calibration input"})
         return {**write_back(fqn, module, qweight, run), **extra, "fallback": "rtn"}
+    if isinstance(spec, LookupSpec):
+        # The allocator chose a per-row table for this module: SqueezeLLM's k-means, weighted by the Hessian's
+        # diagonal (each input column's energy), in place of GPTQ's column loop, which needs a uniform grid.
+        qweight = quantize_lookup(weight if mask is None else weight * mask.to(weight.device), spec,
+                                  torch.diag(hessian.hessian).clamp_min(0))
+        return {**write_back(fqn, module, keep_pruned_zeros(qweight, mask), run), **extra, "method": "lookup table"}
     try:
-        if isinstance(spec, LookupSpec):
-            # The allocator chose a per-row table for this module: SqueezeLLM's k-means, weighted by the Hessian's
-            # diagonal (each input column's energy), in place of GPTQ's column loop, which needs a uniform grid.
-            qweight = quantize_lookup(weight if mask is None else weight * mask.to(weight.device), spec,
-                                      torch.diag(hessian.hessian).clamp_min(0))
-            return {**write_back(fqn, module, keep_pruned_zeros(qweight, mask), run), **extra, "method": "lookup table"}
         if isinstance(spec, GGUFSpec):
             result = gptq_quantize_gguf(weight, hessian.hessian, spec, block_size=cfg.block_size,
                                         dampening_frac=cfg.damp, act_order=cfg.act_order, mask=mask)

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from compress.engine.layer_sweep import LayerContext
+from compress.engine.layer_sweep import LayerContext, input_groups
 from compress.quant.low_rank import FACTOR_DTYPE, LowRankCorrected
 from compress.quant.modules import set_weight_matrix, weight_matrix
 from compress.recipe.errors import UserError
 from compress.compressors.configs import LowRankConfig  # noqa: F401  (re-exported; defined without torch)
-from compress.compressors.hessian import collect_hessians
+from compress.compressors.hessian import HessianAccumulator, collect_hessians
 
 
 def low_rank_correction(error: torch.Tensor, hessian: torch.Tensor, rank: int,
@@ -60,13 +60,23 @@ def _weight_before(layer: LayerContext, fqn: str, module: torch.nn.Module) -> to
     return stored.t() if isinstance(module, Conv1D) else stored
 
 
+def shared_hessians(layer: LayerContext, modules: dict[str, torch.nn.Module]) -> dict[str, HessianAccumulator]:
+    """Each module's input Hessian, one accumulated per group of modules reading the very same input (q/k/v,
+    gate/up), as GPTQ shares them; a module no probe batch reached gets its own."""
+    groups = input_groups(layer, modules)
+    grouped = {name for group in groups for name in group}
+    groups += [[name] for name in modules if name not in grouped]
+    hessians = collect_hessians(layer, {group[0]: modules[group[0]] for group in groups})
+    return {name: hessians[group[0]] for group in groups for name in group}
+
+
 def run_lorc(layer: LayerContext, cfg: LowRankConfig) -> dict[str, Any]:
     """Fit and add B A to every quantized linear of the layer (the quantizer ran on it just before, in this sweep)."""
     records = layer.run.results.records
     modules = {fqn: m for fqn, m in layer.linears(cfg.ignore).items() if fqn in records}
     if any(fqn in layer.run.handoff.masks for fqn in modules):
         raise UserError(f"lorc: {layer.prefix} was pruned, and a low-rank correction is dense: leave one of them out")
-    hessians = collect_hessians(layer, modules)
+    hessians = shared_hessians(layer, modules)
     results = {}
     for fqn, module in modules.items():
         record = records[fqn]
@@ -74,7 +84,8 @@ def run_lorc(layer: LayerContext, cfg: LowRankConfig) -> dict[str, Any]:
         rank = cfg.rank_for(rows, columns)
         device = weight_matrix(module).device
         original = _weight_before(layer, fqn, module).to(device)
-        error = original - record.dequantize().to(device)
+        base = record.dequantize().to(device)
+        error = original - base
         if not bool(error.any()):
             raise UserError(f"lorc: {fqn} has no quantization error to correct: lorc must follow its quantizer "
                             "directly, in the same sweep over the layers")
@@ -83,7 +94,7 @@ def run_lorc(layer: LayerContext, cfg: LowRankConfig) -> dict[str, Any]:
             b, a = low_rank_correction(error, hessian, rank, cfg.damp)
         corrected = LowRankCorrected(record, a.to(FACTOR_DTYPE), b.to(FACTOR_DTYPE))
         correction = corrected.correction().to(device)
-        set_weight_matrix(module, corrected.dequantize().to(device))
+        set_weight_matrix(module, base + correction)  # corrected.dequantize(), without dequantizing the base again
         records[fqn] = corrected.to("cpu")
         before, after = weighted_error(error, hessian), weighted_error(error - correction, hessian)
         results[fqn] = {**corrected.describe(),

@@ -2,9 +2,9 @@
 
 The kernel, `weighted_kmeans_rows` (compress/quant/lookup_records.py, where the allocator's `lut:b` candidates
 use it too): for every row of W, 2^b centroids minimising sum_j importance_j (w_j - c(w_j))^2, by Lloyd's
-iterations from the row's quantiles. The importance of a weight
-is the second moment of its input column on the calibration windows: the diagonal of the layer Hessian, under
-which that sum is the diagonal approximation of the output error. `split_outliers` picks the weights kept exactly.
+iterations from the row's quantiles. The importance of a weight is the second moment of its input column on the
+calibration windows: the diagonal of the layer Hessian, under which that sum is the diagonal approximation of the
+output error. `split_outliers` picks the weights kept exactly.
 `run_squeezellm` is the pass on the decoder-layer engine; it leaves `LookupTable` records, wrapped in
 `WithOutliers` when any are kept (compress/quant/lookup_records.py).
 """
@@ -22,6 +22,7 @@ from compress.quant.modules import weight_matrix
 from compress.quant.records import WeightRecord
 from compress.compressors.base import keep_pruned_zeros, write_back
 from compress.compressors.configs import SqueezeLLMConfig  # noqa: F401  (re-exported; defined without torch)
+
 
 def split_outliers(w: torch.Tensor, energy: torch.Tensor, share: float) -> torch.Tensor:
     """Flat positions of the ceil(share x size) weights with the largest |w| x sqrt(energy of their input)."""

@@ -68,7 +68,6 @@ def _write(compressed: CompressedModel, fmt: str, staging: Path, dtype: str, tar
     """The format's writer; low-rank corrections (lorc) go beside a quantized base as a PEFT adapter, except in
     dense, which writes every record dequantized and so folds them in."""
     from compress.export.adapters import ADAPTER_DIR, split_low_rank, write_peft_adapter
-
     from compress.recipe.storage import LOW_RANK, unheld
 
     # dense holds any record (dequantized); gguf has no place for the factors, and its writer refuses them

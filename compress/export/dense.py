@@ -17,11 +17,13 @@ def write_dense(compressed: CompressedModel, folder: Path, dtype_name: str) -> d
     write_config(compressed, folder, dtype, {})
     dropped = sorted(compressed.activation_quant)
     notes = [f"activation quantization of {len(dropped)} modules is a runtime setting and is not stored"] if dropped else []
-    packed_nowhere = sorted({part for record in compressed.quantized.values() for part in record.stores
-                             if all(unheld([part], fmt) for fmt in FORMAT_HOLDS if fmt != "dense")})
-    if packed_nowhere:
-        notes.append(f"{' and '.join(packed_nowhere)} (from {len(compressed.quantized)} modules) are in no runtime "
-                     "format we write, so this checkpoint holds them dequantized: dense floats, not their bytes")
+    unpacked = {fqn: parts for fqn, record in compressed.quantized.items()
+                if (parts := {part for part in record.stores
+                              if all(unheld([part], fmt) for fmt in FORMAT_HOLDS if fmt != "dense")})}
+    if unpacked:
+        names = sorted(set().union(*unpacked.values()))
+        notes.append(f"{' and '.join(names)} (from {len(unpacked)} modules) are in no runtime format we write, so "
+                     "this checkpoint holds them dequantized: dense floats, not their bytes")
     if compressed.kv_cache:
         notes.append(f"the KV-cache quantization of {len(compressed.kv_cache)} attention modules is a runtime setting "
                      "and is not stored")
